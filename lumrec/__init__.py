@@ -1,0 +1,1 @@
+"""lumrec: TorchRec-based LUM and HSTU generative recommenders."""

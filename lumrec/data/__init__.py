@@ -1,0 +1,1 @@
+"""Data layer: schemas, partitions, importers, synthetic logs, sequences and batches."""

@@ -1,0 +1,1 @@
+"""Importers that turn public data sets into the lumrec Parquet schema."""

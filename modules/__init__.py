@@ -1,0 +1,1 @@
+"""Every nn.Module of lumrec."""

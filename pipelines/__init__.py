@@ -1,0 +1,1 @@
+"""lumrec jobs: pretrain, query, rank/retrieve, daily."""

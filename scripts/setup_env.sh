@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install lumrec's pinned stack; a second run installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${LUMREC_VENV:-.venv}
+STAMP="$VENV/.lumrec-stack"
+# The stamp records what was installed; bump STACK when a pin changes.
+STACK="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 torchx==0.7.0 pins-v2"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STACK" ] && [ pyproject.toml -ot "$STAMP" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip_q() {
+  # pip's find-links warnings and torchrec's expected "requires fbgemm-gpu" notice are noise here.
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location" -e "requires fbgemm-gpu" -e "dependency resolver does not" || true; }
+  return "${PIPESTATUS[0]}"
+}
+PIP=pip_q
+# CPU torch first, so nothing later pulls a CUDA build.
+$PIP install "torch==2.13.0"
+# fbgemm's CPU build; torchrec's metadata wants the CUDA 'fbgemm-gpu', which would overwrite
+# fbgemm_gpu and fail to load on CPU torch, so torchrec goes in with --no-deps.
+$PIP install "fbgemm-gpu-cpu==1.8.0"
+$PIP install --no-deps "torchrec==1.8.0"
+$PIP install tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 tqdm==4.70.1 iopath==0.1.10 "torchx==0.7.0" \
+  pyarrow==26.0.1 numpy==2.4.6 pyyaml==6.0.3 tensorboard==2.21.0 pytest==9.2.0
+$PIP install --no-deps -e .
+"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, lumrec" 
+echo "$STACK" > "$STAMP"
