@@ -1,0 +1,169 @@
+"""The `lumrec` command: data subcommands here, job subcommands registered by lumrec.pipelines.
+
+Core never imports pipelines (DESIGN.md layering), so jobs plug in through the entry-point
+group ``lumrec.commands``: each entry is a function ``register(subparsers)`` that adds a
+subcommand whose parsed args carry ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("lumrec")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain timestamped logs on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--field-name` flag per scalar field of dataclass `cls` (default: the field's)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, type=_parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
+        elif tp in (int, float, str):
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=f"(default {default})")
+
+
+def dataclass_overrides(args: argparse.Namespace, cls: type) -> dict:
+    """The dataclass fields that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+# -- data subcommands -------------------------------------------------------------------------
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from lumrec.data.importers import run_import
+    from lumrec.data.stats import dataset_stats, format_stats
+
+    options = {}
+    if args.movies:
+        options["movies"] = args.movies
+    run_import(args.kind, args.src, args.out, **options)
+    print(format_stats(dataset_stats(args.out)))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from lumrec.data.stats import dataset_stats, format_stats
+
+    print(format_stats(dataset_stats(args.dir)))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from lumrec.config import load_config
+    from lumrec.data.stats import dataset_stats, format_stats
+    from lumrec.data.synthetic import SynthConfig, generate
+
+    base = load_config(SynthConfig, args.config) if args.config else SynthConfig()
+    config = dataclasses.replace(base, **dataclass_overrides(args, SynthConfig))
+    generate(args.out, config, progress=True)
+    print(format_stats(dataset_stats(args.out)))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from lumrec.data.dataset import Dataset
+    from lumrec.data.schema import TABLES
+
+    data = Dataset(args.dir)
+    meta = data.read_meta()
+    print(f"{args.dir}: dataset {meta.name!r} from {meta.source}")
+    for name, spec in TABLES.items():
+        if not data.has_table(name):
+            continue
+        if spec.partitioned:
+            rows = sum(b.num_rows for _, b in data.iter_batches(name))
+            print(f"  {name:<12} ok  {rows:>10,} rows in {len(data.days(name))} day(s)")
+        else:
+            print(f"  {name:<12} ok  {data.read_table(name).num_rows:>10,} rows")
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import a public data set into lumrec's Parquet layout")
+    p.add_argument("kind", help="ml-1m | ml-1m-ratings | ml-100k | amazon")
+    p.add_argument("src", help="folder holding the files (or the file itself for ml-1m-ratings and amazon)")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--movies", help="ml-1m movies.dat for genres (ml-100k, ml-1m-ratings)")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("stats", help="print events, users, items, days and per-day counts of a dataset")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("synth", help="generate synthetic industrial logs (the embedded default data)")
+    p.add_argument("out")
+    p.add_argument("--config", help="YAML file with SynthConfig keys")
+    from lumrec.data.synthetic import SynthConfig
+
+    add_dataclass_args(p, SynthConfig)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("validate", help="read every table of a dataset and check it against the schemas")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommand registrars advertised in the `lumrec.commands` entry-point group."""
+    return [ep.load() for ep in sorted(entry_points(group="lumrec.commands"), key=lambda e: e.name)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `lumrec` argument parser."""
+    parser = argparse.ArgumentParser(prog="lumrec", description="LUM and HSTU generative recommenders on TorchRec.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_data_commands(sub)
+    for register in _plugin_registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lumrec` console command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # Bad input is the user's to fix: one clear line, no traceback (use -v for it).
+        if args.verbose:
+            raise
+        print(f"lumrec {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""YAML configs mapped onto dataclasses; an unknown or mistyped key is an error naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its dataclass; the message names the key path and the file."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+    """Convert a YAML value to the annotated type `tp`, recursing into dataclasses and containers."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{source}: key {path!r}: {value!r} fits none of {[_type_name(a) for a in args]}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: key {path!r}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, source=source, prefix=path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key {path!r}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: key {path!r}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, val_tp, f"{path}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key {path!r}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key {path!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key {path!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key {path!r}: expected a string, got {value!r}")
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: key {path!r}: {value!r} is not one of {list(args)}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming them."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], path, source)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{source}: missing required config key {key!r}")
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Load a YAML file into dataclass `cls`, applying `key.sub=value` overrides (YAML-parsed values)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item, source=str(path))
+    return from_dict(cls, data, source=str(path))
+
+
+def apply_override(data: dict, item: str, source: str = "<override>") -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"{source}: override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override {item!r}: {part!r} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass config as a plain dict (for logging and saving next to checkpoints)."""
+    return dataclasses.asdict(obj)

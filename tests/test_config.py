@@ -1,0 +1,63 @@
+"""YAML -> dataclass configs: nesting, types, overrides and errors naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from lumrec.config import ConfigError, from_dict, load_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class Job:
+    name: str
+    steps: int = 10
+    features: list[str] = field(default_factory=lambda: ["item_id"])
+    optim: Optim = field(default_factory=Optim)
+    tag: str | None = None
+
+
+def test_nested_and_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nsteps: 5\noptim:\n  lr: 0.01\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(Job, path)
+    assert cfg == Job(name="x", steps=5, optim=Optim(lr=0.01, betas=(0.8, 0.9)))
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\noptim:\n  lrr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'optim\.lrr'; valid keys here: \['betas', 'lr'\]"):
+        load_config(Job, path)
+
+
+def test_wrong_type_and_missing_key():
+    with pytest.raises(ConfigError, match="key 'steps': expected an integer, got 'ten'"):
+        from_dict(Job, {"name": "x", "steps": "ten"})
+    with pytest.raises(ConfigError, match="missing required config key 'name'"):
+        from_dict(Job, {})
+    with pytest.raises(ConfigError, match=r"key 'features\[1\]': expected a string"):
+        from_dict(Job, {"name": "x", "features": ["a", 3]})
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    cfg = load_config(Job, path, overrides=["optim.lr=0.5", "features=[a, b]", "tag=null"])
+    assert cfg.optim.lr == 0.5 and cfg.features == ["a", "b"] and cfg.tag is None
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
+        load_config(Job, path, overrides=["stepz=3"])
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_config(Job, path)
