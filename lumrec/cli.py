@@ -13,7 +13,6 @@ import logging
 import sys
 import typing
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("lumrec")
@@ -61,9 +60,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from lumrec.data.importers import run_import
     from lumrec.data.stats import dataset_stats, format_stats
 
-    options = {}
-    if args.movies:
-        options["movies"] = args.movies
+    names = ("movies", "users", "attributes", "name", "base_day", "positive_threshold", "overwrite")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) not in (None, False)}
     run_import(args.kind, args.src, args.out, **options)
     print(format_stats(dataset_stats(args.out)))
     return 0
@@ -111,7 +109,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", help="ml-1m | ml-1m-ratings | ml-100k | amazon")
     p.add_argument("src", help="folder holding the files (or the file itself for ml-1m-ratings and amazon)")
     p.add_argument("out", help="output dataset folder")
-    p.add_argument("--movies", help="ml-1m movies.dat for genres (ml-100k, ml-1m-ratings)")
+    p.add_argument("--movies", help="ml-1m movies.dat for genres (ml-1m, ml-1m-ratings, ml-100k)")
+    p.add_argument("--users", help="users.dat for user features (ml-1m, ml-1m-ratings)")
+    p.add_argument("--attributes", help="Name_item2attributes.json (amazon; default: beside SRC)")
+    p.add_argument("--name", help="dataset name recorded in the manifest")
+    p.add_argument("--base-day", help="first day of synthesised timestamps (ml-1m, amazon)")
+    p.add_argument("--positive-threshold", type=float, help="rating >= this is a positive label (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("stats", help="print events, users, items, days and per-day counts of a dataset")

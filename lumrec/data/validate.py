@@ -103,7 +103,8 @@ def check_batch(
             )
     if vocab_sizes:
         for column in names:
-            size = vocab_sizes.get(column)
+            # A list column `x_ids` (e.g. category_ids) shares the vocabulary of `x_id`.
+            size = vocab_sizes.get(column, vocab_sizes.get(column[:-1]) if column.endswith("_ids") else None)
             if size is None:
                 continue
             values = batch.column(column)
