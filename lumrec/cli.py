@@ -137,7 +137,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 def _plugin_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommand registrars advertised in the `lumrec.commands` entry-point group."""
-    return [ep.load() for ep in sorted(entry_points(group="lumrec.commands"), key=lambda e: e.name)]
+    registrars = []
+    for ep in sorted(entry_points(group="lumrec.commands"), key=lambda e: e.name):
+        try:
+            registrars.append(ep.load())
+        except Exception as err:  # noqa: BLE001 - one broken job must not hide the data commands
+            print(f"lumrec: warning: subcommand {ep.name!r} ({ep.value}) failed to load: {err}", file=sys.stderr)
+    return registrars
 
 
 def build_parser() -> argparse.ArgumentParser:
