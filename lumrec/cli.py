@@ -25,6 +25,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # torchrec's import trips a torch.fx deprecation notice that says nothing about lumrec.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
