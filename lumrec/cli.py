@@ -24,6 +24,7 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # torchrec installs a root handler on import, which would make this a no-op
     )
     # torchrec's import trips a torch.fx deprecation notice that says nothing about lumrec.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
