@@ -102,21 +102,11 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
     return figures
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """`lumrec demo`: run the demo with command-line overrides of the synthetic config."""
     from lumrec.cli import dataclass_overrides
 
     cfg = DemoConfig(out=args.out, max_len=args.max_len)
     synth = dataclasses.replace(SynthConfig(), **dataclass_overrides(args, SynthConfig))
     run_demo(cfg, synth)
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `lumrec demo` to the CLI."""
-    from lumrec.cli import add_dataclass_args
-
-    p = sub.add_parser("demo", help="run the main job on embedded synthetic logs (no download)")
-    p.add_argument("--out", default="out/demo", help="working folder (default out/demo)")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per packed row")
-    add_dataclass_args(p, SynthConfig)
-    p.set_defaults(func=_cmd_demo)

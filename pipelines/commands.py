@@ -1,0 +1,28 @@
+"""Registrars of the job subcommands of `lumrec`; light on purpose: jobs are imported when run."""
+
+from __future__ import annotations
+
+import argparse
+
+from lumrec.cli import add_dataclass_args
+from lumrec.data.synthetic import SynthConfig
+
+
+def register_demo(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec demo`."""
+    p = sub.add_parser("demo", help="run the main job on embedded synthetic logs (no download)")
+    p.add_argument("--out", default="out/demo", help="working folder (default out/demo)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per packed row")
+    add_dataclass_args(p, SynthConfig)
+    p.set_defaults(func=_run("lumrec.pipelines.demo", "main"))
+
+
+def _run(module: str, function: str):
+    """A subcommand handler that imports `module` only when the subcommand runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return handler
