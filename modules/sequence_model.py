@@ -1,0 +1,75 @@
+"""The contract shared by SASRec, HSTU and LUM: encode jagged token batches, embed candidate items.
+
+Every sequential recommender here reads a ``lumrec.data.batches.JaggedBatch`` and returns one
+hidden vector per token. A token of type ``predicts_from`` predicts the item token right after
+it in the same sequence: for SASRec/HSTU (plain item sequences) every item token predicts the
+next item; for LUM every condition token predicts the item it conditions (next-condition-item).
+``RetrievalTrain`` owns the loss, so the model itself stays usable for inference (as torchrec's
+``DLRMTrain`` does for ``DLRM``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lumrec.data.batches import JaggedBatch
+from lumrec.data.tokens import CONDITION, ITEM
+from lumrec.modules.losses import InfoNCELoss
+
+__all__ = ["CONDITION", "ITEM", "SequentialRecommender", "next_item_queries", "last_token_index", "RetrievalTrain"]
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: `forward(batch) -> [T, d]` hidden states and `item_embeddings(ids) -> [n, d]`."""
+
+    predicts_from: int = ITEM
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def num_items(self) -> int:  # pragma: no cover - abstract
+        """Size of the item vocabulary (ids 0..num_items-1, 0 = padding)."""
+        raise NotImplementedError
+
+
+def next_item_queries(batch: JaggedBatch, predicts_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices that predict the next token's item, and those target item ids.
+
+    A query is a token of type `predicts_from` whose next token lies in the same sequence and
+    is an item token.
+    """
+    n = batch.num_tokens
+    if n < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=batch.token_type.device)
+        return empty, empty
+    seq_of = torch.repeat_interleave(torch.arange(batch.num_segments, device=batch.offsets.device), batch.lengths())
+    same_seq = seq_of[:-1] == seq_of[1:]
+    is_query = (batch.token_type[:-1] == predicts_from) & (batch.token_type[1:] == ITEM) & same_seq
+    index = torch.nonzero(is_query).squeeze(1)
+    return index, batch.item_id[index + 1]
+
+
+def last_token_index(batch: JaggedBatch) -> torch.Tensor:
+    """Index of the last token of every non-empty sequence (the user's state for retrieval)."""
+    return batch.offsets[1:] - 1
+
+
+class RetrievalTrain(nn.Module):
+    """Wraps a SequentialRecommender with its InfoNCE next-item loss."""
+
+    def __init__(self, model: SequentialRecommender, loss: InfoNCELoss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: JaggedBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """(mean loss, number of queries) of one batch."""
+        hidden = self.model(batch)
+        index, targets = next_item_queries(batch, self.model.predicts_from)
+        loss = self.loss(hidden[index], targets, self.model.item_embeddings, generator)
+        return loss, int(index.numel())
