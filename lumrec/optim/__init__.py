@@ -1,0 +1,34 @@
+"""Optimizers for embedding tables (row-wise AdamW, CPU and fused CUDA) and the dense rest of a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lumrec.optim.factory import EmbeddingOptimConfig, build_dense_optimizer, fused_params_for
+from lumrec.optim.rowwise_adamw import RowwiseAdamW
+
+# torchrec.distributed takes seconds to import; load the sharding helpers only when asked for.
+_SHARDING_NAMES = (
+    "RowwiseAdamWEmbeddingBagCollectionSharder",
+    "attach_rowwise_adamw_to_dense_kernels",
+    "dense_kernel_sharding_plan",
+    "iter_dense_kernels",
+    "rowwise_adamw_sharder_for",
+)
+
+__all__ = [
+    "EmbeddingOptimConfig",
+    "RowwiseAdamW",
+    "build_dense_optimizer",
+    "fused_params_for",
+    *_SHARDING_NAMES,
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the torchrec sharding helpers on first use."""
+    if name in _SHARDING_NAMES:
+        from lumrec.optim import sharding
+
+        return getattr(sharding, name)
+    raise AttributeError(f"module 'lumrec.optim' has no attribute {name!r}")

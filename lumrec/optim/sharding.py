@@ -1,0 +1,236 @@
+"""Row-wise AdamW under DistributedModelParallel where fbgemm has no fused kernel for it (CPU).
+
+fbgemm's fused CPU kernel supports only EXACT_SGD / EXACT_ADAGRAD / EXACT_ROWWISE_ADAGRAD /
+EMAINPLACE_ROWWISE_ADAGRAD, so on CPU the tables are sharded with the non-fused
+`EmbeddingComputeKernel.DENSE` kernel and `RowwiseAdamW` runs as an optimizer in backward on
+each kernel's weight. Three torchrec details make that need a sharder and a plan of our own:
+
+* `EmbeddingBagCollectionSharder.compute_kernels` offers DENSE only for DATA_PARALLEL, so the
+  planner refuses a `ParameterConstraints(compute_kernels=["dense"])` on table-wise tables.
+* torchrec 1.8's planner rejects the result anyway ("DENSE kernel requires DATA_PARALLEL
+  sharding" in `validate_compute_kernels`), so the plan is built directly with
+  `dense_kernel_sharding_plan` (torchrec's `construct_module_sharding_plan`), not the planner.
+* torchrec maps the in-backward optimizer class of a table onto an fbgemm `EmbOptimType` while
+  sharding and raises "Cannot cast ... to an EmbOptimType" for any class it does not know; and
+  the DENSE kernel replaces the table's parameter by one flat tensor per group of tables, so an
+  optimizer attached before sharding would be lost anyway.
+
+`RowwiseAdamWEmbeddingBagCollectionSharder` therefore offers DENSE for table-wise and row-wise
+sharding, takes the `RowwiseAdamW` kwargs from the tables (set by `apply_optimizer_in_backward`
+before DMP) or from its own `optimizer_kwargs`, hides them from torchrec while it shards, and
+attaches `RowwiseAdamW` in backward to each DENSE kernel's flat weight with that weight's table
+layout as `segments`. Column-wise sharding is not offered: a row-wise second moment over half a
+row is a different optimizer (fbgemm's row-wise optimizers have the same caveat).
+EmbeddingCollection is not supported: see `rowwise_adamw_sharder_for`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding, BatchedDenseEmbeddingBag
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from lumrec.optim.rowwise_adamw import RowwiseAdamW, Segment
+
+_IN_BACKWARD_ATTRS = ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs")
+SUPPORTED_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value)
+
+
+def dense_kernel_segments(kernel: nn.Module) -> list[Segment]:
+    """(offset, rows, dim) of every table inside a torchrec DENSE kernel's flat weight."""
+    emb = kernel.emb_module  # fbgemm DenseTableBatchedEmbeddingBagsCodegen
+    offsets = emb.weights_physical_offsets
+    return [(int(offsets[t]), int(rows), int(dim)) for t, (rows, dim) in enumerate(emb.embedding_specs)]
+
+
+def iter_dense_kernels(module: nn.Module) -> Iterator[nn.Module]:
+    """Every torchrec DENSE embedding kernel under `module`.
+
+    Sharded embedding modules keep their lookups in a plain list (`_lookups`), which
+    `nn.Module.modules()` does not visit, so the lookups are walked explicitly.
+    """
+    seen: set[int] = set()
+    stack: list[nn.Module] = [module]
+    while stack:
+        m = stack.pop()
+        for sub in m.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            if isinstance(sub, (BatchedDenseEmbeddingBag, BatchedDenseEmbedding)):
+                yield sub
+            stack.extend(lk for lk in getattr(sub, "_lookups", []) if isinstance(lk, nn.Module))
+
+
+def attach_rowwise_adamw_to_dense_kernels(
+    module: nn.Module,
+    kwargs_by_table: dict[str, dict[str, Any]],
+) -> list[RowwiseAdamW]:
+    """Attach RowwiseAdamW in backward to every DENSE kernel under `module`; return the optimizers.
+
+    A kernel holds several tables in one weight, so its tables must share one kwargs dict;
+    a kernel none of whose tables is in `kwargs_by_table` is left alone.
+    """
+    attached: list[RowwiseAdamW] = []
+    for kernel in iter_dense_kernels(module):
+        names = [t.name for t in kernel.config.embedding_tables]
+        found = {n: kwargs_by_table[n] for n in names if n in kwargs_by_table}
+        if not found:
+            continue
+        distinct = {repr(sorted(k.items())) for k in found.values()}
+        if len(found) != len(names) or len(distinct) != 1:
+            raise ValueError(
+                f"RowwiseAdamW: tables {names} share one DENSE kernel but have different optimizer "
+                f"settings {found}; give them the same kwargs"
+            )
+        weight = kernel.emb_module.weights
+        kwargs = dict(next(iter(found.values())), segments=dense_kernel_segments(kernel))
+        _apply_optimizer_in_backward(RowwiseAdamW, [weight], kwargs)
+        attached.append(weight._in_backward_optimizers[-1])
+    return attached
+
+
+class RowwiseAdamWEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """EBC sharder: DENSE kernel, table-/row-wise, RowwiseAdamW in backward on each kernel's weight.
+
+    `optimizer_kwargs` apply to tables that carry no in-backward RowwiseAdamW of their own; tables
+    with neither are sharded without an optimizer. `attached_optimizers` lists the optimizers
+    created (one per DENSE kernel), e.g. to checkpoint their state.
+    """
+
+    def __init__(
+        self,
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        fused_params: Optional[dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
+        self.attached_optimizers: list[RowwiseAdamW] = []
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        """Table-wise and row-wise: each rank then holds whole rows, so the row state stays exact."""
+        return list(SUPPORTED_SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        """Only the non-fused DENSE kernel: the fused one cannot run our optimizer."""
+        return [EmbeddingComputeKernel.DENSE.value]
+
+    def _table_kwargs(self, module: EmbeddingBagCollection) -> dict[str, dict[str, Any]]:
+        """RowwiseAdamW kwargs per table, from in-backward metadata or this sharder's default."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, param in self.shardable_parameters(module).items():
+            classes = getattr(param, "_optimizer_classes", None)
+            if classes:
+                if list(classes) != [RowwiseAdamW]:
+                    raise ValueError(
+                        f"table {name!r}: in-backward optimizers {classes} are not [RowwiseAdamW]; "
+                        "this sharder only runs RowwiseAdamW"
+                    )
+                out[name] = dict(param._optimizer_kwargs[0])
+            elif self._optimizer_kwargs is not None:
+                out[name] = dict(self._optimizer_kwargs)
+        return out
+
+    def shard(
+        self,
+        module: EmbeddingBagCollection,
+        params: dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedEmbeddingBagCollection:
+        """Shard with torchrec, then attach RowwiseAdamW in backward to the DENSE kernels."""
+        for name, ps in params.items():
+            if ps.compute_kernel != EmbeddingComputeKernel.DENSE.value:
+                raise ValueError(f"table {name!r}: compute kernel {ps.compute_kernel!r} is not 'dense'")
+        kwargs_by_table = self._table_kwargs(module)
+        # Hide the in-backward metadata while torchrec shards (it would try to cast our class to
+        # an fbgemm EmbOptimType); put it back after, though the unsharded tables are dropped.
+        hidden: list[tuple[nn.Parameter, dict[str, Any]]] = []
+        for param in self.shardable_parameters(module).values():
+            saved = {a: getattr(param, a) for a in _IN_BACKWARD_ATTRS if hasattr(param, a)}
+            if saved:
+                hidden.append((param, saved))
+                for a in saved:
+                    delattr(param, a)
+        try:
+            sharded = super().shard(module, params, env, device, module_fqn)
+        finally:
+            for param, saved in hidden:
+                for a, v in saved.items():
+                    setattr(param, a, v)
+        self.attached_optimizers.extend(attach_rowwise_adamw_to_dense_kernels(sharded, kwargs_by_table))
+        return sharded
+
+
+def rowwise_adamw_sharder_for(
+    module: nn.Module, optimizer_kwargs: Optional[dict[str, Any]] = None
+) -> RowwiseAdamWEmbeddingBagCollectionSharder:
+    """The RowwiseAdamW sharder for `module`; only EmbeddingBagCollection is supported.
+
+    EmbeddingCollection is refused on purpose: in torchrec 1.8 with fbgemm-gpu-cpu 1.8 the DENSE
+    kernel ignores PoolingMode.NONE on CPU and returns one pooled row per bag, so a sharded EC
+    fails in its output step ("split_with_sizes expects split_sizes to sum exactly to ...").
+    Keep sequence tables unsharded (RowwiseAdamW in backward on their nn.Embedding weights).
+    """
+    if isinstance(module, EmbeddingBagCollection):
+        return RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs)
+    if isinstance(module, EmbeddingCollection):
+        raise ValueError(
+            "EmbeddingCollection: torchrec's DENSE kernel returns pooled rows on CPU (torchrec 1.8, "
+            "fbgemm-gpu-cpu 1.8), so it cannot be sharded with RowwiseAdamW; keep it unsharded"
+        )
+    raise ValueError(f"no RowwiseAdamW sharder for {type(module).__name__}; expected an EmbeddingBagCollection")
+
+
+def dense_kernel_sharding_plan(
+    module: nn.Module,
+    world_size: int,
+    sharder: Optional[RowwiseAdamWEmbeddingBagCollectionSharder] = None,
+    sharding_types: Optional[dict[str, str]] = None,
+    local_size: Optional[int] = None,
+    device_type: str = "cpu",
+) -> EmbeddingModuleShardingPlan:
+    """A DENSE-kernel plan for `module`: each table table-wise (ranks round-robin) or row-wise.
+
+    `sharding_types` maps a table name to "table_wise" (default) or "row_wise". Wrap the result as
+    `ShardingPlan({module_fqn: plan})` for DistributedModelParallel.
+    """
+    sharder = sharder or rowwise_adamw_sharder_for(module)
+    sharding_types = dict(sharding_types or {})
+    names = list(sharder.shardable_parameters(module))
+    unknown = set(sharding_types) - set(names)
+    if unknown:
+        raise ValueError(f"dense_kernel_sharding_plan: unknown tables {sorted(unknown)}; tables are {names}")
+    dense = EmbeddingComputeKernel.DENSE.value
+    per_table = {}
+    next_rank = 0
+    for name in names:
+        kind = sharding_types.get(name, ShardingType.TABLE_WISE.value)
+        if kind == ShardingType.TABLE_WISE.value:
+            per_table[name] = table_wise(rank=next_rank % world_size, compute_kernel=dense)
+            next_rank += 1
+        elif kind == ShardingType.ROW_WISE.value:
+            per_table[name] = row_wise(compute_kernel=dense)
+        else:
+            raise ValueError(
+                f"dense_kernel_sharding_plan: table {name!r}: sharding type {kind!r} is not one of "
+                f"{list(SUPPORTED_SHARDING_TYPES)}"
+            )
+    return construct_module_sharding_plan(
+        module,
+        per_table,
+        sharder=sharder,
+        local_size=local_size or world_size,
+        world_size=world_size,
+        device_type=device_type,
+    )
