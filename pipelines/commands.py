@@ -26,3 +26,11 @@ def _run(module: str, function: str):
         return getattr(importlib.import_module(module), function)(args)
 
     return handler
+
+
+def register_pretrain(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec pretrain`."""
+    p = sub.add_parser("pretrain", help="step 1: pre-train SASRec, HSTU or LUM from a YAML config (resumes automatically)")
+    p.add_argument("config", help="YAML file with PretrainConfig keys (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3 out=runs/x")
+    p.set_defaults(func=_run("lumrec.pipelines.pretrain", "main"))

@@ -1,0 +1,65 @@
+"""Build the sequential recommender a pre-training config names, and split its parameters for the optimizers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+from lumrec.config import from_dict
+from lumrec.data.dataset import Dataset, DatasetMeta
+from lumrec.data.tokens import TokenConfig
+from lumrec.modules.sequence_model import SequentialRecommender
+
+
+# A builder gets (model_config dict, dataset manifest, dataset, token config, max_len).
+ModelBuilder = Callable[[dict[str, Any], DatasetMeta, Dataset, TokenConfig, int], SequentialRecommender]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding a builder under `name`."""
+
+    def deco(fn: ModelBuilder) -> ModelBuilder:
+        MODEL_BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_model(
+    name: str, model_config: dict[str, Any], meta: DatasetMeta, data: Dataset, token_config: TokenConfig, max_len: int
+) -> SequentialRecommender:
+    """The model `name` configured by `model_config` (keys of its config dataclass)."""
+    if name not in MODEL_BUILDERS:
+        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[name](model_config, meta, data, token_config, max_len)
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(embedding-table parameters, dense parameters): tables get the rowwise optimizer."""
+    table_ids = set()
+    tables = []
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            for p in module.parameters():
+                if id(p) not in table_ids:
+                    table_ids.add(id(p))
+                    tables.append(p)
+    dense = [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad]
+    return tables, dense
+
+
+def _num_items(meta: DatasetMeta) -> int:
+    if "item_id" not in meta.vocab_sizes:
+        raise KeyError("dataset manifest declares no vocabulary size for 'item_id'")
+    return int(meta.vocab_sizes["item_id"])
+
+
+def _config(cls: type, model_config: dict[str, Any], max_len: int) -> Any:
+    """`cls` from the config dict, with max_len defaulting to the data's."""
+    values = dict(model_config)
+    if "max_len" in {f for f in cls.__dataclass_fields__}:
+        values.setdefault("max_len", max_len)
+    return from_dict(cls, values, source="pretrain config", prefix="model_config")

@@ -1,0 +1,76 @@
+"""Leave-one-out retrieval evaluation: rank each user's held-out item against all items.
+
+Protocol (SASRec / HSTU papers on ML-1M): the last event of each user is the test target, the
+second last the validation target; training sees the events before them. A user's sequence is
+fed *with* its target, and the user state is the hidden vector of the token right before the
+target item token: the last history item for SASRec/HSTU, the target's condition token for
+LUM. Attention is causal, so the target item cannot leak into that state, and one code path
+serves every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lumrec.data.batches import iter_packed_batches
+from lumrec.data.sequences import UserSequences
+from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences, build_lum_tokens
+from lumrec.metrics import RetrievalMetrics, target_ranks
+from lumrec.modules.sequence_model import SequentialRecommender
+
+
+@dataclass
+class LeaveOneOutSplit:
+    """Train histories plus validation and test sequences (each ends with its target event)."""
+
+    train: UserSequences  # events before the validation target
+    valid: UserSequences  # train + the validation target as the last event
+    test: UserSequences  # valid + the test target as the last event
+
+
+def leave_one_out(seqs: UserSequences, min_history: int = 1) -> LeaveOneOutSplit:
+    """Split every user with at least `min_history + 2` events into train / valid / test."""
+    seqs = seqs.filter_min_length(min_history + 2)
+    valid, _ = seqs.split_last(1, min_history)
+    train, _ = seqs.split_last(2, min_history)
+    return LeaveOneOutSplit(train=train, valid=valid, test=seqs)
+
+
+def build_tokens(seqs: UserSequences, token_config: TokenConfig, lum: bool) -> TokenSequences:
+    """LUM `[c, i]` tokens or plain item tokens of `seqs`."""
+    return build_lum_tokens(seqs, token_config) if lum else build_item_sequences(seqs, token_config)
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: SequentialRecommender,
+    seqs_with_target: UserSequences,
+    token_config: TokenConfig,
+    max_len: int,
+    rows_per_batch: int = 64,
+    item_chunk: int = 65536,
+) -> dict[str, float]:
+    """HR@K / NDCG@K of each user's last event, ranked against every item id 1..num_items-1."""
+    was_training = model.training
+    model.eval()
+    lum = model.predicts_from != ITEM
+    tokens = build_tokens(seqs_with_target, token_config, lum)
+    all_ids = torch.arange(model.num_items)
+    item_table = torch.cat([model.item_embeddings(all_ids[i : i + item_chunk]) for i in range(0, len(all_ids), item_chunk)])
+    item_table = torch.nn.functional.normalize(item_table, dim=-1)
+    exclude = torch.zeros(1, model.num_items, dtype=torch.bool)
+    exclude[0, 0] = True  # padding id
+    metrics = RetrievalMetrics()
+    for batch in iter_packed_batches(tokens, max_len, rows_per_batch, shuffle_seed=None):
+        hidden = model(batch)
+        ends = batch.offsets[1:]
+        if bool((batch.token_type[ends - 1] != ITEM).any()) or bool((batch.lengths() < 2).any()):
+            raise ValueError("every evaluation sequence must end with its target item and have a token before it")
+        users = torch.nn.functional.normalize(hidden[ends - 2], dim=-1)
+        targets = batch.item_id[ends - 1]
+        ranks = target_ranks(users @ item_table.T, targets, exclude.expand(len(targets), -1))
+        metrics.update(ranks)
+    model.train(was_training)
+    return metrics.compute()
