@@ -46,30 +46,36 @@ class InfoNCELoss(torch.nn.Module):
         cfg = self.config
         if queries.shape[0] == 0:
             return queries.sum() * 0.0
-        cand_ids = [targets]
+        sampled = None
         if cfg.num_sampled_negatives > 0:
             sampled = torch.randint(
                 1, self.num_items, (cfg.num_sampled_negatives,), generator=generator, device=targets.device
             )
-            cand_ids.append(sampled)
-        ids = torch.cat(cand_ids)
-        # One embedding pass over unique ids (in-batch targets repeat a lot).
+        if cfg.in_batch_negatives:
+            return self._in_batch(queries, targets, sampled, embed_items)
+        if sampled is None:
+            raise ValueError("InfoNCE needs negatives: enable in_batch_negatives or num_sampled_negatives > 0")
+        return self._sampled_only(queries, targets, sampled, embed_items)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.config.l2_normalize else x
+
+    def _in_batch(self, queries, targets, sampled, embed_items) -> torch.Tensor:
+        """Candidates = unique(in-batch targets + sampled); each id appears once, so a query's
+        own target is exactly its positive column and plain cross-entropy is the InfoNCE loss."""
+        ids = targets if sampled is None else torch.cat([targets, sampled])
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        cand = embed_items(uniq)
-        q = queries
-        if cfg.l2_normalize:
-            q, cand = F.normalize(q, dim=-1), F.normalize(cand, dim=-1)
-        logits = q @ cand.T / cfg.temperature  # [Q, U]
-        pos_col = inverse[: targets.numel()]
-        positive = logits.gather(1, pos_col.view(-1, 1))
-        # A candidate equal to a query's own target is not a negative for that query.
-        same = uniq.view(1, -1) == targets.view(-1, 1)
-        if not cfg.in_batch_negatives:
-            in_batch = torch.zeros(uniq.numel(), dtype=torch.bool, device=uniq.device)
-            in_batch[pos_col] = True
-            if cfg.num_sampled_negatives > 0:
-                in_batch[inverse[targets.numel():]] = False
-            same = same | in_batch.view(1, -1)
-        negatives = logits.masked_fill(same, float("-inf"))
-        all_logits = torch.cat([positive, negatives], dim=1)
-        return torch.logsumexp(all_logits, dim=1).sub(positive.squeeze(1)).mean()
+        cand = self._normalize(embed_items(uniq))
+        # Scale the [Q, d] queries, not the [Q, U] logits: one pass over the small matrix.
+        logits = (self._normalize(queries) / self.config.temperature) @ cand.T  # [Q, U]
+        return F.cross_entropy(logits, inverse[: targets.numel()])
+
+    def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
+        """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""
+        sampled = torch.unique(sampled)  # same candidate set semantics as the in-batch path
+        q = self._normalize(queries) / self.config.temperature
+        pos = (q * self._normalize(embed_items(targets))).sum(-1, keepdim=True)  # [Q, 1]
+        neg = q @ self._normalize(embed_items(sampled)).T  # [Q, K]
+        neg = neg.masked_fill(sampled.view(1, -1) == targets.view(-1, 1), float("-inf"))
+        logits = torch.cat([pos, neg], dim=1)
+        return F.cross_entropy(logits, torch.zeros_like(targets))

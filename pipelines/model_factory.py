@@ -63,3 +63,28 @@ def _config(cls: type, model_config: dict[str, Any], max_len: int) -> Any:
     if "max_len" in {f for f in cls.__dataclass_fields__}:
         values.setdefault("max_len", max_len)
     return from_dict(cls, values, source="pretrain config", prefix="model_config")
+
+
+@register_model("sasrec")
+def _build_sasrec(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
+    from lumrec.modules.sasrec import SASRec, SASRecConfig
+
+    return SASRec(_config(SASRecConfig, model_config, max_len), _num_items(meta))
+
+
+def _build_hstu_preset(preset: str) -> ModelBuilder:
+    def build(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
+        from dataclasses import asdict
+
+        from lumrec.modules.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
+
+        # The preset's values, then the config's keys on top (checked against the dataclass).
+        merged = {k: v for k, v in asdict(hstu_preset(preset)).items() if k != "max_len"}  # max_len: the data's
+        merged.update(model_config)
+        return HSTURetrieval(_config(HSTURetrievalConfig, merged, max_len), _num_items(meta))
+
+    return build
+
+
+register_model("hstu")(_build_hstu_preset("hstu"))
+register_model("hstu-large")(_build_hstu_preset("hstu-large"))

@@ -61,7 +61,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     temperature: float = 0.05
-    num_negatives: int = 128  # sampled uniformly over items, plus in-batch negatives
+    num_negatives: int = 128  # shared negatives sampled uniformly over items per step
+    in_batch_negatives: bool = True  # other queries' targets are negatives too
     eval_every_epochs: int = 1
     patience: int = 5  # evaluations without a better validation HR@10 before stopping
     max_minutes: float = 0.0  # training-time budget (0 = none); evaluation time is not counted
@@ -126,7 +127,9 @@ class Pretrainer:
         tokens = build_tokens(self.split.train, self.token_config, self.lum)
         self.loader = PackedBatchLoader(tokens, cfg.data.max_len, cfg.train.rows_per_batch, shuffle_seed=cfg.train.seed)
         t = cfg.train
-        loss = InfoNCELoss(InfoNCEConfig(temperature=t.temperature, num_sampled_negatives=t.num_negatives), self.model.num_items)
+        loss = InfoNCELoss(InfoNCEConfig(
+            temperature=t.temperature, num_sampled_negatives=t.num_negatives, in_batch_negatives=t.in_batch_negatives
+        ), self.model.num_items)
         self.trainer = RetrievalTrain(self.model, loss)
         self.optimizers = self._build_optimizers()
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=t.keep_checkpoints)

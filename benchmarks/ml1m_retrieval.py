@@ -1,0 +1,154 @@
+"""ML-1M leave-one-out retrieval: our SASRec / HSTU / HSTU-large / LUM beside the published numbers.
+
+One model per invocation (`--model NAME`); its row is merged into
+benchmarks/results/ml1m_retrieval.json and the whole table is printed. MFU = achieved training
+FLOP/s (FLOPs per step counted by torch's FlopCounterMode) over the fp32 matmul peak measured
+here, on the same machine, in the same run.
+
+    .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "ml1m_retrieval.json"
+
+# HR@10 / NDCG@10 on ML-1M as published (HSTU paper, Table 2).
+PUBLISHED = {
+    "sasrec": (0.2853, 0.1603),
+    "hstu": (0.3097, 0.1720),
+    "hstu-large": (0.3294, 0.1893),
+}
+# Our runs: model name in the factory, config file, and what the row means.
+RUNS = {
+    "sasrec": ("sasrec", "configs/ml1m_sasrec.yaml", "SASRec"),
+    "hstu": ("hstu", "configs/ml1m_hstu.yaml", "HSTU"),
+    "hstu-large": ("hstu-large", "configs/ml1m_hstu_large.yaml", "HSTU-large"),
+    "lum-const": ("lum", "configs/ml1m_lum_const.yaml", "LUM, constant condition (fair vs HSTU)"),
+    "lum-genre": ("lum", "configs/ml1m_lum_genre.yaml", "LUM, condition = target's genre (extra information)"),
+}
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 7) -> float:
+    """Median fp32 FLOP/s of an n x n matmul with the current torch thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flops_per_token(trainer, steps: int = 3) -> float:
+    """Training FLOPs (forward + backward) per token, counted on a few batches."""
+    flops = tokens = 0
+    loader_state = (trainer.loader.epoch, trainer.loader.batch)
+    for i, batch in enumerate(trainer.loader):
+        if i >= steps:
+            break
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = trainer.trainer(batch, torch.Generator().manual_seed(i))
+            loss.backward()
+        flops += counter.get_total_flops()
+        tokens += batch.num_tokens
+    for opt in trainer.optimizers:
+        opt.zero_grad(set_to_none=True)
+    trainer.loader.epoch, trainer.loader.batch = loader_state
+    return flops / max(tokens, 1)
+
+
+def ensure_ml1m(data_root: Path, cache: Path) -> Path:
+    """Import ML-1M from the shared folder into the cache once."""
+    from lumrec.data.dataset import Dataset
+    from lumrec.data.importers import run_import
+
+    if not Dataset(cache).manifest_path.exists():
+        run_import("ml-1m", data_root / "ml-1m", cache, overwrite=True)
+    return cache
+
+
+def format_table(rows: dict) -> str:
+    """The comparison table over every row measured so far."""
+    head = f"{'model':<44} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
+    lines = [head, "-" * len(head)]
+    for name in RUNS:
+        if name not in rows:
+            continue
+        r = rows[name]
+        t = r["test"]
+        pub = PUBLISHED.get(name)
+        pub_s = f"{pub[0]:>9.4f} {pub[1]:>11.4f}" if pub else f"{'-':>9} {'-':>11}"
+        lines.append(
+            f"{r['label']:<44} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['hr@50']:>7.4f} {t['hr@200']:>7.4f} "
+            f"{t['ndcg@200']:>8.4f} {pub_s} {r['train_minutes']:>8.1f} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.2%}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=sorted(RUNS))
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
+    parser.add_argument("--minutes", type=float, default=45.0, help="training-time budget")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder for data cache and runs")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
+    parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    torch.set_num_threads(args.threads)
+
+    from lumrec.config import load_config
+    from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+
+    factory_name, config_file, label = RUNS[args.model]
+    out = Path(args.out)
+    data_path = ensure_ml1m(Path(args.data), out / "ml-1m")
+    run_dir = out / "runs" / args.model
+    if args.fresh and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    overrides = [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
+                 f"train.threads={args.threads}", f"model={factory_name}", *args.overrides]
+    cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
+    peak = measure_matmul_peak()
+    trainer = Pretrainer(cfg)
+    fpt = flops_per_token(trainer)
+    t0 = time.perf_counter()
+    result = trainer.run()
+    wall = time.perf_counter() - t0
+    mfu = (result["tokens_per_s"] or 0) * fpt / peak
+    row = {
+        "label": label, "model": args.model, "test": result["test"], "best_epoch": result["best_epoch"],
+        "epochs_run": result["epochs_run"], "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
+        "tokens_per_s": result["tokens_per_s"], "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
+        "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
+        "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
+    }
+    results = Path(args.results)
+    rows = json.loads(results.read_text()) if results.exists() else {}
+    rows[args.model] = row
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=2, sort_keys=True))
+    print(format_table(rows))
+    print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
