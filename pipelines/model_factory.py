@@ -88,3 +88,27 @@ def _build_hstu_preset(preset: str) -> ModelBuilder:
 
 register_model("hstu")(_build_hstu_preset("hstu"))
 register_model("hstu-large")(_build_hstu_preset("hstu-large"))
+
+
+@register_model("lum")
+def _build_lum(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
+    """LUM over [condition, item] tokens; tables derived from the dataset's vocabularies."""
+    from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
+    from lumrec.modules.lum import LUM, LUMConfig
+    from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
+
+    values = dict(model_config)
+    embedding_dim = values.pop("embedding_dim", None)  # table width; default d_model rounded up to a multiple of 4
+    config = _config(LUMConfig, values, max_len)
+    dim = embedding_dim or -(-config.d_model // 4) * 4
+    if token_config.condition_features:
+        cond_keys = [condition_key(f) for f in token_config.condition_features]
+        sources = {condition_key(f): f for f in token_config.condition_features}
+    else:
+        cond_keys, sources = [CONSTANT_CONDITION_KEY], {CONSTANT_CONDITION_KEY: "const"}
+    item_keys = list(token_config.item_features)
+    sources.update({k: k for k in item_keys})
+    encoder = token_encoder_config_from_dataset(meta.vocab_sizes, cond_keys, item_keys, sources, dim, config.d_model)
+    items = data.read_table("items")
+    lookup = ItemFeatureLookup.from_items_table(items, item_keys, _num_items(meta))
+    return LUM(config, encoder, lookup)
