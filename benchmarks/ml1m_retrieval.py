@@ -80,6 +80,22 @@ def ensure_ml1m(data_root: Path, cache: Path) -> Path:
     return cache
 
 
+def merge_row(results: Path, name: str, row: dict) -> dict:
+    """Add `row` under `name` to the results file; a lock keeps concurrent runs from losing rows."""
+    import fcntl
+    import os
+
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(results.read_text()) if results.exists() else {}
+        rows[name] = row
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=2, sort_keys=True))
+        os.replace(tmp, results)
+    return rows
+
+
 def format_table(rows: dict) -> str:
     """The comparison table over every row measured so far."""
     head = f"{'model':<44} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
@@ -140,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
     }
-    results = Path(args.results)
-    rows = json.loads(results.read_text()) if results.exists() else {}
-    rows[args.model] = row
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(rows, indent=2, sort_keys=True))
+    rows = merge_row(Path(args.results), args.model, row)
     print(format_table(rows))
     print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
     return 0
