@@ -69,6 +69,11 @@ class RetrievalTrain(nn.Module):
 
     def forward(self, batch: JaggedBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """(mean loss, number of queries) of one batch."""
+        # Models with a training-time batch transform (HSTU's stochastic length) apply it here,
+        # so targets follow the subsampled sequences.
+        prepare = getattr(self.model, "prepare_batch", None)
+        if prepare is not None:
+            batch = prepare(batch, generator)
         hidden = self.model(batch)
         index, targets = next_item_queries(batch, self.model.predicts_from)
         loss = self.loss(hidden[index], targets, self.model.item_embeddings, generator)

@@ -1,0 +1,312 @@
+"""HSTU as a retrieval model (the HSTU paper's public-data setting): jagged item sequences in, one state per token out.
+
+    x_0 = dropout(sqrt(d) * E[item] + P[position])      E shared with the candidates (torchrec EBC)
+    x_L = HSTUStack(x_0)                                  relative bias over positions and time gaps
+    out = L2-normalise(x_L)                               (or LayerNorm / nothing)
+
+Defaults and the two presets are the ML-1M settings of Meta's generative-recommenders
+(configs/ml-1m/hstu-sampled-softmax-n128-final.gin and ...-large-final.gin, "frozen config,
+validated on 04/11/2024", the runs behind the paper's ML-1M table):
+
+    ========================  ======  ===========
+    setting                   hstu    hstu-large
+    ========================  ======  ===========
+    item embedding dim         50      50
+    layers (num_blocks)        2       8
+    heads                      1       2
+    dqk = dv (per head)        50      25
+    linear dropout             0.2     0.2
+    input dropout              0.2     0.2
+    attention dropout          0       0
+    max sequence length        200     200
+    ========================  ======  ===========
+
+and for both: sampled softmax over 128 uniformly sampled negatives (no in-batch negatives:
+`sampling_strategy = "local"`), temperature 0.05, L2-normalised user and item embeddings
+(eps 1e-6), AdamW lr 1e-3, betas (0.9, 0.98), weight decay 0, batch 128, 101 epochs; relative
+attention bias on positions plus time gaps bucketed as floor(ln|dt| / 0.301) into 128 buckets
+(i.e. log base e^0.301 = 1.351); absolute learned position embeddings at the input, as for SASRec.
+``ML1M_LOSS`` holds that loss setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lumrec.data.batches import JaggedBatch
+from lumrec.data.tokens import ITEM
+from lumrec.modules.hstu import HSTUConfig, HSTUStack, stochastic_length_subsample
+from lumrec.modules.jagged import offsets_to_lengths, ranges_to_indices
+from lumrec.modules.losses import InfoNCEConfig
+from lumrec.modules.sasrec import ItemInputArch, OutputNorm, check_dropout, apply_output_norm
+from lumrec.modules.sequence_model import SequentialRecommender
+
+__all__ = [
+    "HSTU_PRESETS",
+    "HSTURetrieval",
+    "HSTURetrievalConfig",
+    "ML1M_LOSS",
+    "NormalInitLinear",
+    "XavierUniformLinear",
+    "hstu_preset",
+    "stochastic_length_batch",
+    "subsample_batch",
+]
+
+# Time gaps are bucketed as floor(ln(1 + |dt|) / ln(base)); the reference uses ln|dt| / 0.301.
+REFERENCE_TIME_BUCKET_BASE = math.exp(0.301)
+
+# The reference loss: 128 uniform negatives, no in-batch negatives, temperature 0.05, L2-normalised.
+ML1M_LOSS = InfoNCEConfig(temperature=0.05, num_sampled_negatives=128, in_batch_negatives=False, l2_normalize=True)
+
+
+@dataclass
+class HSTURetrievalConfig:
+    """HSTU retrieval model; defaults = the ML-1M `hstu` preset (see the module docstring for sources).
+
+    `normaliser`: the n of `silu(QK^T + rab) / n` (None = max_len, the reference's N).
+    `stochastic_length_alpha`: when set, `prepare_batch` subsamples long training sequences
+    (Stochastic Length, keep ~max_len**(alpha/2) events); None = off (the ML-1M runs had it off).
+    """
+
+    d_model: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    dqk: int = 50
+    dv: int = 50
+    input_dropout: float = 0.2
+    linear_dropout: float = 0.2
+    max_len: int = 200
+    num_time_buckets: int = 128
+    time_bucket_base: float = REFERENCE_TIME_BUCKET_BASE
+    use_time_bias: bool = True
+    use_position_bias: bool = True
+    use_position_embedding: bool = True
+    normaliser: float | str | None = None
+    scale_embeddings: bool = True
+    output_norm: OutputNorm = "l2"
+    stochastic_length_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_layers", "num_heads", "dqk", "dv", "max_len", "num_time_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HSTURetrievalConfig: {name} must be >= 1, got {getattr(self, name)}")
+        check_dropout("HSTURetrievalConfig", "input_dropout", self.input_dropout)
+        check_dropout("HSTURetrievalConfig", "linear_dropout", self.linear_dropout)
+        if self.stochastic_length_alpha is not None and not 0.0 < self.stochastic_length_alpha <= 2.0:
+            raise ValueError(
+                f"HSTURetrievalConfig: stochastic_length_alpha must be in (0, 2] or null, got {self.stochastic_length_alpha}"
+            )
+
+    def layer_config(self) -> HSTUConfig:
+        """The per-layer `HSTUConfig` of the stack."""
+        return HSTUConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            dqk=self.dqk,
+            dv=self.dv,
+            dropout=self.linear_dropout,
+            max_len=self.max_len,
+            num_time_buckets=self.num_time_buckets,
+            use_time_bias=self.use_time_bias,
+            use_position_bias=self.use_position_bias,
+            normaliser=self.normaliser,
+            time_bucket_base=self.time_bucket_base,
+        )
+
+
+HSTU_PRESETS: dict[str, HSTURetrievalConfig] = {
+    "hstu": HSTURetrievalConfig(),
+    "hstu-large": HSTURetrievalConfig(num_layers=8, num_heads=2, dqk=25, dv=25),
+}
+
+
+def hstu_preset(name: str, **overrides) -> HSTURetrievalConfig:
+    """The preset `name` ("hstu" or "hstu-large"), with any fields replaced by `overrides`."""
+    if name not in HSTU_PRESETS:
+        raise KeyError(f"unknown HSTU preset {name!r}; known presets: {sorted(HSTU_PRESETS)}")
+    return replace(HSTU_PRESETS[name], **overrides)
+
+
+def _take_kjt(kjt: KeyedJaggedTensor, token_index: torch.Tensor) -> KeyedJaggedTensor:
+    """The KJT restricted to the tokens `token_index` (in that order), every key kept."""
+    keys, values, weights = [], [], []
+    lengths = []
+    for key, jt in kjt.to_dict().items():
+        offsets = jt.offsets()
+        lens = offsets_to_lengths(offsets)[token_index]
+        idx = ranges_to_indices(offsets[:-1][token_index], lens)
+        keys.append(key)
+        lengths.append(lens.to(torch.int32))
+        values.append(jt.values()[idx])
+        if jt.weights_or_none() is not None:
+            weights.append(jt.weights()[idx])
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat(values) if values else kjt.values()[:0],
+        lengths=torch.cat(lengths) if lengths else kjt.lengths()[:0],
+        weights=torch.cat(weights) if weights else None,
+        stride=int(token_index.numel()),
+    )
+
+
+def subsample_batch(batch: JaggedBatch, token_index: torch.Tensor, offsets: torch.Tensor) -> JaggedBatch:
+    """The batch keeping only tokens `token_index` (ascending), with new segment `offsets` (no segment may vanish).
+
+    Segments stay in their packed rows; positions restart at 0 in each shortened segment, so a
+    subsampled history is seen as a shorter sequence (its timestamps keep the real gaps).
+    """
+    if offsets.numel() != batch.offsets.numel():
+        raise ValueError(f"subsample_batch: {offsets.numel() - 1} segments given, the batch has {batch.num_segments}")
+    lengths = offsets_to_lengths(offsets)
+    if lengths.numel() and int(lengths.min()) < 1:
+        raise ValueError("subsample_batch: every segment must keep at least one token")
+    seg_start = torch.repeat_interleave(offsets[:-1], lengths, output_size=int(token_index.numel()))
+    position = torch.arange(token_index.numel(), device=offsets.device) - seg_start
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[token_index]
+
+    return JaggedBatch(
+        offsets=offsets,
+        row_offsets=offsets[batch.segment_offsets],
+        segment_offsets=batch.segment_offsets,
+        segment_ids=batch.segment_ids[token_index],
+        token_type=batch.token_type[token_index],
+        position=position,
+        item_id=batch.item_id[token_index],
+        kjt=_take_kjt(batch.kjt, token_index),
+        user_ids=batch.user_ids,
+        seq_index=batch.seq_index,
+        token_index=batch.token_index[token_index],
+        max_len=batch.max_len,
+        ts=take(batch.ts),
+        action=take(batch.action),
+        dense=take(batch.dense),
+    )
+
+
+def stochastic_length_batch(
+    batch: JaggedBatch, alpha: float, max_len: int, generator: torch.Generator | None = None
+) -> JaggedBatch:
+    """Stochastic Length (HSTU paper, Sec. 3.3) applied to a whole training batch, targets included."""
+    index, offsets = stochastic_length_subsample(batch.offsets, batch.ts, alpha, max_len, generator)
+    if index.numel() == batch.num_tokens:
+        return batch
+    return subsample_batch(batch, index, offsets)
+
+
+class NormalInitLinear(nn.Linear):
+    """nn.Linear with weight ~ N(0, 0.02) and zero bias: the reference init of HSTU's fused U/V/Q/K projection."""
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weight, zero bias."""
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class XavierUniformLinear(nn.Linear):
+    """nn.Linear with a Xavier-uniform weight and zero bias: the reference init of HSTU's output projection."""
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weight, zero bias."""
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def _with_init(old: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
+    """A `cls` linear of `old`'s shape, bias and device (the init lives in the module, where DMP looks for it)."""
+    return cls(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device)
+
+
+class HSTURetrieval(SequentialRecommender):
+    """HSTU retrieval model on jagged item sequences: `forward(batch) -> [T, d]`, `item_embeddings(ids) -> [n, d]`.
+
+    Time bias from `batch.ts` when present; without timestamps every pair falls in time bucket 0,
+    so the time bias reduces to one learned constant. Create on `device="meta"` and materialise
+    with `to_empty` + `reset_parameters()`.
+
+    Example::
+
+        >>> import numpy as np, torch
+        >>> from lumrec.data.batches import iter_packed_batches
+        >>> from lumrec.data.sequences import UserSequences
+        >>> from lumrec.data.tokens import TokenConfig, build_item_sequences
+        >>> z = np.zeros(5, dtype=np.int64)
+        >>> seqs = UserSequences(np.array([7, 8]), np.array([0, 3, 5]), np.array([1, 2, 3, 4, 5]),
+        ...                      np.array([10, 20, 90, 5, 6]), z.astype(np.int32), z.astype(np.int32), z, z)
+        >>> tokens = build_item_sequences(seqs, TokenConfig(item_features=["item_id"]))
+        >>> batch = next(iter_packed_batches(tokens, max_len=8, rows_per_batch=4))
+        >>> model = HSTURetrieval(hstu_preset("hstu", d_model=8, dqk=4, dv=4, max_len=8), num_items=6)
+        >>> model(batch).shape
+        torch.Size([5, 8])
+    """
+
+    predicts_from = ITEM
+
+    def __init__(self, config: HSTURetrievalConfig, num_items: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._num_items = num_items
+        self.input = ItemInputArch(
+            num_items,
+            config.d_model,
+            config.max_len,
+            config.input_dropout,
+            use_position_embedding=config.use_position_embedding,
+            scale_embeddings=config.scale_embeddings,
+            device=device,
+        )
+        # HSTULayer takes no device argument: build it under the device context (e.g. meta).
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.stack = HSTUStack(config.layer_config(), config.num_layers)
+            self.final_norm = nn.LayerNorm(config.d_model, eps=1e-6) if config.output_norm == "layer_norm" else None
+        # The reference's init: fused U/V/Q/K projection N(0, 0.02), output projection Xavier-uniform.
+        for layer in self.stack.layers:
+            layer.f1 = _with_init(layer.f1, NormalInitLinear)
+            layer.f2 = _with_init(layer.f2, XavierUniformLinear)
+
+    @property
+    def num_items(self) -> int:
+        """Size of the item vocabulary (ids 0..num_items-1, 0 = padding)."""
+        return self._num_items
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter (after `to_empty` from meta)."""
+        self.input.reset_parameters()
+        if self.final_norm is not None:
+            self.final_norm.reset_parameters()
+        for module in self.stack.modules():
+            if module is not self.stack and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Candidate item vectors: rows of the same table that embeds the input tokens."""
+        return self.input.item_embeddings(item_ids)
+
+    def prepare_batch(self, batch: JaggedBatch, generator: torch.Generator | None = None) -> JaggedBatch:
+        """The batch to train on: Stochastic Length applied in training mode when configured, else unchanged."""
+        alpha = self.config.stochastic_length_alpha
+        if not self.training or alpha is None:
+            return batch
+        return stochastic_length_batch(batch, alpha, self.config.max_len, generator)
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        """Hidden state `[T, d]` of every token; token t sees only earlier tokens of its own sequence."""
+        with record_function("hstu_retrieval/input"):
+            x = self.input(batch)
+        timestamps = batch.ts
+        if timestamps is None and self.config.use_time_bias:
+            timestamps = torch.zeros_like(batch.position)
+        # Segment offsets as rows: attention inside a row is then exactly attention inside a sequence.
+        x = self.stack(x, batch.offsets, timestamps=timestamps, positions=batch.position)
+        return apply_output_norm(x, self.config.output_norm, self.final_norm)
