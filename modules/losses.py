@@ -13,7 +13,9 @@ class InfoNCEConfig:
     """Negatives and similarity of the next-(condition-)item loss."""
 
     temperature: float = 0.05
-    num_sampled_negatives: int = 128  # uniform over the item vocabulary; 0 = in-batch only
+    # Uniform over the item vocabulary; 0 = in-batch only; -1 = every item (full softmax: no
+    # sampling bias, affordable for catalogs of a few thousand items such as ML-1M).
+    num_sampled_negatives: int = 128
     in_batch_negatives: bool = True
     l2_normalize: bool = True
 
@@ -46,6 +48,8 @@ class InfoNCELoss(torch.nn.Module):
         cfg = self.config
         if queries.shape[0] == 0:
             return queries.sum() * 0.0
+        if cfg.num_sampled_negatives < 0:
+            return self._full_softmax(queries, targets, embed_items)
         sampled = None
         if cfg.num_sampled_negatives > 0:
             sampled = torch.randint(
@@ -69,6 +73,12 @@ class InfoNCELoss(torch.nn.Module):
         # Scale the [Q, d] queries, not the [Q, U] logits: one pass over the small matrix.
         logits = (self._normalize(queries) / self.config.temperature) @ cand.T  # [Q, U]
         return F.cross_entropy(logits, inverse[: targets.numel()])
+
+    def _full_softmax(self, queries, targets, embed_items) -> torch.Tensor:
+        """Cross-entropy of each target against every real item (ids 1..num_items-1)."""
+        cand = self._normalize(embed_items(torch.arange(1, self.num_items, device=targets.device)))
+        logits = (self._normalize(queries) / self.config.temperature) @ cand.T
+        return F.cross_entropy(logits, targets - 1)
 
     def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
         """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""

@@ -61,7 +61,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     temperature: float = 0.05
-    num_negatives: int = 128  # shared negatives sampled uniformly over items per step
+    num_negatives: int = 128  # shared uniform negatives per step; -1 = every item (full softmax)
     in_batch_negatives: bool = True  # other queries' targets are negatives too
     eval_every_epochs: int = 1
     patience: int = 5  # evaluations without a better validation HR@10 before stopping

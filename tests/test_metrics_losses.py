@@ -84,3 +84,16 @@ def test_infonce_empty_queries():
     loss_fn = InfoNCELoss(InfoNCEConfig(), num_items=10)
     q = torch.zeros(0, 4, requires_grad=True)
     assert loss_fn(q, torch.zeros(0, dtype=torch.long), lambda ids: torch.zeros(len(ids), 4)).item() == 0.0
+
+
+def test_full_softmax_matches_reference():
+    torch.manual_seed(4)
+    table = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 5, 5, 19, 2, 7])
+    out = InfoNCELoss(InfoNCEConfig(temperature=0.2, num_sampled_negatives=-1), num_items=20)(q, targets, lambda ids: table[ids])
+    everything = torch.arange(1, 20)  # every real item is a candidate; padding id 0 never is
+    ref = _reference_infonce(q, targets, table, everything, 0.2, in_batch=False)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(out, (q, table)), torch.autograd.grad(ref, (q, table))):
+        torch.testing.assert_close(a, b)
