@@ -18,6 +18,13 @@ from typing import Callable
 log = logging.getLogger("lumrec")
 
 
+class _DropLibraryChatter(logging.Filter):
+    """Drops fbgemm's per-library "Successfully loaded" INFO records, logged on the root logger at import."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.WARNING and "fbgemm_gpu" in record.pathname)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Plain timestamped logs on stderr."""
     logging.basicConfig(
@@ -26,6 +33,8 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,  # torchrec installs a root handler on import, which would make this a no-op
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropLibraryChatter())
     # torchrec's import trips a torch.fx deprecation notice that says nothing about lumrec.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
