@@ -475,13 +475,14 @@ def test_dmp_sharded_one_process_matches_unsharded(tmp_path):
 
 
 def test_dmp_sharded_two_processes_matches_unsharded(tmp_path):
-    # fork: the children inherit the already imported torchrec, which keeps this test fast.
+    # spawn, not fork: after other tests the parent holds thread pools and gloo state that a
+    # forked child can deadlock on (seen in the full suite); spawned ranks start clean.
     ctx = mp.start_processes(
         _run_sharded,
         args=(2, str(tmp_path / "pg_init"), str(tmp_path), True),
         nprocs=2,
         join=False,
-        start_method="fork",
+        start_method="spawn",
     )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1.0):  # raises if a rank failed
