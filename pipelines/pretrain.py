@@ -20,6 +20,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from lumrec.allocator import keep_freed_host_memory
 from lumrec.checkpoint import CheckpointManager
 from lumrec.config import load_config, to_dict
 from lumrec.data.batches import PackedBatchLoader
@@ -45,6 +46,11 @@ class DataConfig:
     condition_features: list[str] = field(default_factory=list)  # LUM: [] = one constant condition
     item_features: list[str] = field(default_factory=lambda: ["item_id"])
     min_history: int = 1  # users need min_history + 2 events (train + valid + test targets)
+    # Events at the end of each history that training never sees. 2: validation and test are
+    # held out and early stopping uses validation (strict). 1: only the test event is held out,
+    # as in the published ML-1M protocol (Meta's code has no validation split); there is then no
+    # validation metric, so the model at the end of the budget is the one tested.
+    train_excludes_last: int = 2
 
 
 @dataclass
@@ -69,7 +75,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
     threads: int = 0  # torch threads (0 = torch's default)
+    keep_freed_host_memory: bool = True  # glibc: reuse freed large buffers (see lumrec.allocator)
     eval_rows_per_batch: int = 64
+    exclude_seen: bool = True  # rank only items outside the user's visible history (published protocol)
     log_every_steps: int = 20
 
 
@@ -112,19 +120,25 @@ class Pretrainer:
         self.cfg = cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.keep_freed_host_memory:
+            keep_freed_host_memory()
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         data = Dataset(cfg.data.path)
         self.meta = data.read_meta()
         seqs = sequences_from_dataset(data, cfg.data.start, cfg.data.end)
         self.split = leave_one_out(seqs, cfg.data.min_history)
+        if cfg.data.train_excludes_last not in (1, 2):
+            raise ValueError(f"data.train_excludes_last must be 1 or 2, got {cfg.data.train_excludes_last}")
+        self.validates = cfg.data.train_excludes_last == 2
         self.token_config = TokenConfig(
             condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features)
         )
         torch.manual_seed(cfg.train.seed)
         self.model: SequentialRecommender = build_model(cfg.model, cfg.model_config, self.meta, data, self.token_config, cfg.data.max_len)
         self.lum = self.model.predicts_from != 1
-        tokens = build_tokens(self.split.train, self.token_config, self.lum)
+        train_seqs = self.split.train if self.validates else self.split.valid
+        tokens = build_tokens(train_seqs, self.token_config, self.lum)
         self.loader = PackedBatchLoader(tokens, cfg.data.max_len, cfg.train.rows_per_batch, shuffle_seed=cfg.train.seed)
         t = cfg.train
         loss = InfoNCELoss(InfoNCEConfig(
@@ -202,7 +216,8 @@ class Pretrainer:
     def evaluate(self, which: str = "valid") -> dict[str, float]:
         """Leave-one-out metrics on the validation or test targets."""
         seqs = self.split.valid if which == "valid" else self.split.test
-        return evaluate_retrieval(self.model, seqs, self.token_config, self.cfg.data.max_len, self.cfg.train.eval_rows_per_batch)
+        return evaluate_retrieval(self.model, seqs, self.token_config, self.cfg.data.max_len,
+                                  self.cfg.train.eval_rows_per_batch, exclude_seen=self.cfg.train.exclude_seen)
 
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs, patience, time budget or `max_steps` run out; then test the best model."""
@@ -243,7 +258,7 @@ class Pretrainer:
                 self.save()
                 return {"step": self.state.step, "stopped": "max_steps"}
             finished_epoch = self.loader.batch == 0 and self.loader.epoch == epoch + 1
-            if finished_epoch and (epoch + 1) % t.eval_every_epochs == 0 or self.state.done:
+            if self.validates and (finished_epoch and (epoch + 1) % t.eval_every_epochs == 0 or self.state.done):
                 self._end_of_epoch_eval(epoch)
             self.save()
         return self._final()

@@ -117,3 +117,46 @@ def test_config_errors_name_the_key(synth_path, tmp_path):
     with pytest.raises(KeyError, match="unknown model 'nope'"):
         Pretrainer(PretrainConfig(model="nope", data=DataConfig(path=synth_path)))
     assert "tiny-test" in MODEL_BUILDERS
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seen_item_mask_matches_reference(seed):
+    """Each segment masks the items of its tokens before the last one (its target); id 0 never."""
+    from lumrec.pipelines.retrieval_eval import seen_item_mask
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 6, (5,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    item_id = torch.randint(0, 9, (int(lengths.sum()),), generator=g)
+    mask = seen_item_mask(item_id, offsets, 9)
+    for s in range(5):
+        history = item_id[offsets[s] : max(offsets[s + 1] - 1, offsets[s])].tolist()
+        expected = [i != 0 and i in history for i in range(9)]
+        assert mask[s].tolist() == expected
+
+
+def test_train_excludes_last_one_trains_on_validation_targets(synth_path, tmp_path):
+    """Published protocol: training sees the validation event, no validation runs, the final model is tested."""
+    strict = Pretrainer(_config(synth_path, tmp_path / "s", epochs=1))
+    published_cfg = _config(synth_path, tmp_path / "p", epochs=1)
+    published_cfg.data.train_excludes_last = 1
+    published = Pretrainer(published_cfg)
+    assert published.loader.tokens.num_tokens == strict.loader.tokens.num_tokens + len(strict.split.valid.user_ids)
+    result = published.run()
+    assert result["best_epoch"] == -1 and result["epochs_run"] == 1 and not any((tmp_path / "p" / "best").glob("*"))
+    assert 0.0 <= result["test"]["hr@10"] <= 1.0
+    bad = _config(synth_path, tmp_path / "b")
+    bad.data.train_excludes_last = 3
+    with pytest.raises(ValueError, match="train_excludes_last"):
+        Pretrainer(bad)
+
+
+def test_exclude_seen_never_ranks_history_items(synth_path, tmp_path):
+    """With exclude_seen, a history item scores below every candidate; the target's rank can only improve."""
+    from lumrec.pipelines.retrieval_eval import evaluate_retrieval
+
+    trainer = Pretrainer(_config(synth_path, tmp_path / "e", epochs=1))
+    args = (trainer.model, trainer.split.test, trainer.token_config, 32)
+    plain = evaluate_retrieval(*args, exclude_seen=False)
+    filtered = evaluate_retrieval(*args, exclude_seen=True)
+    assert filtered["mrr"] >= plain["mrr"] and filtered["hr@10"] >= plain["hr@10"]
