@@ -110,6 +110,10 @@ class InfoNCELoss(torch.nn.Module):
             raise ValueError("InfoNCE needs negatives: enable in_batch_negatives or num_sampled_negatives > 0")
         return self._sampled_only(queries, targets, sampled, embed_items)
 
+    def _logit_bound(self) -> float | None:
+        """Unit vectors bound every logit by 1/temperature (plus rounding slack); None if unnormalised."""
+        return 1.0 / self.config.temperature + 1e-3 if self.config.l2_normalize else None
+
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.config.l2_normalize else x
 
@@ -120,15 +124,13 @@ class InfoNCELoss(torch.nn.Module):
         uniq, inverse = torch.unique(ids, return_inverse=True)
         cand = self._normalize(embed_items(uniq))
         # Scale the [Q, d] queries, not the [Q, U] logits: one pass over the small matrix.
-        logits = (self._normalize(queries) / self.config.temperature) @ cand.T  # [Q, U]
-        return F.cross_entropy(logits, inverse[: targets.numel()])
+        q = self._normalize(queries) / self.config.temperature
+        return matmul_cross_entropy(q, cand, inverse[: targets.numel()], self._logit_bound())
 
     def _full_softmax(self, queries, targets, embed_items) -> torch.Tensor:
         """Cross-entropy of each target against every real item (ids 1..num_items-1)."""
         cand = self._normalize(embed_items(torch.arange(1, self.num_items, device=targets.device)))
-        # Unit vectors bound every logit by 1/temperature (plus rounding slack).
-        bound = 1.0 / self.config.temperature + 1e-3 if self.config.l2_normalize else None
-        return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, bound)
+        return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, self._logit_bound())
 
     def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
         """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""
