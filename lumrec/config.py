@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from pathlib import Path
@@ -65,6 +66,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             raise ConfigError(f"{source}: key {path!r}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads a bare 2026-01-15 as a date: keep the text
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{source}: key {path!r}: expected a string, got {value!r}")
         return value

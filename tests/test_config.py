@@ -61,3 +61,20 @@ def test_invalid_yaml_names_file(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
         load_config(Job, path)
+
+
+def test_bare_yaml_dates_become_strings(tmp_path):
+    """`start: 2026-01-15` (a YAML date) fills a str field as '2026-01-15'."""
+    from dataclasses import dataclass
+
+    from lumrec.config import load_config
+
+    @dataclass
+    class Days:
+        start: str = ""
+        end: str | None = None
+
+    path = tmp_path / "days.yaml"
+    path.write_text("start: 2026-01-15\nend: 2026-01-20\n")
+    cfg = load_config(Days, path, overrides=["end=2026-02-01"])
+    assert (cfg.start, cfg.end) == ("2026-01-15", "2026-02-01")

@@ -1,0 +1,299 @@
+"""Step 2: query a pre-trained LUM under many conditions at once and write the knowledge store of one day.
+
+    lumrec query CONFIG [key=value ...]
+
+For day `as_of_ds` it loads the run's LUM (config.json + best or latest checkpoint), builds
+every selected user's history from behaviours of days `<= as_of_ds` only (point-in-time: a
+later day is never read), asks all conditions in one grouped pass per batch
+(``lumrec.modules.grouped_query``) with the queries timed at the end of `as_of_ds`, and writes
+`STORE/as_of_ds=<day>/` (``lumrec.data.knowledge``): one vector per (user, condition) and the
+item-token embedding of every item. Knowledge written for day D is used from day D+1 on.
+
+Module-level imports stay light (stdlib + config) because `lumrec` imports every subcommand's
+registrar at start-up; torch and the model load when the job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lumrec.config import from_dict, load_config
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from lumrec.data.dataset import Dataset, DatasetMeta
+    from lumrec.data.knowledge import Condition
+    from lumrec.data.tokens import TokenConfig
+    from lumrec.modules.lum import LUM
+
+log = logging.getLogger("lumrec.query")
+
+__all__ = ["ConditionSpec", "LoadedLUM", "QueryConfig", "load_pretrained_lum", "main", "register_query", "resolve_conditions", "run_query"]
+
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class ConditionSpec:
+    """Conditions of one feature: explicit `values`, or "all" (every id 1..vocab-1; `[0]` for `const`)."""
+
+    feature: str
+    values: list[int] | str = "all"
+
+
+@dataclass
+class QueryConfig:
+    """One knowledge-query job: which model, which day, which users and conditions, where to write."""
+
+    checkpoint: str = "runs/pretrain"  # a pretrain run's `out` folder, or one step-NNNNNNNN folder inside it
+    checkpoint_kind: str = "auto"  # for a run folder: "best", "latest" or "auto" (best if there is one, else latest)
+    data: str | None = None  # dataset folder; None: the run's data.path
+    as_of_ds: str = ""  # the day (YYYY-MM-DD) the knowledge is as of (required)
+    conditions: list[ConditionSpec] = field(default_factory=list)  # []: every value of every condition the LUM knows
+    users: str = "active"  # "active": users with behaviours on as_of_ds; "all": the users table and every user seen
+    history_start: str | None = None  # first day of history to read (None: all days up to as_of_ds)
+    rows_per_batch: int = 64  # packed rows of histories per grouped pass
+    store: str = "out/knowledge"
+    model_version: str | None = None  # None: "<run>/<kind>/step-NNNNNNNN@<digest>" of the checkpoint
+    item_chunk: int = 65536  # items embedded per call
+    threads: int = 0  # torch threads (0 = torch's default)
+    progress: bool = True
+
+
+@dataclass
+class LoadedLUM:
+    """A pre-trained LUM with what was needed to build it."""
+
+    model: "LUM"
+    data: "Dataset"
+    meta: "DatasetMeta"
+    token_config: "TokenConfig"
+    checkpoint: Path  # the step-NNNNNNNN folder loaded
+    model_version: str
+
+
+def _pick_checkpoint(path: Path, kind: str) -> tuple[Path, Path]:
+    """(run folder, step folder) for a run folder + kind, or for a step folder given directly."""
+    from lumrec.checkpoint import CheckpointManager
+
+    if _STEP_RE.match(path.name):
+        return path.parent.parent, path
+    if kind not in ("auto", "best", "latest"):
+        raise ValueError(f"query: checkpoint_kind must be 'auto', 'best' or 'latest', got {kind!r}")
+    found = {}
+    for name, folder in (("best", path / "best"), ("latest", path / "checkpoints")):
+        step = CheckpointManager(folder, keep=0).latest()
+        if step is not None:
+            found[name] = CheckpointManager(folder, keep=0).step_dir(step)
+    choice = ("best" if "best" in found else "latest") if kind == "auto" else kind
+    if choice not in found:
+        raise FileNotFoundError(
+            f"{path}: no complete {'checkpoint' if kind == 'auto' else kind + ' checkpoint'} "
+            f"(looked in {path / 'best'} and {path / 'checkpoints'})"
+        )
+    return path, found[choice]
+
+
+def _checkpoint_digest(step_dir: Path) -> str:
+    """A short digest of a checkpoint's files, from the SHA-256s its meta file already records."""
+    from lumrec.checkpoint import META_FILE
+
+    digests = json.loads((step_dir / META_FILE).read_text()).get("digests", {})
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: str | None = None) -> LoadedLUM:
+    """Rebuild a pretrain run's LUM from its config.json and load a checkpoint's weights (eval mode)."""
+    from lumrec.checkpoint import load_model_weights
+    from lumrec.data.dataset import Dataset
+    from lumrec.data.tokens import TokenConfig
+    from lumrec.modules.lum import LUM
+    from lumrec.pipelines.model_factory import build_model
+    from lumrec.pipelines.pretrain import PretrainConfig
+
+    run_dir, step_dir = _pick_checkpoint(Path(checkpoint), kind)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: not found; checkpoint {step_dir} must sit in a pretrain run folder (out/)")
+    cfg = from_dict(PretrainConfig, json.loads(config_path.read_text()), source=str(config_path))
+    data = Dataset(data_path or cfg.data.path)
+    meta = data.read_meta()
+    token_config = TokenConfig(condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features))
+    model = build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)
+    if not isinstance(model, LUM):
+        raise ValueError(f"{config_path}: knowledge querying needs a LUM, but this run trained model {cfg.model!r}")
+    load_model_weights(step_dir, model)
+    model.eval()
+    version = f"{run_dir.name}/{step_dir.parent.name}/{step_dir.name}@{_checkpoint_digest(step_dir)}"
+    return LoadedLUM(model, data, meta, token_config, step_dir, version)
+
+
+def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict[str, int]) -> list["Condition"]:
+    """The query conditions of `specs` ("all" expanded from the dataset's vocabularies); [] = all of every feature."""
+    from lumrec.data.knowledge import Condition
+    from lumrec.modules.grouped_query import CONSTANT_FEATURE, condition_features
+
+    known = condition_features(lum)
+    specs = specs or [ConditionSpec(f, "all") for f in known]
+    out: list[Condition] = []
+    for spec in specs:
+        if spec.feature not in known:
+            raise ValueError(f"query: condition feature {spec.feature!r} is not a condition of this LUM; it has {known}")
+        if isinstance(spec.values, str):
+            if spec.values != "all":
+                raise ValueError(f"query: conditions[{spec.feature}].values must be a list of ids or 'all', got {spec.values!r}")
+            if spec.feature == CONSTANT_FEATURE:
+                values = [0]
+            elif spec.feature in vocab_sizes:
+                values = list(range(1, int(vocab_sizes[spec.feature])))  # 0 = missing
+            else:
+                raise ValueError(f"query: no vocabulary size for {spec.feature!r} in the dataset manifest; list its values")
+        else:
+            values = [int(v) for v in spec.values]
+        out.extend(Condition(spec.feature, v) for v in values)
+    dups = sorted({str(c) for c in out if out.count(c) > 1})
+    if dups:
+        raise ValueError(f"query: condition(s) {dups} asked more than once")
+    if not out:
+        raise ValueError("query: no conditions to ask")
+    return out
+
+
+def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs) -> "np.ndarray":
+    """Sorted user ids to query: active on as_of_ds, or all known users."""
+    import numpy as np
+
+    from lumrec.data.dataset import day_bounds
+
+    if cfg.users == "active":
+        day_start = day_bounds(cfg.as_of_ds)[0]
+        has = seqs.lengths() > 0
+        last_ts = np.full(len(seqs), -1, dtype=np.int64)
+        last_ts[has] = seqs.ts[seqs.offsets[1:][has] - 1]
+        return seqs.user_ids[last_ts >= day_start]
+    if cfg.users == "all":
+        ids = [seqs.user_ids]
+        if loaded.data.has_table("users"):
+            ids.append(loaded.data.read_table("users", columns=["user_id"]).column("user_id").to_numpy().astype(np.int64))
+        return np.unique(np.concatenate(ids))
+    raise ValueError(f"query: users must be 'active' or 'all', got {cfg.users!r}")
+
+
+def _answers_without_history(lum: "LUM", conditions: list["Condition"], as_of_ts: int, grouped: bool) -> "torch.Tensor":
+    """`[1, N, d_model]`: the answers for a user with no history (each condition token alone at position 0)."""
+    import torch
+
+    from lumrec.modules.grouped_query import build_grouped_query_layout, condition_query_embeddings, query_encode
+
+    query_x = condition_query_embeddings(lum, conditions)
+    empty = query_x.new_zeros(0, query_x.shape[1])
+
+    def one_pass(x: torch.Tensor) -> torch.Tensor:
+        layout = build_grouped_query_layout(torch.zeros(2, dtype=torch.int64), x.shape[0], max_history=0)
+        return query_encode(lum, empty, layout, x, as_of_ts=as_of_ts)
+
+    if grouped:
+        return one_pass(query_x)
+    return torch.cat([one_pass(query_x[j : j + 1]) for j in range(len(conditions))], dim=1)
+
+
+def run_query(cfg: QueryConfig) -> dict[str, Any]:
+    """Write the knowledge store partition of `cfg.as_of_ds`; returns a summary (store, counts, seconds)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from lumrec.data.batches import make_jagged_batch
+    from lumrec.data.dataset import day_bounds
+    from lumrec.data.knowledge import KnowledgeWriter
+    from lumrec.data.packing import pack_sequences
+    from lumrec.data.sequences import sequences_from_dataset
+    from lumrec.data.tokens import build_lum_tokens
+    from lumrec.modules.grouped_query import default_max_history, grouped_query, grouped_query_supported, separate_queries
+
+    if not cfg.as_of_ds:
+        raise ValueError("query: as_of_ds is required (the day the knowledge is as of)")
+    if cfg.rows_per_batch < 1:
+        raise ValueError(f"query: rows_per_batch must be >= 1, got {cfg.rows_per_batch}")
+    # The queries happen "at the end of as_of_ds": HSTU's time bias sees them as the next event.
+    as_of_ts = day_bounds(cfg.as_of_ds)[1]
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    loaded = load_pretrained_lum(cfg.checkpoint, cfg.checkpoint_kind, cfg.data)
+    lum = loaded.model
+    conditions = resolve_conditions(cfg.conditions, lum, loaded.meta.vocab_sizes)
+    version = cfg.model_version or loaded.model_version
+    max_history = default_max_history(lum)
+    grouped = grouped_query_supported(lum)
+    if not grouped:
+        log.warning("HSTU with hstu_normaliser='length': grouped answers would differ, using %d separate passes", len(conditions))
+    ask = grouped_query if grouped else separate_queries
+
+    if cfg.users == "active" and cfg.as_of_ds not in loaded.data.days("behaviours"):
+        raise ValueError(f"query: users='active' but {loaded.data.root}/behaviours has no partition ds={cfg.as_of_ds}")
+    # Point-in-time: only days <= as_of_ds are read, so a later event cannot reach a history.
+    seqs = sequences_from_dataset(loaded.data, cfg.history_start, cfg.as_of_ds)
+    users = _select_users(cfg, loaded, seqs)
+    with_history = seqs.select_users(users, missing_ok=True)
+    with_history = with_history.take(np.flatnonzero(with_history.lengths() > 0)).truncate(max_history // 2 + 1)
+    no_history = np.setdiff1d(users, with_history.user_ids)
+    tokens = build_lum_tokens(with_history, loaded.token_config)
+    plan = pack_sequences(tokens.offsets, tokens.token_type, max_history)
+    n_batches = -(-plan.num_rows // cfg.rows_per_batch)
+
+    extra = {"checkpoint": str(loaded.checkpoint), "users": cfg.users, "grouped": grouped, "as_of_ts": as_of_ts}
+    with torch.no_grad(), KnowledgeWriter(cfg.store, cfg.as_of_ds, version, [str(c) for c in conditions], lum.config.d_model, extra) as writer:
+        bar = tqdm(total=n_batches, desc=f"query {cfg.as_of_ds}", unit="batch", disable=not cfg.progress, mininterval=2.0)
+        for k in range(n_batches):
+            lo = k * cfg.rows_per_batch
+            batch = make_jagged_batch(tokens, plan.rows(lo, min(lo + cfg.rows_per_batch, plan.num_rows)))
+            writer.write_users(batch.user_ids, ask(lum, batch, conditions, as_of_ts=as_of_ts))
+            bar.update(1)
+        bar.close()
+        if len(no_history):
+            # Without history an answer depends on the condition only: compute it once, give it to all.
+            writer.write_users(no_history, _answers_without_history(lum, conditions, as_of_ts, grouped).expand(len(no_history), -1, -1))
+        item_ids = torch.arange(1, lum.num_items)  # 0 is padding
+        for i in range(0, len(item_ids), cfg.item_chunk):
+            chunk = item_ids[i : i + cfg.item_chunk]
+            writer.write_items(chunk, lum.item_embeddings(chunk))
+    result = {
+        "store": str(writer.final),
+        "as_of_ds": cfg.as_of_ds,
+        "model_version": version,
+        "users": int(len(users)),
+        "users_without_history": int(len(no_history)),
+        "conditions": len(conditions),
+        "rows": int(len(users)) * len(conditions),
+        "items": int(len(item_ids)),
+        "grouped": grouped,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log.info("knowledge for %s written to %s (%d users x %d conditions)", cfg.as_of_ds, writer.final, len(users), len(conditions))
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lumrec query CONFIG [key=value ...]`."""
+    cfg = load_config(QueryConfig, args.config, overrides=args.overrides)
+    print(json.dumps(run_query(cfg)))
+    return 0
+
+
+def register_query(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec query`."""
+    p = sub.add_parser("query", help="step 2: query a pre-trained LUM under many conditions and write the knowledge store of one day")
+    p.add_argument("config", help="YAML file with QueryConfig keys")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. as_of_ds=2026-01-03 users=all")
+    p.set_defaults(func=main)
