@@ -384,6 +384,7 @@ class TokenEncoder(nn.Module):
         )
         self.condition_proj = nn.Linear(config.feature_dim(config.condition_keys), config.d_model, device=device)
         self.item_proj = nn.Linear(config.feature_dim(config.item_keys) + config.dense_dim, config.d_model, device=device)
+        self._zero_projection_biases()
 
     @property
     def keys(self) -> list[str]:
@@ -400,6 +401,18 @@ class TokenEncoder(nn.Module):
                     table.init_fn(weight)
         self.condition_proj.reset_parameters()
         self.item_proj.reset_parameters()
+        self._zero_projection_biases()
+
+    def _zero_projection_biases(self) -> None:
+        """Start the projections without bias.
+
+        torchrec's table init is tiny (U(+-1/sqrt(rows))), so a random bias would dominate every
+        projected token and make all items start as nearly the same unit vector, which stalled
+        full-softmax LUM training at the popularity solution on ML-1M.
+        """
+        with torch.no_grad():
+            self.condition_proj.bias.zero_()
+            self.item_proj.bias.zero_()
 
     # -- KJT plumbing ---------------------------------------------------------------------------
 
