@@ -166,6 +166,19 @@ def _train_and_eval(
     return out
 
 
+def _store_knowledge(store: Path) -> Callable[[str], KnowledgeSource]:
+    """Knowledge usable on day ds from step 2's store: the newest partition strictly before ds."""
+    from lumrec.data.knowledge import latest_as_of, load_knowledge
+
+    def for_day(ds: str) -> KnowledgeSource:
+        as_of = latest_as_of(store, ds)
+        if as_of is None:
+            raise SystemExit(f"{store}: no complete knowledge partition before {ds}")
+        return load_knowledge(store, as_of)
+
+    return for_day
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (sizes kept small so the example runs in seconds on one core)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -179,6 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--no-baseline", action="store_true", help="train only the DLRM with LUM features")
+    p.add_argument("--store", type=Path, default=None,
+                   help="a knowledge store written by `lumrec query` over the same --data, with scenario and "
+                        "category_id conditions (default: a click-history stand-in)")
     return p.parse_args(argv)
 
 
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None, knowledge: Callable[[str], KnowledgeSour
     """Run the example; `knowledge(ds)` may supply the knowledge usable on day `ds` (default: click-history stand-in)."""
     args = parse_args(argv)
     start = time.perf_counter()
+    if args.store is not None and knowledge is None:
+        knowledge = _store_knowledge(args.store)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp) / "synth"
         synth = SynthConfig(seed=args.seed, num_users=args.num_users, num_items=args.num_items, num_days=3,

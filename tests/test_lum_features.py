@@ -242,3 +242,27 @@ def test_public_import_from_lumrec():
     assert LUMFeatureModule is Direct
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         getattr(lumrec, "Nope")
+
+
+def test_torchrec_dlrm_example_reads_a_knowledge_store(tmp_path):
+    """`--store` feeds step 2's store in, as of the day before each day used."""
+    from lumrec.data.dataset import Dataset
+    from lumrec.data.knowledge import write_knowledge
+    from lumrec.data.synthetic import SynthConfig, generate
+
+    example = _load_example()
+    data = tmp_path / "synth"
+    meta = generate(data, SynthConfig(seed=0, num_users=150, num_items=80, num_days=3, impressions_per_user_day=15.0))
+    days = Dataset(data).days("impressions")
+    users = torch.arange(1, meta.vocab_sizes["user_id"])
+    conditions = ["scenario=1", "scenario=2"] + [f"category_id={c}" for c in range(1, meta.vocab_sizes["category_id"])]
+    items = torch.arange(1, meta.vocab_sizes["item_id"])
+    g = torch.Generator().manual_seed(0)
+    for as_of in days[:2]:
+        write_knowledge(tmp_path / "store", as_of, "test", users, conditions,
+                        torch.randn(len(users), len(conditions), 8, generator=g), items, torch.randn(len(items), 8, generator=g))
+    tiny = ["--num-users", "150", "--num-items", "80", "--epochs", "1", "--batch-size", "128", "--no-baseline"]
+    out = example.main(tiny + ["--data", str(data), "--store", str(tmp_path / "store")])
+    assert out["lum"]["dense_in_features"] == 3 + 3 * 8 + 8 + 3 + 4
+    with pytest.raises(SystemExit, match="no complete knowledge partition before"):
+        example.main(tiny + ["--data", str(data), "--store", str(tmp_path / "empty")])
