@@ -31,8 +31,11 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # `X | None`: X's own error (e.g. an unknown key inside a section) is the useful one
+            return _coerce(value, candidates[0], path, source)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in candidates:
             try:
                 return _coerce(value, arg, path, source)
             except ConfigError as err:

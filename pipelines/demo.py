@@ -1,36 +1,74 @@
-"""The README's demo job: synthetic logs -> statistics -> LUM condition/item tokens -> packed jagged batches."""
+"""The README's demo job: LUM's three steps on embedded synthetic logs, ending with Base vs Base+LUM.
+
+    synthetic logs (10 days) -> stats, [condition, item] tokens, one packed batch
+    step 1: pre-train a small LUM on days 1-7 (15 short epochs, at most a minute)
+    step 2: grouped query under every scenario and query -> knowledge store as of days 7, 8, 9
+    step 3: rank day 8 / 9 / 10 impressions (train / valid / test) with SIM, without and with LUM features
+            (each day's samples read the knowledge as of the day before)
+
+The synthetic click model plants a condition effect (docs/synthetic.md): in the feed a user
+clicks more in their own feed-mode categories, in search items of the query's category. The
+LUM reads each user's whole behaviour history under [scenario, query] condition tokens; the
+ranker's features are the request (scenario, query), the candidate (item, category, item
+statistics) and the user's recent behaviours. Base+LUM adds interest matching: the cosine of
+the LUM's answer `o_q` under the feed, search and the request's own query with the candidate's
+item embedding `e_i`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from lumrec.data.batches import make_jagged_batch
-from lumrec.data.dataset import Dataset
+from lumrec.data.dataset import Dataset, shift_ds
 from lumrec.data.packing import epoch_plan, padding_waste
 from lumrec.data.sequences import sequences_from_dataset
-from lumrec.data.stats import dataset_stats, format_stats
+from lumrec.data.stats import dataset_stats
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
 
 log = logging.getLogger("lumrec.demo")
 
+# The demo's synthetic logs: the defaults over 10 days (7 for the LUM, 3 for the ranker).
+DEMO_SYNTH = {"num_days": 10}
+ITEM_STATS = ["f_ctr_7d", "f_log_impressions_7d", "f_popularity"]
+
 
 @dataclasses.dataclass
 class DemoConfig:
-    """What the demo generates and how it tokenises and packs."""
+    """What the demo generates, how it tokenises and packs, and the sizes of its three steps."""
 
     out: str = "out/demo"
-    max_len: int = 256
+    max_len: int = 256  # tokens per packed row in the packing illustration
     rows_per_batch: int = 32
     condition_features: tuple[str, ...] = ("scenario", "query_id")
     seed: int = 0
+    # -- step 1 -----------------------------------------------------------------------------
+    pretrain_days: int = 7  # the LUM trains on the first N days; the ranker's samples start the day after
+    pretrain_epochs: int = 15  # about 330 steps; ~20 s on one idle core
+    pretrain_minutes: float = 1.0  # a cap on slow or busy machines (the result then depends on the steps reached)
+    pretrain_steps: int | None = None  # a step budget instead (tests)
+    lum_max_len: int = 64  # tokens per LUM sequence (32 most recent events)
+    lum_d_model: int = 32
+    lum_rows_per_batch: int = 32
+    # -- step 3 -----------------------------------------------------------------------------
+    rank_model: str = "sim"
+    rank_epochs: int = 2
+    rank_batch_size: int = 256
+    lum_features: tuple[str, ...] = ("sim", "missing")  # interest matching sim(o_q, e_i) and missing flags
+    threads: int = 2  # pre-training
+    step_threads: int = 1  # query and ranking: small matrices, a second thread mostly waits (and hurts on a busy machine)
 
 
 def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
@@ -40,64 +78,177 @@ def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
         log.info("reusing synthetic logs in %s (same config)", root)
         return data
     log.info("generating synthetic logs into %s", root)
-    generate(root, config, progress=True)
+    generate(root, config, progress=False)
     return data
 
 
 def describe_batch(batch, dense_names: list[str]) -> str:
-    """A few lines on what one packed batch holds."""
+    """Two lines on what one packed batch holds."""
     kjt = batch.kjt
-    lines = [
-        f"packed batch: {batch.num_rows} rows, {batch.num_segments} user sequences, {batch.num_tokens} tokens "
-        f"(longest sequence {batch.max_seq_len()})",
-        f"  KeyedJaggedTensor: stride {kjt.stride()} tokens, keys {kjt.keys()}",
-    ]
-    for key, jt in kjt.to_dict().items():
-        lengths = jt.lengths()
-        lines.append(f"    {key:<18} {int((lengths > 0).sum()):>6} tokens with an id, {int(lengths.sum()):>6} ids")
     types = batch.token_type
-    lines.append(f"  token types: {int((types == 0).sum())} condition, {int((types == 1).sum())} item")
-    if batch.dense is not None:
-        lines.append(f"  dense features: {tuple(batch.dense.shape)} ({', '.join(dense_names[:4])}, ...)")
-    lines.append(f"  offsets[:6] {batch.offsets[:6].tolist()}  segment_ids[:6] {batch.segment_ids[:6].tolist()}")
-    return "\n".join(lines)
+    dense = f", dense {tuple(batch.dense.shape)} ({', '.join(dense_names[:3])}, ...)" if batch.dense is not None else ""
+    return (
+        f"packed batch: {batch.num_rows} rows, {batch.num_segments} user sequences, {batch.num_tokens} tokens "
+        f"({int((types == 0).sum())} condition, {int((types == 1).sum())} item; longest sequence {batch.max_seq_len()})\n"
+        f"  KeyedJaggedTensor: stride {kjt.stride()} tokens, keys {kjt.keys()}{dense}"
+    )
 
 
-def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
-    """Run the demo and return its key figures."""
-    t0 = time.perf_counter()
-    root = Path(cfg.out) / "data"
-    data = ensure_synthetic(root, synth)
-    print(format_stats(dataset_stats(root)))
+@contextlib.contextmanager
+def _quiet_pretraining() -> Iterator[None]:
+    """Step 1 prints one line, not a progress bar per (short) epoch; checkpoint logs are quiet while it runs."""
+    had = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+    try:
+        yield
+    finally:
+        if had is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = had
 
+
+def show_data(cfg: DemoConfig, data: Dataset) -> dict:
+    """Stats, LUM tokens and one packed batch of the logs (the data side of step 1), in a few lines."""
+    stats = dataset_stats(data.root)
+    print(f"synthetic logs: {stats['events']:,} behaviours, {stats.get('impressions', 0):,} impressions "
+          f"({stats.get('positive_labels', 0):,} clicks), {stats['users']:,} users, {stats['items']:,} items, "
+          f"{stats['days']} days ({stats.get('first_day')} .. {stats.get('last_day')})")
     seqs = sequences_from_dataset(data)
-    tok_cfg = TokenConfig(condition_features=list(cfg.condition_features))
-    tokens = build_lum_tokens(seqs, tok_cfg)
+    tokens = build_lum_tokens(seqs, TokenConfig(condition_features=list(cfg.condition_features)))
     items = data.read_table("items")
     # Point-in-time: the newest item statistics describe the days before it.
     last_day = data.days("item_stats")[-1]
-    stats = data.read_days("item_stats", start=last_day, end=last_day).drop(["ds"])
+    stats_table = data.read_days("item_stats", start=last_day, end=last_day).drop(["ds"])
     num_items = data.read_meta().vocab_sizes["item_id"]
     content, content_names = item_dense_matrix(items, ["content"], num_items)
-    stat_matrix, stat_names = item_dense_matrix(stats, None, num_items)
-    dense = np.concatenate([stat_matrix, content], axis=1)
-    print(f"\nsequences: {len(seqs)} users, {seqs.num_events} events; "
-          f"LUM tokens: {tokens.num_tokens} ([c, i] per event; condition = {', '.join(cfg.condition_features)})")
-
+    stat_matrix, stat_names = item_dense_matrix(stats_table, None, num_items)
+    print(f"LUM tokens: {tokens.num_tokens:,} ([c, i] per event; condition = {', '.join(cfg.condition_features)})")
     plan = epoch_plan(tokens.offsets, tokens.token_type, cfg.max_len, shuffle_seed=cfg.seed)
-    batch = make_jagged_batch(tokens, plan.rows(0, cfg.rows_per_batch), dense_table=dense)
+    batch = make_jagged_batch(tokens, plan.rows(0, min(cfg.rows_per_batch, plan.num_rows)), dense_table=np.concatenate([stat_matrix, content], axis=1))
     print(describe_batch(batch, stat_names + content_names))
-
     kept = plan.lengths
     waste_packed = padding_waste(plan.row_lengths(), cfg.max_len)
     waste_padded = padding_waste(kept[kept > 0], cfg.max_len)
-    print(f"\npadding waste at max_len {cfg.max_len}: padded {waste_padded:.1%}, packed {waste_packed:.1%} "
-          f"({len(kept)} sequences in {plan.num_rows} packed rows)")
-    figures = {
-        "events": int(seqs.num_events), "users": len(seqs), "tokens": int(tokens.num_tokens),
-        "packed_rows": int(plan.num_rows), "waste_padded": round(float(waste_padded), 4),
-        "waste_packed": round(float(waste_packed), 4), "wall_s": round(time.perf_counter() - t0, 2),
-    }
+    print(f"  padding waste at max_len {cfg.max_len}: padded {waste_padded:.1%}, packed {waste_packed:.1%}")
+    return {"events": int(seqs.num_events), "users": len(seqs), "tokens": int(tokens.num_tokens), "packed_rows": int(plan.num_rows),
+            "waste_padded": round(float(waste_padded), 4), "waste_packed": round(float(waste_packed), 4)}
+
+
+def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
+    """Pre-train the LUM on days <= `end` for the time (or step) budget."""
+    from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+
+    pcfg = PretrainConfig(
+        model="lum", out=str(run),
+        data=DataConfig(path=str(data.root), end=end, max_len=cfg.lum_max_len, condition_features=list(cfg.condition_features),
+                        item_features=["item_id"], train_excludes_last=1),
+        train=TrainConfig(seed=cfg.seed, epochs=cfg.pretrain_epochs, rows_per_batch=cfg.lum_rows_per_batch, lr=2e-3, num_negatives=-1,
+                          max_minutes=cfg.pretrain_minutes, threads=cfg.threads, eval_every_epochs=10_000,
+                          checkpoint_every_steps=10**9, log_every_steps=10**9),
+        model_config={"d_model": cfg.lum_d_model, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * cfg.lum_d_model},
+    )
+    t0 = time.perf_counter()
+    with _quiet_pretraining():
+        result = Pretrainer(pcfg).run(max_steps=cfg.pretrain_steps)
+    seconds = time.perf_counter() - t0
+    steps = result.get("steps", result.get("step"))
+    hr = result.get("test", {}).get("hr@10")
+    quality = f", next-item HR@10 {hr:.3f} (held-out last events)" if hr is not None else ""
+    print(f"step 1: LUM (d_model {cfg.lum_d_model}, [{', '.join(cfg.condition_features)}] conditions) pre-trained on days "
+          f"<= {end}: {steps} steps ({cfg.threads} thread(s)) in {seconds:.0f} s{quality}")
+    return {"lum_steps": int(steps), "lum_hr@10": None if hr is None else round(hr, 4), "pretrain_s": round(seconds, 1)}
+
+
+def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dict:
+    """Grouped query of every scenario and query for every user, one knowledge partition per day."""
+    from lumrec.pipelines.query import ConditionSpec, QueryConfig, run_query
+
+    t0 = time.perf_counter()
+    results = []
+    for day in days:
+        q = QueryConfig(checkpoint=str(run), as_of_ds=day, users="all", store=str(store), progress=False, threads=cfg.step_threads,
+                        conditions=[ConditionSpec(f, "all") for f in cfg.condition_features])
+        results.append(run_query(q))
+    seconds = time.perf_counter() - t0
+    r = results[-1]
+    print(f"step 2: knowledge store {store}: {r['users']:,} users x {r['conditions']} conditions (grouped query, one pass per "
+          f"user batch) as of {', '.join(days)} in {seconds:.0f} s")
+    return {"knowledge_days": days, "conditions": r["conditions"], "query_s": round(seconds, 1)}
+
+
+def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day: str) -> dict:
+    """Rank Base vs Base+LUM on the same samples, features and budget; print the table and return the summary."""
+    from lumrec.data.ranking.config import RankingSampleConfig
+    from lumrec.data.ranking_samples import build_ranking_samples
+    from lumrec.pipelines.rank import (
+        RankConfig,
+        RankLUMConfig,
+        RankModelConfig,
+        RankTrainConfig,
+        comparison_table,
+        run_rank,
+        summarize_seeds,
+    )
+
+    sample_cfg = RankingSampleConfig(protocol="impressions", first_day=first_day, test_fraction=0.3, valid_fraction=0.3)
+    samples = build_ranking_samples(data, sample_cfg)
+    counts = samples.counts()
+    # No user_id table: with one day of training impressions per-user embeddings only overfit (measured).
+    sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],
+                            item_stats=ITEM_STATS)
+    train = RankTrainConfig(seed=cfg.seed, epochs=cfg.rank_epochs, batch_size=cfg.rank_batch_size, lr=2e-3, max_history=50,
+                            threads=cfg.step_threads, progress=False)
+    lum = RankLUMConfig(store=str(store), conditions=["scenario=1", "scenario=2"], candidate_condition_feature="query_id",
+                        features=list(cfg.lum_features))
+    t0 = time.perf_counter()
+    runs = {}
+    for name, lum_cfg in (("base", None), ("lum", lum)):
+        rcfg = RankConfig(data=str(data.root), out=str(out / name), samples=sample_cfg, model=cfg.rank_model, sizes=sizes,
+                          lum=lum_cfg, train=train)
+        runs[name] = [run_rank(rcfg, samples=samples)]
+    seconds = time.perf_counter() - t0
+    summary = summarize_seeds(runs)
+    print(f"step 3: {cfg.rank_model.upper()} ranker, train {counts['train']['samples']:,} / valid {counts['valid']['samples']:,} / "
+          f"test {counts['test']['samples']:,} impressions, {cfg.rank_epochs} epochs each, {seconds:.0f} s; "
+          f"LUM features: {runs['lum'][0]['lum_dim']} (interest matching under feed, search, the request's query + missing flags)\n")
+    labels = {"base": f"Base ({cfg.rank_model.upper()})", "lum": f"Base+LUM ({cfg.rank_model.upper()} + LUM features)"}
+    print(comparison_table(summary, labels))
+    return {"summary": summary, "samples": counts, "rank_s": round(seconds, 1),
+            "input_width": {k: v[0]["input_width"] for k, v in runs.items()}}
+
+
+def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
+    """Run the demo (data -> step 1 -> step 2 -> step 3) and return its key figures (also printed as the last line)."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    data = ensure_synthetic(out / "data", synth)
+    figures = show_data(cfg, data)
+    days = data.days("behaviours")
+    if not 1 <= cfg.pretrain_days <= len(days) - 3:
+        raise ValueError(f"DemoConfig.pretrain_days must leave 3 days for the ranker: {len(days)} days, pretrain_days={cfg.pretrain_days}")
+    end = days[cfg.pretrain_days - 1]
+    # Steps 1-3 start afresh: their folders would otherwise resume runs made on other logs or settings.
+    for name in ("lum", "knowledge", "rank"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    print()
+    ckpt_log = logging.getLogger("lumrec.checkpoint")
+    level = ckpt_log.level
+    ckpt_log.setLevel(logging.WARNING)  # every short epoch saves one; the demo's own lines say what happened
+    try:
+        figures.update(step1_pretrain(cfg, data, out / "lum", end))
+        # A sample of day D reads the knowledge as of D-1: stores for the pre-training's last day up to the day before the last.
+        figures.update(step2_query(cfg, out / "lum", out / "knowledge", [d for d in days if end <= d < days[-1]]))
+        ranked = step3_rank(cfg, data, out / "knowledge", out / "rank", shift_ds(end, 1))
+    finally:
+        ckpt_log.setLevel(level)
+    summary = ranked["summary"]
+    figures.update({
+        "base_auc": round(summary["base"]["auc_mean"], 4), "lum_auc": round(summary["lum"]["auc_mean"], 4),
+        "delta_auc": round(summary["lum"]["delta_auc_mean"], 4), "base_ne": round(summary["base"]["ne_mean"], 4),
+        "lum_ne": round(summary["lum"]["ne_mean"], 4), "rank_input_width": ranked["input_width"],
+        "oracle_auc": data.read_meta().extra.get("oracle_auc", {}).get("all"), "wall_s": round(time.perf_counter() - t0, 1),
+    })
     print(json.dumps(figures))
     return figures
 
@@ -107,6 +258,9 @@ def main(args: argparse.Namespace) -> int:
     from lumrec.cli import dataclass_overrides
 
     cfg = DemoConfig(out=args.out, max_len=args.max_len)
-    synth = dataclasses.replace(SynthConfig(), **dataclass_overrides(args, SynthConfig))
+    for name in ("pretrain_minutes", "threads", "step_threads"):  # optional flags (not every registrar adds them)
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    synth = dataclasses.replace(SynthConfig(**DEMO_SYNTH), **dataclass_overrides(args, SynthConfig))
     run_demo(cfg, synth)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import dataclasses
+
 import pytest
 
 from lumrec.config import ConfigError, from_dict, load_config
@@ -78,3 +80,23 @@ def test_bare_yaml_dates_become_strings(tmp_path):
     path.write_text("start: 2026-01-15\nend: 2026-01-20\n")
     cfg = load_config(Days, path, overrides=["end=2026-02-01"])
     assert (cfg.start, cfg.end) == ("2026-01-15", "2026-02-01")
+
+
+@dataclasses.dataclass
+class Inner:
+    store: str = ""
+
+
+@dataclasses.dataclass
+class Outer:
+    lum: Inner | None = None
+
+
+def test_unknown_key_inside_optional_section_is_named(tmp_path):
+    """A typo inside an `X | None` section names the key, not just 'fits none of'."""
+    from lumrec.config import ConfigError, from_dict
+
+    assert from_dict(Outer, {"lum": None}).lum is None
+    assert from_dict(Outer, {"lum": {"store": "x"}}).lum == Inner("x")
+    with pytest.raises(ConfigError, match="unknown config key 'lum.stor'"):
+        from_dict(Outer, {"lum": {"stor": "x"}})

@@ -1,0 +1,418 @@
+"""LUM's three steps on one data set: Base vs Base+LUM ranking AUC over seeds, and the LUM paper's ablations.
+
+One data set per invocation. Each invocation:
+
+1. imports the data set once (cached under ``--out``; synthetic logs are generated),
+2. pre-trains a LUM (step 1, ``Pretrainer``, config from ``configs/lum_tables/<dataset>.yaml``)
+   for ``--minutes`` on events the ranking samples never see (point-in-time, below),
+3. queries it under the configured conditions into a knowledge store (step 2, ``run_query``),
+4. trains the ranking backbone (``--model``, default SIM) without and with LUM features for each
+   of ``--seeds`` seeds on the same samples, features and budget (step 3, ``run_rank``),
+
+then prints a table (test AUC mean ± std, NE, paired ΔAUC vs Base with its seed-to-seed std),
+ends with one JSON line and merges the row into ``benchmarks/results/lum_tables.json``.
+
+Point-in-time (``knowledge.mode`` in the config):
+
+- ``daily`` (synthetic logs): the LUM trains on days <= ``pretrain_end``; a store is written as
+  of every day from ``pretrain_end`` to the day before the last sample day; a sample of day D
+  reads the newest store before D. Ranking samples start the day after ``pretrain_end``.
+- ``fixed`` (ML-1M ratings, real timestamps over 872 days): the LUM trains on days <=
+  ``pretrain_end``, one store as of that day, ranking samples from the next day on.
+- ``user_cut`` (ML-1M implicit, Amazon Beauty: timestamps synthesised within ONE day): a
+  knowledge view keeps, per user, every event before their last ``ranking_events + 2`` events;
+  the LUM trains on the view and is queried from it (one store); the ranking samples are those
+  last events (``implicit_next_item`` with ``max_train_per_user = ranking_events``, the last two
+  are validation and test), so every sample comes after all of its user's knowledge events
+  (``run_rank`` checks it per sample through ``lum.history_data``).
+
+Rows: ``base``; ``lum`` (Base+LUM: several conditions, direct features o_q + e_i and interest
+matching sim(o_q, e_i) = "multi-conditions" and "both"); with ``--ablations`` also
+``no-condition`` (a second LUM pre-trained with a constant condition token), ``single-condition``
+(only the candidate's own condition), ``direct`` (o_q + e_i only) and ``matching`` (sim only).
+``hstu-e2e`` (HSTU trained end to end for ranking) is not implemented here: its row says "not run".
+Seeds vary the ranker (init and batch order); the LUM and the samples are the same for all seeds.
+
+    .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations]
+    .venv/bin/python benchmarks/lum_tables.py --tiny     # < 60 s smoke run on tiny synthetic logs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "lum_tables.json"
+CONFIGS = REPO / "configs" / "lum_tables"
+DATASETS = {
+    "synthetic": "synthetic.yaml",
+    "ml1m-ratings": "ml1m_ratings.yaml",
+    "ml1m-implicit": "ml1m_implicit.yaml",
+    "beauty-implicit": "beauty_implicit.yaml",
+}
+ROW_LABELS = {
+    "base": "Base",
+    "lum": "Base+LUM (multi-conditions, both)",
+    "no-condition": "  w/o condition tokens (constant)",
+    "single-condition": "  single condition (candidate's)",
+    "direct": "  direct feature only (o_q + e_i)",
+    "matching": "  interest matching only (sim)",
+    "hstu-e2e": "HSTU end to end (ranking)",
+}
+NOT_RUN = ("hstu-e2e",)
+
+log = logging.getLogger("lumrec.bench.lum_tables")
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceSpec:
+    """How to get the data set: `lumrec import KIND SRC` (paths relative to --data), or the synthetic generator."""
+
+    kind: str = "synthetic"  # synthetic | ml-1m | ml-1m-ratings | amazon
+    src: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # importer options; *path* options relative to --data
+    synth: dict[str, Any] = field(default_factory=dict)  # SynthConfig keys (kind synthetic)
+
+
+@dataclass
+class KnowledgeSpec:
+    """Which events the LUM may see, and what step 2 asks it."""
+
+    mode: str = "daily"  # daily | fixed | user_cut (see the module doc)
+    pretrain_end: str | None = None  # daily / fixed: the last day the LUM trains on (and, fixed, the store's day)
+    ranking_events: int = 20  # user_cut: each user's most recent training targets kept for ranking
+    conditions: list[dict[str, Any]] = field(default_factory=list)  # QueryConfig.conditions: {feature, values}
+    top_values: int = 0  # > 0: a condition with values "all" asks only its most frequent values in the LUM's data
+
+
+@dataclass
+class FeatureSpec:
+    """The LUM features of one row (RankLUMConfig's feature fields)."""
+
+    conditions: list[str] = field(default_factory=list)
+    candidate_condition_feature: str | None = None
+    features: list[str] = field(default_factory=lambda: ["oq", "item", "sim", "missing"])
+
+
+@dataclass
+class LumTablesConfig:
+    """One data set's benchmark: source, knowledge plan, LUM pre-training, features, ranking."""
+
+    source: SourceSpec = field(default_factory=SourceSpec)
+    knowledge: KnowledgeSpec = field(default_factory=KnowledgeSpec)
+    pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainConfig keys; data.path, data.end, out are set here
+    lum: FeatureSpec = field(default_factory=FeatureSpec)  # the Base+LUM row
+    single_condition: FeatureSpec = field(default_factory=FeatureSpec)  # the single-condition ablation
+    rank: dict[str, Any] = field(default_factory=dict)  # RankConfig keys except data, out, model, lum
+    tiny: dict[str, Any] = field(default_factory=dict)  # overrides of this config for --tiny (deep-merged); pretrain_steps: step budget
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in (nested mappings merged, everything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_bench_config(dataset: str, tiny: bool) -> LumTablesConfig:
+    """The data set's config file (with its `tiny` overrides for --tiny), checked key by key."""
+    import yaml
+
+    from lumrec.config import from_dict
+
+    path = CONFIGS / DATASETS[dataset]
+    raw = yaml.safe_load(path.read_text()) or {}
+    if tiny:
+        # `pretrain_steps` is the tiny run's step budget, not a key of the config itself.
+        raw = deep_merge(raw, {k: v for k, v in raw.get("tiny", {}).items() if k != "pretrain_steps"})
+    return from_dict(LumTablesConfig, raw, source=str(path))
+
+
+# -- step 0: data --------------------------------------------------------------------------------
+
+
+def ensure_dataset(cfg: LumTablesConfig, data_root: Path, folder: Path) -> Path:
+    """Import (or generate) the data set into `folder` once; a complete earlier import is reused."""
+    from lumrec.data.dataset import Dataset
+
+    src = cfg.source
+    if src.kind == "synthetic":
+        from lumrec.data.synthetic import SynthConfig, generate
+
+        synth = SynthConfig(**src.synth)
+        data = Dataset(folder)
+        if not (data.manifest_path.exists() and data.read_meta().extra.get("config") == asdict(synth)):
+            generate(folder, synth)
+        return folder
+    if not Dataset(folder).manifest_path.exists():
+        from lumrec.data.importers import run_import
+
+        options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
+        run_import(src.kind, data_root / src.src, folder, overwrite=True, **options)
+    return folder
+
+
+def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
+    """A copy of the data set whose behaviours keep, per user, all but the last `holdout` events (user_cut mode)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401 - pa.compute
+
+    from lumrec.data.dataset import Dataset
+
+    src, dst = Dataset(data_path), Dataset(view)
+    if dst.manifest_path.exists() and dst.read_meta().extra.get("knowledge_view_holdout") == holdout:
+        return view
+    if view.exists():
+        shutil.rmtree(view)
+    for table in ("items", "users"):
+        if src.has_table(table):
+            dst.write_table(table, src.read_table(table))
+    events = src.read_days("behaviours")
+    users = events.column("user_id").to_numpy()
+    # Per user, in time order (stable, as the sequence builder orders them): how many of its events come later.
+    order = np.lexsort((events.column("ts").to_numpy(), users))
+    sorted_users = users[order]
+    ends = np.flatnonzero(np.r_[sorted_users[1:] != sorted_users[:-1], True])  # each user's last sorted position
+    positions = np.arange(len(order))
+    from_end = ends[np.searchsorted(ends, positions)] - positions
+    keep = np.zeros(len(order), bool)
+    keep[order] = from_end >= holdout
+    kept = events.filter(pa.array(keep))
+    for day in src.days("behaviours"):
+        part = kept.filter(pa.compute.equal(kept.column("ds"), day)).drop(["ds"])
+        if part.num_rows:
+            dst.write_day("behaviours", day, part)
+    meta = src.read_meta()
+    meta.extra = {**meta.extra, "knowledge_view_holdout": holdout, "knowledge_view_of": str(data_path)}
+    dst.write_meta(meta)
+    return view
+
+
+# -- steps 1 and 2: knowledge ----------------------------------------------------------------------
+
+
+def pretrain_lum(cfg: LumTablesConfig, data_path: Path, out: Path, end: str | None, minutes: float, threads: int,
+                 condition_features: list[str] | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """Step 1: pre-train the LUM of the config on `data_path` (days <= `end`) for `minutes`; resumes an earlier run."""
+    from lumrec.config import from_dict
+    from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+
+    raw = deep_merge(cfg.pretrain, {"model": "lum", "out": str(out), "data": {"path": str(data_path), "end": end},
+                                    "train": {"max_minutes": minutes, "threads": threads}})
+    if condition_features is not None:
+        raw["data"]["condition_features"] = list(condition_features)
+    pcfg = from_dict(PretrainConfig, raw, source="lum_tables pretrain")
+    t0 = time.perf_counter()
+    result = Pretrainer(pcfg).run(max_steps=max_steps)
+    if "test" not in result:  # stopped at max_steps (tiny mode): the checkpoint is what step 2 reads
+        result = {"steps": result["step"], "test": {}}
+    return {"steps": result["steps"], "test": result["test"], "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "condition_features": pcfg.data.condition_features}
+
+
+def query_specs(cfg: LumTablesConfig, data_path: Path, end: str | None, const: bool) -> list:
+    """Step 2's conditions: the config's (the constant condition for a constant-condition LUM); "all" cut to top values if asked."""
+    import numpy as np
+
+    from lumrec.data.dataset import Dataset
+    from lumrec.pipelines.query import ConditionSpec
+
+    if const:
+        return [ConditionSpec("const", "all")]
+    specs = [ConditionSpec(c["feature"], c.get("values", "all")) for c in cfg.knowledge.conditions]
+    if cfg.knowledge.top_values > 0:
+        events = Dataset(data_path).read_days("behaviours", None, end)
+        for spec in specs:
+            if spec.values == "all":
+                values = events.column(spec.feature).to_numpy()
+                ids, counts = np.unique(values[values > 0], return_counts=True)
+                spec.values = sorted(ids[np.argsort(-counts, kind="stable")[: cfg.knowledge.top_values]].tolist())
+    return specs
+
+
+def build_knowledge(run: Path, store: Path, days: list[str], specs: list, data_path: Path, fresh: bool) -> list[str]:
+    """Step 2: a knowledge partition of `store` as of each of `days` (existing complete partitions kept unless `fresh`)."""
+    from lumrec.data.knowledge import knowledge_days
+    from lumrec.pipelines.query import QueryConfig, run_query
+
+    if fresh and store.exists():
+        shutil.rmtree(store)
+    have = set(knowledge_days(store))
+    for day in days:
+        if day in have:
+            continue
+        q = QueryConfig(checkpoint=str(run), data=str(data_path), as_of_ds=day, conditions=specs, users="all", store=str(store),
+                        progress=False)
+        result = run_query(q)
+        log.info("knowledge as of %s: %d users x %d conditions in %.1f s", day, result["users"], result["conditions"], result["seconds"])
+    return days
+
+
+# -- step 3 and the table ------------------------------------------------------------------------------
+
+
+def merge_row(results: Path, name: str, row: dict) -> dict:
+    """Add `row` under `name` to the results file; a lock keeps concurrent invocations from losing rows."""
+    import fcntl
+    import os
+
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(results.read_text()) if results.exists() else {}
+        rows[name] = row
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=2, sort_keys=True))
+        os.replace(tmp, results)
+    return rows
+
+
+def lum_row_config(spec: FeatureSpec, store: Path, as_of: str | None, history_data: Path | None, **changes: Any):
+    """RankLUMConfig of one row."""
+    from lumrec.pipelines.rank import RankLUMConfig
+
+    values = {**asdict(spec), **changes}
+    return RankLUMConfig(store=str(store), as_of_ds=as_of, history_data=str(history_data) if history_data else None, **values)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every step for one data set; returns the merged row."""
+    from lumrec.config import from_dict
+    from lumrec.data.dataset import Dataset, shift_ds
+    from lumrec.data.ranking_samples import build_ranking_samples
+    from lumrec.pipelines.rank import RankConfig, comparison_table, run_rank, summarize_seeds
+
+    t_start = time.perf_counter()
+    cfg = load_bench_config(args.dataset, args.tiny)
+    key = f"{args.dataset}{'-tiny' if args.tiny else ''}/{args.model}"
+    work = Path(args.out) / "lum_tables" / key.replace("/", "-")
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    data_path = ensure_dataset(cfg, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
+    data = Dataset(data_path)
+    mode = cfg.knowledge.mode
+    rank_raw = deep_merge(cfg.rank, {"data": str(data_path), "model": args.model})
+    rank_raw.setdefault("train", {})["threads"] = args.threads
+    samples_raw = rank_raw.setdefault("samples", {})
+
+    # Which events the LUM sees and which days its stores are as of (point-in-time; module doc).
+    history_data: Path | None = None
+    if mode in ("daily", "fixed"):
+        if cfg.knowledge.pretrain_end is None:
+            raise ValueError(f"configs/lum_tables/{DATASETS[args.dataset]}: knowledge.pretrain_end is required for mode {mode!r}")
+        lum_data, end = data_path, cfg.knowledge.pretrain_end
+        samples_raw["first_day"] = shift_ds(end, 1)
+        sample_days = data.days("impressions" if samples_raw.get("protocol") == "impressions" else "behaviours")
+        # daily: a store as of every day a sample's "day - 1" can be, from pretrain_end on.
+        store_days = [d for d in data.days("behaviours") if end <= d < sample_days[-1]] if mode == "daily" else [end]
+        as_of = None if mode == "daily" else end
+    elif mode == "user_cut":
+        k = cfg.knowledge.ranking_events
+        lum_data = history_data = write_knowledge_view(data_path, Path(args.out) / f"{args.dataset}-view-{k}", k + 2)
+        end = Dataset(lum_data).days("behaviours")[-1]
+        store_days, as_of = [end], end
+        samples_raw["max_train_per_user"] = k
+    else:
+        raise ValueError(f"knowledge.mode must be daily, fixed or user_cut, got {mode!r}")
+
+    max_steps = cfg.tiny.get("pretrain_steps") if args.tiny else None
+    pre = {"lum": pretrain_lum(cfg, lum_data, work / "lum", end, args.minutes, args.threads, max_steps=max_steps)}
+    stores = {"lum": work / "store"}
+    build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
+    if args.ablations:
+        pre["lum-const"] = pretrain_lum(cfg, lum_data, work / "lum-const", end, args.minutes, args.threads, [], max_steps=max_steps)
+        stores["lum-const"] = work / "store-const"
+        build_knowledge(work / "lum-const", stores["lum-const"], store_days, query_specs(cfg, lum_data, end, True), lum_data, args.fresh)
+
+    rows: dict[str, Any] = {"base": None, "lum": lum_row_config(cfg.lum, stores["lum"], as_of, history_data)}
+    if args.ablations:
+        rows["no-condition"] = lum_row_config(cfg.lum, stores["lum-const"], as_of, history_data, conditions=["const=0"],
+                                              candidate_condition_feature=None)
+        rows["single-condition"] = lum_row_config(cfg.single_condition, stores["lum"], as_of, history_data)
+        rows["direct"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["oq", "item", "missing"])
+        rows["matching"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["sim", "missing"])
+    for name in NOT_RUN:
+        rows[name] = "not run"
+
+    base_cfg = from_dict(RankConfig, rank_raw, source=f"configs/lum_tables/{DATASETS[args.dataset]} rank")
+    samples = build_ranking_samples(data, base_cfg.samples)  # built once: every row and seed ranks the same samples
+    runs: dict[str, list[dict]] = {}
+    for name, lum in rows.items():
+        runs[name] = []
+        if lum == "not run":
+            continue
+        for seed in range(args.seeds):
+            rcfg = copy.deepcopy(base_cfg)
+            rcfg.out, rcfg.lum, rcfg.train.seed = str(work / "rank" / name / f"seed{seed}"), lum, seed
+            result = run_rank(rcfg, samples=samples)
+            runs[name].append(result)
+            log.info("%s seed %d: test AUC %.4f", name, seed, result["test"]["auc"])
+    summary = summarize_seeds(runs)
+    labels = {k: ROW_LABELS.get(k, k) for k in summary}
+    print(f"\n{args.dataset} ({'tiny, ' if args.tiny else ''}{args.model}, {args.seeds} seed(s), LUM pre-training "
+          f"{pre['lum']['steps']} steps / {pre['lum']['minutes']} min): test AUC")
+    print(comparison_table(summary, labels))
+    counts = samples.counts()
+    row = {
+        "dataset": args.dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": args.minutes,
+        "knowledge_mode": mode, "store_days": store_days, "pretrain": pre, "samples": counts,
+        "rows": summary, "labels": {k: v.strip() for k, v in labels.items()},
+        "pretrain_steps_budget": cfg.tiny.get("pretrain_steps") if args.tiny else None,
+        "lum_features": asdict(cfg.lum), "wall_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "threads": args.threads,
+    }
+    merge_row(Path(args.results), key, row)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS))
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/, amazon-beauty/ (default ../shared/data)")
+    parser.add_argument("--model", default="sim", choices=["mlp", "din", "sim"], help="ranking backbone (default sim, as in the LUM paper)")
+    parser.add_argument("--minutes", type=float, default=15.0, help="LUM pre-training budget per LUM (default 15)")
+    parser.add_argument("--seeds", type=int, default=3, help="ranker seeds per row (default 3)")
+    parser.add_argument("--ablations", action="store_true", help="also the LUM paper's ablation rows")
+    parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: tiny synthetic logs, few steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
+    parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder: data cache, runs, stores")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
+    parser.add_argument("--fresh", action="store_true", help="ignore an earlier invocation's runs and stores")
+    args = parser.parse_args(argv)
+    if args.tiny and args.dataset != "synthetic":
+        parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic)")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    args.fresh = args.fresh or args.tiny  # a smoke run never reuses an earlier one
+    if args.threads is None:
+        args.threads = 1 if args.tiny else 2
+    from lumrec.cli import setup_logging
+
+    setup_logging()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    row = run_benchmark(args)
+    print(json.dumps(row, separators=(",", ":"), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,837 @@
+"""Step 3: train a ranking model (Embedding+MLP, DIN or SIM) with or without LUM features, with exact resume.
+
+    lumrec rank CONFIG [key=value ...]
+
+Samples come from ``lumrec.data.ranking_samples`` (one of its three protocols); the model's
+tables are sized from the dataset manifest's vocabularies. With ``lum`` set, every batch gets
+``LUMFeatureModule`` features looked up in a knowledge store (step 2) under the point-in-time
+rule, appended to the model's dense input. Training is BCE; validation and test AUC / NE /
+calibration are computed every epoch; the best-validation model is kept and its test metrics
+are written to ``OUT/results.json``.
+
+Point-in-time rule for knowledge (``RankLUMConfig.as_of_ds``):
+
+- ``as_of_ds: null`` (daily data): a sample of day D uses the partition ``latest_as_of(store, D)``,
+  the newest one strictly before D; a sample with none gets zeros with every missing flag set.
+- ``as_of_ds: YYYY-MM-DD`` (one store for every sample): allowed for a sample on a later day.
+  For a sample on that day or before (a single-day data set such as ML-1M implicit, whose
+  timestamps are synthesised within one day) the store must have been queried from a
+  *knowledge view* ``history_data``: a copy of the data set that holds, per user, only events
+  strictly before that user's first ranking sample. The job checks this for every sample and
+  refuses to run otherwise, naming the first offending sample. (The LUM's weights must be
+  trained on the view too; ``benchmarks/lum_tables.py`` does so.)
+
+Determinism: model init from ``train.seed``, batch order a function of (seed, epoch), no
+dropout; a run resumed from an epoch-boundary (or ``checkpoint_every_steps``) checkpoint
+ends with the same weights and metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from lumrec.config import load_config, to_dict
+from lumrec.data.ranking.config import RankingSampleConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from lumrec.data.ranking_samples import RankingSampleBatch, RankingSamples
+    from lumrec.modules.lum_features import LUMFeatureModule
+
+log = logging.getLogger("lumrec.rank")
+
+__all__ = [
+    "MODELS",
+    "RankConfig",
+    "RankLUMConfig",
+    "RankModelConfig",
+    "RankTrainConfig",
+    "LUMJoin",
+    "ItemStatsJoin",
+    "build_ranker",
+    "check_train_config",
+    "comparison_table",
+    "context_keys",
+    "EpochJob",
+    "Ranker",
+    "load_job_config",
+    "main",
+    "register_rank",
+    "run_rank",
+    "seed_everything",
+    "summarize_seeds",
+    "vocab_size",
+]
+
+MODELS = ("mlp", "din", "sim")
+# Sample columns a candidate condition can be read from (RankingSampleBatch fields).
+CANDIDATE_FEATURES = ("category_id", "scenario", "query_id")
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RankLUMConfig:
+    """Where LUM knowledge comes from and which features of it the model gets (``LUMFeatureConfig`` fields)."""
+
+    store: str = "out/knowledge"  # a knowledge store (step 2: `lumrec query`)
+    conditions: list[str] = field(default_factory=list)  # fixed conditions asked for every user, "feature=value"
+    candidate_condition_feature: str | None = None  # also ask under the candidate's own value of this feature
+    features: list[str] = field(default_factory=lambda: ["oq", "item", "sim", "missing"])  # subset of FEATURE_GROUPS
+    as_of_ds: str | None = None  # None: per sample day D, latest_as_of(store, D); a day: that one partition (see module doc)
+    history_data: str | None = None  # the knowledge view the store was queried from (needed when as_of_ds >= a sample's day)
+
+
+@dataclass
+class RankModelConfig:
+    """Sizes of the ranking model (which parts apply depends on `RankConfig.model`)."""
+
+    embedding_dim: int = 16
+    mlp: list[int] = field(default_factory=lambda: [64, 32])
+    attention_mlp: list[int] = field(default_factory=lambda: [32])  # din, sim
+    attention_normalize: str = "none"  # din, sim: "none" (DIN) or "softmax"
+    max_search_len: int = 50  # sim: most recent same-category behaviours (hard search)
+    short_len: int = 10  # sim: most recent behaviours of the short branch
+    # Pooled per-sample id features; None: user_id, scenario, query_id where the manifest has a vocabulary.
+    context_keys: list[str] | None = None
+    history_keys: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category_id"])
+    item_stats: list[str] = field(default_factory=list)  # dense: columns of `item_stats` of the sample's day (point-in-time)
+
+
+@dataclass
+class RankTrainConfig:
+    """Optimisation, evaluation, budget and checkpoints."""
+
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 256
+    eval_batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_history: int | None = 100  # most recent behaviours per sample given to the model
+    threads: int = 0  # torch threads (0 = torch's default)
+    checkpoint_every_steps: int = 0  # 0: checkpoints at epoch boundaries only
+    keep_checkpoints: int = 2
+    patience: int = 0  # evaluations without a better validation AUC before stopping (0 = never stop early)
+    max_minutes: float = 0.0  # training-time budget (0 = none); evaluation is not counted
+    log_every_steps: int = 50
+    progress: bool = True
+
+
+@dataclass
+class RankConfig:
+    """A whole ranking run: data, samples, model, optional LUM features, training."""
+
+    data: str = "out/data"  # a lumrec dataset folder
+    out: str = "runs/rank"  # results.json, checkpoints/ and best/ go here
+    samples: RankingSampleConfig = field(default_factory=RankingSampleConfig)
+    model: str = "sim"  # mlp | din | sim
+    sizes: RankModelConfig = field(default_factory=RankModelConfig)
+    lum: RankLUMConfig | None = None  # None: the base model without LUM features
+    train: RankTrainConfig = field(default_factory=RankTrainConfig)
+
+
+# -- joins: LUM knowledge and item statistics -----------------------------------------------
+
+
+class _NoKnowledge:
+    """A KnowledgeSource that knows nothing (samples with no knowledge before their day): zeros, all missing."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def user_vectors(self, user_ids: "torch.Tensor", feature: str, values: "torch.Tensor"):
+        import torch
+
+        return torch.zeros(*values.shape, self.dim), torch.ones(values.shape, dtype=torch.bool)
+
+    def item_vectors(self, item_ids: "torch.Tensor"):
+        import torch
+
+        return torch.zeros(*item_ids.shape, self.dim), torch.ones(item_ids.shape, dtype=torch.bool)
+
+
+def _ds(day: int) -> str:
+    """YYYY-MM-DD of a day number (days since 1970-01-01)."""
+    import numpy as np
+
+    return str(np.datetime64(int(day), "D"))
+
+
+class LUMJoin:
+    """Looks up LUM features for batches of samples under the point-in-time rule (see the module doc).
+
+    `__call__(batch)` -> float [B, output_dim] for ranking (one candidate per sample);
+    `user_features(user_ids, days)` / `item_features(item_ids, as_of)` for two towers.
+    """
+
+    def __init__(self, cfg: RankLUMConfig, samples: "RankingSamples | None" = None) -> None:
+        import numpy as np
+
+        from lumrec.data.knowledge import KNOWLEDGE_MANIFEST, knowledge_days, parse_condition, partition_dir
+        from lumrec.modules.lum_features import LUMFeatureConfig
+
+        self.cfg = cfg
+        self.days = knowledge_days(cfg.store)
+        if not self.days:
+            raise FileNotFoundError(f"lum.store: {cfg.store} holds no complete knowledge partition (run `lumrec query` first)")
+        try:
+            self.conditions = [parse_condition(text) for text in cfg.conditions]
+        except ValueError as err:
+            raise ValueError(f"lum.conditions: {err}") from None
+        if cfg.candidate_condition_feature is not None and cfg.candidate_condition_feature not in CANDIDATE_FEATURES:
+            raise ValueError(
+                f"lum.candidate_condition_feature: {cfg.candidate_condition_feature!r} is not a sample column; "
+                f"choose from {list(CANDIDATE_FEATURES)}"
+            )
+        if cfg.as_of_ds is not None and cfg.as_of_ds not in self.days:
+            raise ValueError(f"lum.as_of_ds: {cfg.store} has no complete partition as_of_ds={cfg.as_of_ds}; it has {self.days}")
+        try:
+            self.feature_config = LUMFeatureConfig(
+                conditions=[tuple(c) for c in self.conditions],
+                candidate_condition_feature=cfg.candidate_condition_feature,
+                features=list(cfg.features),
+            )
+        except ValueError as err:
+            raise ValueError(f"lum: {err}") from None
+        manifest = json.loads((partition_dir(cfg.store, self.days[-1]) / KNOWLEDGE_MANIFEST).read_text())
+        self.dim = int(manifest["dim"])
+        self._as_of: dict[int, str | None] = {}
+        self._modules: dict[str | None, "LUMFeatureModule"] = {}
+        self.output_dim = self._module(None).output_dim
+        if samples is not None:
+            if cfg.as_of_ds is not None:
+                self.check_fixed_store(samples)
+            # Load and check every partition the samples will read now, not at the first batch that needs it.
+            for day in np.unique(samples.day).tolist():
+                self._module(self.as_of(int(day)))
+
+    # -- which partition a day uses ---------------------------------------------------------
+    def as_of(self, day: int) -> str | None:
+        """The partition a sample of `day` (days since epoch) may use, or None (no knowledge yet)."""
+        if day not in self._as_of:
+            from lumrec.data.knowledge import latest_as_of
+
+            ds = _ds(day)
+            self._as_of[day] = self.cfg.as_of_ds if self.cfg.as_of_ds is not None else latest_as_of(self.cfg.store, ds)
+        return self._as_of[day]
+
+    def _module(self, as_of: str | None) -> "LUMFeatureModule":
+        if as_of not in self._modules:
+            from lumrec.data.knowledge import load_knowledge
+            from lumrec.modules.lum_features import LUMFeatureModule
+
+            source = _NoKnowledge(self.dim) if as_of is None else load_knowledge(self.cfg.store, as_of)
+            if as_of is not None:
+                self._check_partition(source)
+                log.info("LUM knowledge as of %s: %r", as_of, source)
+            self._modules[as_of] = LUMFeatureModule(self.feature_config, source)
+        return self._modules[as_of]
+
+    def _check_partition(self, lookup) -> None:
+        """Every configured condition must be in the partition (an absent value would silently read as missing)."""
+        where = f"{self.cfg.store} as_of_ds={lookup.as_of_ds}"
+        if lookup.dim != self.dim:
+            raise ValueError(f"lum.store: {where} has dim {lookup.dim}, other partitions {self.dim}")
+        absent = [str(c) for c in self.conditions if str(c) not in lookup.conditions]
+        if absent:
+            raise ValueError(f"lum.conditions: {absent} not in the knowledge of {where}; it has {lookup.conditions[:12]}...")
+        feature = self.cfg.candidate_condition_feature
+        if feature is not None and self.feature_config.needs_queries and feature not in lookup.features:
+            raise ValueError(f"lum.candidate_condition_feature: {feature!r} is not a condition feature of {where}; it has {lookup.features}")
+
+    def check_fixed_store(self, samples: "RankingSamples") -> None:
+        """With one store for all samples: each sample is after the store's day or after its user's knowledge history."""
+        import numpy as np
+
+        from lumrec.data.dataset import Dataset, day_bounds
+        from lumrec.data.sequences import sequences_from_dataset
+
+        as_of = self.cfg.as_of_ds
+        early = np.flatnonzero(samples.ts < day_bounds(as_of)[1])  # samples on or before the store's day
+        if early.size == 0:
+            return
+        if self.cfg.history_data is None:
+            i = int(early[0])
+            raise ValueError(
+                f"lum.as_of_ds={as_of}: {early.size} sample(s) are on or before that day (e.g. sample {i}, user "
+                f"{int(samples.user_id[i])}, ds {samples.ds[i]}); the point-in-time rule needs a store before each sample's "
+                "day, or lum.history_data naming the knowledge view the store was queried from"
+            )
+        seqs = sequences_from_dataset(Dataset(self.cfg.history_data), None, as_of)
+        users = samples.user_id[early]
+        never = np.iinfo(np.int64).min
+        user_last = np.full(len(users), never, np.int64)  # ts of each sample's user's last knowledge event
+        if len(seqs):
+            lengths = seqs.lengths()
+            last_ts = np.where(lengths > 0, seqs.ts[np.maximum(seqs.offsets[1:] - 1, 0)], never)
+            pos = np.minimum(np.searchsorted(seqs.user_ids, users), len(seqs) - 1)
+            user_last = np.where(seqs.user_ids[pos] == users, last_ts[pos], never)
+        late = np.flatnonzero(user_last >= samples.ts[early])
+        if late.size:
+            i = int(early[late[0]])
+            raise ValueError(
+                f"lum.history_data={self.cfg.history_data}: {late.size} sample(s) are not after their user's knowledge "
+                f"history (e.g. sample {i}: user {int(samples.user_id[i])} at ts {int(samples.ts[i])}, history up to "
+                f"ts {int(user_last[late[0]])}); the knowledge would see the sample's own events"
+            )
+        log.info("lum.as_of_ds=%s: %d sample(s) on or before it are each after their user's knowledge history", as_of, early.size)
+
+    # -- features ---------------------------------------------------------------------------
+    def _groups(self, day: "torch.Tensor") -> Iterable[tuple[str | None, "torch.Tensor"]]:
+        """(partition, row indices) for the distinct partitions a batch's days use."""
+        import torch
+
+        groups: dict[str | None, list[torch.Tensor]] = {}
+        for d in torch.unique(day).tolist():
+            groups.setdefault(self.as_of(int(d)), []).append(torch.nonzero(day == d).view(-1))
+        return [(k, torch.cat(v)) for k, v in groups.items()]
+
+    def __call__(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+        """LUM features [B, output_dim] of a batch: one candidate per sample, knowledge as of the sample's day - 1."""
+        import torch
+
+        from lumrec.modules.lum_features import candidates_kjt
+
+        out = torch.zeros(len(batch), self.output_dim)
+        feature = self.feature_config.candidate_condition_feature
+        for as_of, rows in self._groups(batch.day):
+            cond = None if feature is None else getattr(batch, feature)[rows]
+            kjt = candidates_kjt(
+                batch.item_id[rows], condition_values=cond, condition_key=self.feature_config.candidate_condition_key or "category_id"
+            )
+            out[rows] = self._module(as_of)(batch.user_id[rows], kjt).values()
+        return out
+
+    def user_width(self) -> int:
+        """Width of `user_features` (fixed conditions' o_q and their missing flags)."""
+        n = len(self.feature_config.conditions)
+        return n * self.dim + n
+
+    def user_features(self, user_ids: "torch.Tensor", day: "torch.Tensor") -> "torch.Tensor":
+        """Per-user LUM features [B, user_width] (o_q under the fixed conditions), knowledge as of each day - 1."""
+        import torch
+
+        out = torch.zeros(user_ids.numel(), self.user_width())
+        for as_of, rows in self._groups(day):
+            out[rows] = self._module(as_of).user_features(user_ids[rows]).values()
+        return out
+
+    def item_features(self, item_ids: "torch.Tensor", as_of: str | None) -> "torch.Tensor":
+        """Per-item LUM features [N, dim + 1] (e_i and its missing flag) of partition `as_of`."""
+        return self._module(as_of).item_features(item_ids).values()
+
+
+class ItemStatsJoin:
+    """Dense item statistics of the sample's day (the synthetic `item_stats`, computed from earlier days only)."""
+
+    def __init__(self, data_path: str, columns: Sequence[str], num_items: int) -> None:
+        import numpy as np
+        import torch
+
+        from lumrec.data.dataset import Dataset, day_bounds
+
+        data = Dataset(data_path)
+        if not data.has_table("item_stats"):
+            raise ValueError(f"sizes.item_stats: dataset {data_path} has no item_stats table")
+        self.columns = list(columns)
+        self.tables: dict[int, torch.Tensor] = {}
+        for ds in data.days("item_stats"):
+            table = data.read_days("item_stats", ds, ds)
+            absent = [c for c in self.columns if c not in table.column_names]
+            if absent:
+                raise ValueError(f"sizes.item_stats: column(s) {absent} not in {data_path}/item_stats; it has {table.column_names}")
+            matrix = np.zeros((num_items, len(self.columns)), np.float32)
+            ids = table.column("item_id").to_numpy()
+            matrix[ids] = np.stack([table.column(c).to_numpy().astype(np.float32) for c in self.columns], axis=1)
+            self.tables[day_bounds(ds)[0] // 86400] = torch.from_numpy(matrix)
+
+    @property
+    def width(self) -> int:
+        return len(self.columns)
+
+    def __call__(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+        """[B, width]: each sample's item statistics of its own day (zeros for a day without statistics)."""
+        import torch
+
+        out = torch.zeros(len(batch), self.width)
+        for d in torch.unique(batch.day).tolist():
+            if int(d) in self.tables:
+                rows = torch.nonzero(batch.day == d).view(-1)
+                out[rows] = self.tables[int(d)][batch.item_id[rows]]
+        return out
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def context_keys(keys: list[str] | None, vocab: dict[str, int]) -> list[str]:
+    """The pooled per-sample keys: `keys` (each must have a vocabulary) or, for None, every default key that has one."""
+    from lumrec.data.ranking_samples import CANDIDATE_KEYS
+
+    if keys is None:
+        return [k for k in ("user_id", "scenario", "query_id") if vocab.get(k, 0) > 1]
+    for key in keys:
+        if key not in CANDIDATE_KEYS or key in ("item_id", "category_id"):
+            raise ValueError(f"sizes.context_keys: {key!r} is not a context key; choose from ['user_id', 'scenario', 'query_id']")
+        if key not in vocab:
+            raise ValueError(f"sizes.context_keys: {key!r} has no vocabulary size in the dataset manifest (has {sorted(vocab)})")
+    return list(keys)
+
+
+def vocab_size(vocab: dict[str, int], key: str) -> int:
+    """The manifest's vocabulary size of id column `key` (an error naming it when absent)."""
+    if key not in vocab:
+        raise ValueError(f"dataset manifest declares no vocabulary size for {key!r} (has {sorted(vocab)})")
+    return int(vocab[key])
+
+
+def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dense_dim: int = 0, lum_dim: int = 0):
+    """(model, its RankingTrain) of kind `model` with tables sized from the manifest vocabularies `vocab`."""
+    from lumrec.modules.din import DIN, DINConfig
+    from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, RankingTrain, TableConfig
+    from lumrec.modules.sim import SIM, SIMConfig
+
+    if model not in MODELS:
+        raise ValueError(f"model: unknown ranking model {model!r}; choose from {list(MODELS)}")
+    hist = list(sizes.history_keys)
+    for key in hist:
+        if key not in ("hist_item_id", "hist_category_id"):
+            raise ValueError(f"sizes.history_keys: {key!r} is not supported; choose from ['hist_item_id', 'hist_category_id']")
+    if "hist_item_id" not in hist:
+        raise ValueError("sizes.history_keys must include 'hist_item_id'")
+    d = sizes.embedding_dim
+    context = [TableConfig(f"t_{k}", vocab_size(vocab, k), d, [k]) for k in context_keys(sizes.context_keys, vocab)]
+    pairs = [("t_item", "item_id", "hist_item_id"), ("t_category", "category_id", "hist_category_id")]
+    pairs = [(t, c, h) for t, c, h in pairs if h in hist or c == "category_id"]
+    if model == "mlp":
+        # Candidate and history share a table; mean pooling of one candidate id is the id's vector.
+        tables = [TableConfig(t, vocab_size(vocab, c), d, [c] + ([h] if h in hist else []), pooling="mean") for t, c, h in pairs]
+        m = EmbeddingMLP(EmbeddingMLPConfig(context + tables, dense_dim=dense_dim, lum_dim=lum_dim, mlp=list(sizes.mlp)))
+        return m, RankingTrain(m)
+    seq_pairs = [(t, c, h) for t, c, h in pairs if h in hist]
+    common = dict(
+        sequence_tables=[TableConfig(t, vocab_size(vocab, c), d, [c, h]) for t, c, h in seq_pairs],
+        candidate_keys=[c for _, c, _ in seq_pairs],
+        history_keys=[h for _, _, h in seq_pairs],
+        context_tables=context + [TableConfig(t, vocab_size(vocab, c), d, [c]) for t, c, h in pairs if h not in hist],
+        dense_dim=dense_dim,
+        lum_dim=lum_dim,
+        attention_mlp=list(sizes.attention_mlp),
+        attention_normalize=sizes.attention_normalize,
+        mlp=list(sizes.mlp),
+    )
+    if model == "din":
+        m = DIN(DINConfig(**common))
+    else:
+        if "hist_category_id" not in hist:
+            raise ValueError("model sim: hard search needs 'hist_category_id' in sizes.history_keys")
+        m = SIM(SIMConfig(**common, max_search_len=sizes.max_search_len, short_len=sizes.short_len))
+    return m, RankingTrain(m)
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RankState:
+    """Progress a checkpoint carries besides tensors."""
+
+    step: int = 0
+    epoch: int = 0  # loader position: epoch and next batch
+    batch: int = 0
+    best_auc: float = -1.0
+    best_epoch: int = -1
+    bad_evals: int = 0
+    train_seconds: float = 0.0
+    loss_sum: float = 0.0  # training loss of the current epoch so far (a mid-epoch resume continues it)
+    loss_count: int = 0
+    history: list[dict] = field(default_factory=list)
+    done: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class EpochJob:
+    """The training loop shared by ranking and retrieval: epochs over a resumable loader, evaluation after each,
+    best-validation model kept, checkpoints with the loader position, results.json at the end.
+
+    A subclass sets `model`, `optimizer`, `samples`, `loader`, `train` (a RankTrainConfig) and `out`, then calls
+    `_init_job()`; it implements `step_loss(batch)`, `evaluate(split)` and `result_extras()`.
+    """
+
+    job = "job"
+    metric = "auc"  # the validation metric that picks the best epoch (higher is better)
+
+    def _init_job(self) -> None:
+        from lumrec.checkpoint import CheckpointManager
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=self.train.keep_checkpoints)
+        self.best = CheckpointManager(self.out / "best", keep=1)
+        self.state = RankState()
+        self.validates = self.counts["valid"]["samples"] > 0
+
+    def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+        raise NotImplementedError
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def result_extras(self) -> dict[str, Any]:
+        return {}
+
+    def config_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, [self.optimizer])
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self) -> None:
+        """Checkpoint weights, optimizer and run state (loader position included)."""
+        self.state.epoch, self.state.batch = self.loader.epoch, self.loader.batch
+        self.ckpt.save(self.state.step, self._tensors(), extra=asdict(self.state))
+
+    def maybe_resume(self) -> bool:
+        """Continue from the latest complete checkpoint of this run folder, if any."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if self.ckpt.latest() is None:
+            return False
+        state = self._tensors()
+        info = self.ckpt.load(state)
+        set_state_dict(self.model, [self.optimizer], model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.state = RankState(**info.extra)
+        self.loader.load_state_dict({"epoch": self.state.epoch, "batch": self.state.batch})
+        log.info("resumed %s from step %d (epoch %d, batch %d)", self.out, self.state.step, self.state.epoch, self.state.batch)
+        return True
+
+    # Keys a resumed run may change: they do not alter what the checkpoints mean.
+    RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.max_minutes", "train.patience",
+                         "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "out")
+
+    def _check_same_run(self) -> None:
+        """Refuse to resume checkpoints written under another config (they would silently mix two experiments)."""
+        path = self.out / "config.json"
+        if self.ckpt.latest() is None or not path.exists():
+            return
+
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if not isinstance(d, dict):
+                return {prefix: d}
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+
+        old = flat(json.loads(path.read_text()))
+        new = flat(json.loads(json.dumps(self.config_dict())))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in self.RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(
+                f"{self.out} holds checkpoints of a run with another config (differs in {changed[:5]}); "
+                "use another out folder or delete it to start afresh"
+            )
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, max_epochs: int | None = None, max_steps: int | None = None) -> dict[str, Any]:
+        """Train until epochs / patience / budget (or `max_epochs` / `max_steps`: a simulated kill); then report the best epoch."""
+        from tqdm import tqdm
+
+        t = self.train
+        self._check_same_run()
+        self.maybe_resume()
+        (self.out / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
+        budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
+        self.model.train()
+        while not self.state.done and self.loader.epoch < t.epochs:
+            if max_epochs is not None and self.loader.epoch >= max_epochs:
+                return {"stopped": "max_epochs", "epoch": self.loader.epoch, "step": self.state.step}
+            epoch = self.loader.epoch
+            if self.loader.batch == 0:
+                self.state.loss_sum, self.state.loss_count = 0.0, 0
+            bar = tqdm(total=len(self.loader), initial=self.loader.batch, desc=f"{self.job} epoch {epoch}",
+                       unit="batch", mininterval=2.0, dynamic_ncols=True, disable=not t.progress)
+            t0 = time.perf_counter()
+            for batch in self.loader:
+                loss = self.step_loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.state.step += 1
+                self.state.loss_sum += float(loss.detach())
+                self.state.loss_count += 1
+                bar.update(1)
+                if self.state.step % t.log_every_steps == 0:
+                    bar.set_postfix(loss=f"{self.state.loss_sum / self.state.loss_count:.4f}")
+                if t.checkpoint_every_steps and self.state.step % t.checkpoint_every_steps == 0:
+                    self.state.train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save()
+                if max_steps is not None and self.state.step >= max_steps:
+                    break
+                if self.state.train_seconds + (time.perf_counter() - t0) > budget:
+                    log.info("time budget of %.1f min reached", t.max_minutes)
+                    self.state.done = True
+                    break
+            bar.close()
+            self.state.train_seconds += time.perf_counter() - t0
+            # The loader moves to the next epoch only when the epoch's last batch was consumed.
+            if self.loader.epoch == epoch + 1 or self.state.done:
+                self._end_of_epoch(epoch, self.state.loss_sum / max(self.state.loss_count, 1))
+            self.save()
+            if max_steps is not None and self.state.step >= max_steps:
+                return {"stopped": "max_steps", "epoch": self.loader.epoch, "step": self.state.step}
+        return self._final()
+
+    def _end_of_epoch(self, epoch: int, train_loss: float) -> None:
+        """Validation and test metrics, best-model bookkeeping, early stopping."""
+        valid = self.evaluate("valid") if self.validates else None
+        test = self.evaluate("test")
+        self.state.history.append({"epoch": epoch, "step": self.state.step, "train_loss": train_loss, "valid": valid, "test": test})
+        key = self.metric
+        if valid is not None:
+            log.info("%s epoch %d: train loss %.4f, valid %s %.4f, test %s %.4f", self.job, epoch, train_loss, key, valid[key], key, test[key])
+        else:
+            log.info("%s epoch %d: train loss %.4f, test %s %.4f (no validation split)", self.job, epoch, train_loss, key, test[key])
+        # Without a validation split the last epoch is the one reported (the test set never picks a model).
+        score = valid[key] if valid is not None else float(epoch)
+        if score > self.state.best_auc:
+            self.state.best_auc, self.state.best_epoch, self.state.bad_evals = score, epoch, 0
+            self.best.save(self.state.step, {"model": self.model.state_dict()}, extra={"epoch": epoch})
+        else:
+            self.state.bad_evals += 1
+            if self.train.patience and self.state.bad_evals >= self.train.patience:
+                log.info("early stopping: no better validation %s for %d epochs", key, self.train.patience)
+                self.state.done = True
+
+    def _final(self) -> dict[str, Any]:
+        """Test metrics of the best-validation epoch; written to results.json."""
+        best = next((h for h in self.state.history if h["epoch"] == self.state.best_epoch), None)
+        if best is None:
+            raise RuntimeError(f"{self.out}: no epoch was evaluated (train.epochs={self.train.epochs})")
+        secs = self.state.train_seconds
+        result = {
+            **self.result_extras(),
+            "test": best["test"],
+            "valid": best["valid"],
+            "best_epoch": self.state.best_epoch,
+            "epochs_run": len(self.state.history),
+            "steps": self.state.step,
+            "samples": self.counts,
+            "train_minutes": round(secs / 60, 3),
+            "history": self.state.history,
+        }
+        (self.out / "results.json").write_text(json.dumps(result, indent=2))
+        log.info("%s test (best epoch %d): %s", self.job, self.state.best_epoch,
+                 " ".join(f"{k}={v:.4f}" for k, v in best["test"].items() if k != "count"))
+        return result
+
+
+class Ranker(EpochJob):
+    """Owns the samples, joins, model, optimizer and checkpoints of one ranking run."""
+
+    job = "rank"
+    metric = "auc"
+
+    def __init__(self, cfg: RankConfig, samples: "RankingSamples | None" = None) -> None:
+        import torch
+
+        from lumrec.data.dataset import Dataset
+        from lumrec.data.ranking_samples import RankingBatchLoader, build_ranking_samples
+
+        self.cfg = cfg
+        t = self.train = cfg.train
+        if cfg.model not in MODELS:
+            raise ValueError(f"model: unknown ranking model {cfg.model!r}; choose from {list(MODELS)}")
+        check_train_config(t)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.out = Path(cfg.out)
+        data = Dataset(cfg.data)
+        self.vocab = data.read_meta().vocab_sizes
+        t0 = time.perf_counter()
+        self.samples = samples if samples is not None else build_ranking_samples(data, cfg.samples)
+        self.counts = self.samples.counts()
+        log.info("samples (%s) in %.1f s: %s", cfg.samples.protocol, time.perf_counter() - t0, self.counts)
+        self.lum = LUMJoin(cfg.lum, self.samples) if cfg.lum is not None else None
+        self.stats = ItemStatsJoin(cfg.data, cfg.sizes.item_stats, vocab_size(self.vocab, "item_id")) if cfg.sizes.item_stats else None
+        seed_everything(t.seed)
+        self.model, self.trainer = build_ranker(
+            cfg.model, cfg.sizes, self.vocab, self.stats.width if self.stats else 0, self.lum.output_dim if self.lum else 0
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.history_keys = tuple(cfg.sizes.history_keys)
+        self.loader = RankingBatchLoader(self.samples, "train", t.batch_size, t.max_history, shuffle_seed=t.seed,
+                                         history_keys=self.history_keys)
+        self._init_job()
+
+    @property
+    def input_width(self) -> int:
+        """Width of the model's MLP input (grows by the LUM feature width when LUM is on)."""
+        return int(self.model.in_features)
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.cfg)
+
+    def ranking_batch(self, batch: "RankingSampleBatch"):
+        """The model's input for a sample batch: ids, labels, dense item statistics and LUM features."""
+        from lumrec.modules.ranking import RankingBatch
+
+        dense = self.stats(batch) if self.stats is not None else None
+        lum = self.lum(batch) if self.lum is not None else None
+        return RankingBatch(batch.sparse_features, batch.labels, dense, lum)
+
+    def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+        return self.trainer(self.ranking_batch(batch))[0]
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """AUC, NE, log loss, calibration (and counts) of the current model on `split`."""
+        import torch
+
+        from lumrec.ranking_metrics import RankingMetrics
+
+        metrics = RankingMetrics()
+        self.model.eval()
+        with torch.no_grad():
+            for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
+                                                   history_keys=self.history_keys):
+                _, logits = self.trainer(self.ranking_batch(batch))
+                metrics.update(torch.sigmoid(logits), batch.labels)
+        self.model.train()
+        return metrics.compute()
+
+    def result_extras(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "lum": self.lum is not None, "input_width": self.input_width,
+                "lum_dim": self.lum.output_dim if self.lum else 0}
+
+
+def check_train_config(t: RankTrainConfig) -> None:
+    for name in ("batch_size", "eval_batch_size", "epochs"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_history is not None and t.max_history < 0:
+        raise ValueError(f"train.max_history must be >= 0 or null, got {t.max_history}")
+
+
+def run_rank(cfg: RankConfig, max_epochs: int | None = None, max_steps: int | None = None,
+             samples: "RankingSamples | None" = None) -> dict[str, Any]:
+    """Train and evaluate one ranking run (resuming from `cfg.out` if it holds checkpoints); returns results.json's content.
+
+    `max_epochs` / `max_steps` stop early as a kill would (after a checkpoint); `samples` reuses built samples.
+    """
+    return Ranker(cfg, samples).run(max_epochs=max_epochs, max_steps=max_steps)
+
+
+# -- comparing rows over seeds ----------------------------------------------------------------
+
+
+def summarize_seeds(runs: dict[str, list[dict]], base: str = "base") -> dict[str, dict[str, Any]]:
+    """Per row: AUC / NE mean and std over seeds, and the paired AUC delta vs `base` (mean, std)."""
+    import statistics
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    out: dict[str, dict[str, Any]] = {}
+    base_auc = [r["test"]["auc"] for r in runs.get(base, [])]
+    for name, results in runs.items():
+        if not results:
+            out[name] = {"status": "not run"}
+            continue
+        auc = [r["test"]["auc"] for r in results]
+        ne = [r["test"]["ne"] for r in results]
+        row: dict[str, Any] = {"seeds": len(results), "auc": auc, "ne": ne}
+        row["auc_mean"], row["auc_std"] = mean_std(auc)
+        row["ne_mean"], row["ne_std"] = mean_std(ne)
+        if base_auc and len(base_auc) == len(auc):
+            deltas = [a - b for a, b in zip(auc, base_auc)]
+            row["delta_auc_mean"], row["delta_auc_std"] = mean_std(deltas)
+        out[name] = row
+    return out
+
+
+def comparison_table(summary: dict[str, dict[str, Any]], labels: dict[str, str] | None = None, base: str = "base") -> str:
+    """A text table: row, test AUC and NE (mean ± std over seeds), paired ΔAUC vs `base` (mean ± std), seeds."""
+    labels = labels or {}
+
+    def cell(mean: float, std: float, seeds: int, signed: bool = False) -> str:
+        text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+        return f"{text} ± {std:.4f}" if seeds > 1 else text
+
+    width = max([len(labels.get(k, k)) for k in summary] + [10])
+    head = f"{'row':<{width}}  {'test AUC':>16}  {'NE':>16}  {'ΔAUC vs base':>16}  {'seeds':>5}"
+    lines = [head, "-" * len(head)]
+    for name, row in summary.items():
+        label = labels.get(name, name)
+        if "auc_mean" not in row:
+            lines.append(f"{label:<{width}}  {row.get('status', 'not run'):>16}")
+            continue
+        n = row["seeds"]
+        delta = "-" if name == base or "delta_auc_mean" not in row else cell(row["delta_auc_mean"], row["delta_auc_std"], n, True)
+        lines.append(
+            f"{label:<{width}}  {cell(row['auc_mean'], row['auc_std'], n):>16}  {cell(row['ne_mean'], row['ne_std'], n):>16}  "
+            f"{delta:>16}  {n:>5}"
+        )
+    return "\n".join(lines)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def load_job_config(cls: type, path: str | Path, overrides: list[str] | None = None):
+    """`load_config(cls, ...)`, but an error inside the optional `lum` section names its own key (e.g. `lum.conditionz`).
+
+    (lumrec.config reports a bad value of an `X | None` field as "fits none of [X, NoneType]".)
+    """
+    import yaml
+
+    from lumrec.config import ConfigError, apply_override, from_dict
+
+    try:
+        return load_config(cls, path, overrides=overrides)
+    except ConfigError:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for item in overrides or []:
+            apply_override(data, item, source=str(path))
+        if isinstance(data, dict) and isinstance(data.get("lum"), dict):
+            from_dict(RankLUMConfig, data["lum"], source=str(path), prefix="lum")  # raises the precise error
+        raise
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lumrec rank CONFIG [key=value ...]`."""
+    cfg = load_job_config(RankConfig, args.config, overrides=args.overrides)
+    result = run_rank(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    return 0
+
+
+def register_rank(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec rank`."""
+    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim) with or without LUM features (resumes automatically)")
+    p.add_argument("config", help="YAML file with RankConfig keys")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
+    p.set_defaults(func=main)
