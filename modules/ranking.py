@@ -172,7 +172,9 @@ class PooledSparseArch(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings [B, out_features] of the KJT's keys this collection looks up."""
         pooled: KeyedTensor = self.embedding_bag_collection(select_keys(features, self.feature_names, "PooledSparseArch"))
-        return pooled.values()
+        # By key, not position: a sharded collection returns its keys in shard order.
+        per_key = pooled.to_dict()
+        return torch.cat([per_key[k] for k in self.feature_names], dim=1)
 
 
 class LogitArch(nn.Module):

@@ -1,0 +1,446 @@
+"""Run the same training code on 1 or N ranks: process group, sharding plan, DMP, dense optimizer.
+
+    ctx = init_distributed()                       # torchrun/torchx env vars, or a 1-rank group
+    dmp = shard_model(model, ctx, fused_params_for(ctx.device, lr=1e-3))
+    opt = dense_optimizer(dmp, lr=1e-3)
+    loss = global_mean_loss(local_mean_loss, local_batch_size, ctx)   # = local mean for equal batches
+    loss.backward(); opt.step(); opt.zero_grad()   # table rows were updated inside backward
+
+Gradient convention (checked by tests/test_distributed.py with SGD, whose update is linear in
+the gradient, so any scale error shows). DDP averages the dense gradients over ranks, and
+torchrec 1.8 divides the table gradients by the world size in the backward of its pooled
+all-to-all and reduce-scatter (`torchrec.distributed.comm_ops.GRADIENT_DIVISION`, on by
+default), so both get the mean over ranks of each rank's gradient. With every rank
+back-propagating its local *mean* loss over equal local batches, that is the gradient of the
+mean loss over the global batch: 1 rank on B samples and N ranks on B/N each train alike.
+`global_mean_loss` rescales the local mean when local batch sizes differ.
+
+Table optimizers are fused (they run inside backward): fbgemm fused params (`{"optimizer":
+EmbOptimType..., "learning_rate": ...}`) go to torchrec's stock sharder and FUSED kernel; the
+CPU form of `lumrec.optim.fused_params_for` (RowwiseAdamW, which fbgemm's CPU kernel lacks) goes
+to `RowwiseAdamWEmbeddingBagCollectionSharder` and the DENSE kernel. torchrec 1.8's planner
+refuses DENSE kernels on anything but data-parallel tables ("DENSE kernel requires
+DATA_PARALLEL sharding"), so that path falls back to `dense_kernel_sharding_plan` and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "shard_model",
+    "plan_summary",
+    "dense_optimizer",
+    "global_mean_loss",
+    "load_unsharded_weights",
+]
+
+# fbgemm's fused CPU kernel implements only these (fbgemm-gpu-cpu 1.8); anything else fails late.
+_CPU_FUSED_OPTIMIZERS = ("EXACT_SGD", "EXACT_ADAGRAD", "EXACT_ROWWISE_ADAGRAD", "EMAINPLACE_ROWWISE_ADAGRAD")
+
+
+# ------------------------------------------------------------------------------- process group
+
+
+@dataclass
+class DistContext:
+    """Where this process runs: rank, world size, device and whether it owns the process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str = "gloo"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the rank that logs and writes single-writer files)."""
+        return self.rank == 0
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        """The default (world) process group."""
+        return dist.GroupMember.WORLD
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group if `init_distributed` created it; safe to call twice."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_process_group = False
+
+    def __enter__(self) -> "DistContext":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"init_distributed: environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(backend: Optional[str] = None) -> DistContext:
+    """Join the process group that torchrun/torchx describe in the environment, or make a 1-rank one.
+
+    `backend` None picks nccl when CUDA is available, else gloo. Without RANK/WORLD_SIZE in the
+    environment this is a 1-process run: a gloo group of size 1 on an in-memory store (no port),
+    so DMP and DDP work unchanged. An already initialised group is reused (and not destroyed by
+    `DistContext.close`).
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"init_distributed: backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("init_distributed: backend 'nccl' needs CUDA, which this torch build does not see")
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank if world_size > 1 else 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"init_distributed: RANK={rank} WORLD_SIZE={world_size} is not a valid rank/world pair")
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    owns = False
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size and "WORLD_SIZE" in os.environ:
+            raise ValueError(
+                f"init_distributed: a process group of size {dist.get_world_size()} already exists "
+                f"but WORLD_SIZE={world_size}"
+            )
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        backend = dist.get_backend()
+    elif "WORLD_SIZE" in os.environ and world_size > 1:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise ValueError(
+                f"init_distributed: WORLD_SIZE={world_size} but {missing} not set; launch with torchrun or torchx"
+            )
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+        owns = True
+    else:
+        # One process: an in-memory store needs no free port and no rendezvous.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    ctx = DistContext(rank, world_size, local_rank, local_world_size, backend, device, owns)
+    log.info("distributed: rank %d/%d (local %d) backend=%s device=%s", rank, world_size, local_rank, backend, device)
+    return ctx
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+def _embedding_bag_collections(model: nn.Module) -> dict[str, nn.Module]:
+    """Every EmbeddingBagCollection in `model`, by module FQN (outermost only)."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    found: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, EmbeddingBagCollection) and not any(name.startswith(f + ".") for f in found):
+            found[name] = mod
+    return found
+
+
+def _table_kind(table_optimizer: Mapping[str, Any], device: torch.device) -> str:
+    """'fused' (fbgemm fused params) or 'rowwise_adamw' (lumrec's CPU form); anything else is an error."""
+    from lumrec.optim.rowwise_adamw import RowwiseAdamW
+
+    if "optimizer" in table_optimizer:
+        name = getattr(table_optimizer["optimizer"], "name", str(table_optimizer["optimizer"]))
+        if device.type == "cpu" and name not in _CPU_FUSED_OPTIMIZERS:
+            raise ValueError(
+                f"shard_model: fused optimizer {name} has no fbgemm CPU kernel (CPU has {list(_CPU_FUSED_OPTIMIZERS)}); "
+                "for Adam-style tables on CPU pass lumrec.optim.fused_params_for('cpu', ...) (RowwiseAdamW)"
+            )
+        return "fused"
+    if "optimizer_class" in table_optimizer:
+        if table_optimizer["optimizer_class"] is not RowwiseAdamW:
+            raise ValueError(
+                f"shard_model: optimizer_class {table_optimizer['optimizer_class']!r} is not RowwiseAdamW; "
+                "give fbgemm fused params ({'optimizer': EmbOptimType..., 'learning_rate': ...}) for others"
+            )
+        return "rowwise_adamw"
+    raise ValueError(
+        f"shard_model: table_optimizer has keys {sorted(table_optimizer)}; expected fbgemm fused params "
+        "(with 'optimizer') or lumrec.optim.fused_params_for(...) output (with 'optimizer_class')"
+    )
+
+
+def _sharder_for(kind: str, table_optimizer: Mapping[str, Any]) -> Any:
+    if kind == "fused":
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        return EmbeddingBagCollectionSharder(fused_params=dict(table_optimizer))
+    from lumrec.optim.sharding import RowwiseAdamWEmbeddingBagCollectionSharder
+
+    return RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs=dict(table_optimizer["optimizer_kwargs"]))
+
+
+def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharder: Any, ebcs: Mapping[str, nn.Module], device_type: str) -> dict[str, Any]:
+    """Per-table planner constraints: never data-parallel, and the kernel that runs our optimizer.
+
+    Data-parallel tables would silently drop the fused optimizer (they become DDP parameters
+    updated by the dense optimizer), so they are excluded. Row-wise optimizers keep one state per
+    row; a column-wise split would turn it into one per half row, so those are excluded too.
+    """
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingType
+
+    types = [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
+    opt_name = getattr(table_optimizer.get("optimizer"), "name", "")
+    if kind == "rowwise_adamw" or "ROWWISE" in opt_name:
+        types = [t for t in types if t not in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)]
+    kernel = "fused" if kind == "fused" else "dense"
+    out = {}
+    for ebc in ebcs.values():
+        for cfg in ebc.embedding_bag_configs():
+            out[cfg.name] = ParameterConstraints(sharding_types=list(types), compute_kernels=[kernel])
+    return out
+
+
+def _plan_on_rank0(planner: Any, model: nn.Module, sharders: list[Any], ctx: DistContext) -> tuple[Any, Optional[str]]:
+    """(plan, None) or (None, error) from the planner run on rank 0 and broadcast.
+
+    torchrec's `collective_plan` leaves the other ranks waiting in the broadcast when rank 0's
+    planner raises; here the error travels instead, so every rank falls back together.
+    """
+    result: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            result[0] = ("ok", planner.plan(model, sharders))
+        except Exception as err:  # the planner raises PlannerError, AssertionError, ...
+            result[0] = ("error", f"{type(err).__name__}: {err}")
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    status, value = result[0]
+    return (value, None) if status == "ok" else (None, value)
+
+
+def plan_summary(plan: Any) -> list[str]:
+    """One line per table of a ShardingPlan: module.table, sharding type, kernel, ranks."""
+    lines = []
+    for fqn, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():
+            lines.append(f"{fqn}.{table}: {ps.sharding_type} kernel={ps.compute_kernel} ranks={ps.ranks}")
+    return lines
+
+
+def _unsharded_tables(ebcs: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The tables' current weights by state-dict key (skipped for tables on meta: nothing to copy)."""
+    out = {}
+    for fqn, ebc in ebcs.items():
+        for key, value in ebc.state_dict().items():
+            if value.device.type != "meta":
+                out[f"{fqn}.{key}" if fqn else key] = value.detach()
+    return out
+
+
+@torch.no_grad()
+def load_unsharded_weights(dmp: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Copy full (unsharded) tensors into a sharded model's local shards and dense parameters; return the keys copied.
+
+    Each rank copies only its own rows/columns of a sharded table. `strict`: every tensor of
+    `state_dict` must name a key of the model with the full shape, else a ValueError names it.
+    """
+    target = dmp.state_dict()
+    copied = []
+    for key, full in state_dict.items():
+        if key not in target:
+            if strict:
+                raise ValueError(f"load_unsharded_weights: key {key!r} is not in the sharded model; keys: {sorted(target)}")
+            continue
+        dst = target[key]
+        if tuple(dst.shape) != tuple(full.shape):
+            raise ValueError(f"load_unsharded_weights: {key!r} has shape {tuple(full.shape)}, the model {tuple(dst.shape)}")
+        if hasattr(dst, "local_shards"):
+            for shard in dst.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(full[r0 : r0 + nr, c0 : c0 + nc])
+        else:
+            dst.copy_(full)
+        copied.append(key)
+    return copied
+
+
+def shard_model(
+    model: nn.Module,
+    ctx: DistContext,
+    table_optimizer: Mapping[str, Any],
+    plan: Union[Literal["auto"], Any] = "auto",
+    copy_weights: bool = True,
+) -> Any:
+    """Shard `model`'s EmbeddingBagCollections with fused table optimizers; wrap the rest in DDP.
+
+    `table_optimizer`: fbgemm fused params, or `lumrec.optim.fused_params_for(device, ...)`.
+    `plan`: "auto" (TorchRec's EmbeddingShardingPlanner on a Topology of `ctx.world_size` ranks
+    of `ctx.device`'s type, with a logged fallback to `dense_kernel_sharding_plan` where it
+    refuses) or an explicit ShardingPlan. The plan is logged on rank 0, one line per table.
+    `copy_weights` copies the tables' weights into the shards (DMP re-initialises them), so a
+    model built and seeded alike on every rank, or warm-started, keeps its weights.
+    Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
+    """
+    from torchrec.distributed.comm_ops import get_gradient_division
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.distributed.types import ShardingPlan
+
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model: no process group; call lumrec.distributed.init_distributed() first")
+    if not get_gradient_division():
+        # Then tables get the SUM over ranks while DDP averages the dense part: N ranks would
+        # train the tables with N times the learning rate of a 1-rank run.
+        log.warning("shard_model: torchrec gradient division is off; table gradients are summed over ranks, dense ones averaged")
+    ebcs = _embedding_bag_collections(model)
+    if not ebcs:
+        raise ValueError(f"shard_model: {type(model).__name__} has no EmbeddingBagCollection to shard")
+    kind = _table_kind(table_optimizer, ctx.device)
+    sharder = _sharder_for(kind, table_optimizer)
+    full_tables = _unsharded_tables(ebcs) if copy_weights else {}
+
+    source = "explicit"
+    if isinstance(plan, str):
+        if plan != "auto":
+            raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {plan!r}")
+        # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
+        topology = TopologyFactory.create_topology(
+            trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
+            kernel_config=KernelConfig(compute_device=ctx.device.type),
+        )
+        constraints = _constraints(kind, table_optimizer, sharder, ebcs, ctx.device.type)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        plan, error = _plan_on_rank0(planner, model, [sharder], ctx)
+        source = "planner"
+        if plan is None:
+            if kind != "rowwise_adamw":
+                raise RuntimeError(f"shard_model: the TorchRec planner found no plan: {error}")
+            from lumrec.optim.sharding import dense_kernel_sharding_plan
+
+            log.warning(
+                "shard_model: TorchRec's planner refused the DENSE-kernel plan that RowwiseAdamW needs "
+                "(%s); using dense_kernel_sharding_plan (table-wise, round-robin over ranks)",
+                " ".join(line.strip() for line in error.splitlines()[:2]),
+            )
+            plan = ShardingPlan(
+                {
+                    fqn: dense_kernel_sharding_plan(
+                        ebc, ctx.world_size, sharder, local_size=ctx.local_world_size, device_type=ctx.device.type
+                    )
+                    for fqn, ebc in ebcs.items()
+                }
+            )
+            source = "fallback"
+    elif not isinstance(plan, ShardingPlan):
+        raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {type(plan).__name__}")
+
+    if ctx.is_main:
+        for line in plan_summary(plan):
+            log.info("plan (%s): %s", source, line)
+
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=[sharder])
+    if full_tables:
+        load_unsharded_weights(dmp, full_tables)
+
+    wrapped = dmp._dmp_wrapped_module
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        ignored = set(getattr(wrapped, "parameters_to_ignore", ()))
+        n_dense = sum(1 for n, p in wrapped.module.named_parameters() if p.requires_grad and n not in ignored)
+        if ctx.is_main:
+            log.info("dense part: DistributedDataParallel over %d parameter tensors (gradients averaged over ranks)", n_dense)
+    elif ctx.is_main:
+        log.info("dense part: no DDP wrapper (the model has no parameters outside the sharded tables)")
+    # Kept on the DMP: `lumrec_table_sharder.attached_optimizers` lists the RowwiseAdamW instances.
+    dmp.lumrec_table_sharder = sharder
+    dmp.lumrec_plan_source = source
+    return dmp
+
+
+# ------------------------------------------------------------------------ dense optimization
+
+
+def dense_optimizer(
+    dmp: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **kwargs: Any,
+) -> Any:
+    """A torchrec CombinedOptimizer: the fused table optimizers plus `optimizer_class` (AdamW) on the dense parameters.
+
+    `betas` and `eps` apply to Adam/AdamW only; other classes get `weight_decay` (when nonzero)
+    and `**kwargs`.
+
+    Why torchrec's keyed optimizers and not a bare AdamW: their state_dict names every state by
+    its parameter FQN (a bare optimizer numbers parameters, and that order depends on the plan)
+    and carries the fused tables' state as sharded tensors, which is what DCP saves. The fused
+    part's step() is a no-op (its update ran in backward). RowwiseAdamW tables (DENSE kernel)
+    are in neither part: see `dmp.lumrec_table_sharder.attached_optimizers`.
+    """
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    # Drop the sharded modules' parameters by name too: the DENSE kernel lists per-table views of
+    # its flat weight that carry no in-backward marker, and AdamW must never touch a table.
+    sharded = tuple(f"{fqn}." for fqn in dmp.plan.plan)
+    dense = {
+        k: v
+        for k, v in in_backward_optimizer_filter(dmp.named_parameters())
+        if v.requires_grad and not k.startswith(sharded)
+    }
+    if optimizer_class in (torch.optim.AdamW, torch.optim.Adam):
+        kwargs = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
+    elif weight_decay:
+        kwargs = dict(weight_decay=weight_decay, **kwargs)
+    optimizers: list[tuple[str, Any]] = [("fused", dmp.fused_optimizer)]
+    if dense:
+        optimizers.append(("dense", KeyedOptimizerWrapper(dense, lambda params: optimizer_class(params, lr=lr, **kwargs))))
+    return CombinedOptimizer(optimizers)
+
+
+def global_mean_loss(local_loss: torch.Tensor, local_batch_size: int, ctx: DistContext, global_batch_size: Optional[int] = None) -> torch.Tensor:
+    """This rank's mean loss rescaled so that averaging over ranks gives the global mean: * world * local_B / global_B.
+
+    Gradients are averaged over ranks (DDP and torchrec's gradient division), so back-propagating
+    this gives every parameter the gradient of the mean loss over the global batch, also when
+    local batch sizes differ; with equal ones it returns `local_loss` unchanged. The values
+    summed over ranks and divided by the world size is the global mean loss.
+    `global_batch_size` None all-reduces the local sizes (one tiny collective).
+    """
+    if global_batch_size is None:
+        if ctx.world_size == 1:
+            global_batch_size = local_batch_size
+        else:
+            size = torch.tensor([float(local_batch_size)])
+            dist.all_reduce(size)
+            global_batch_size = int(size.item())
+    if global_batch_size <= 0:
+        raise ValueError(f"global_mean_loss: global batch size must be > 0, got {global_batch_size}")
+    return local_loss * (float(ctx.world_size * local_batch_size) / float(global_batch_size))
