@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": result["tokens_per_s"], "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
         "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
+        "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
     rows = merge_row(Path(args.results), args.model, row)
     print(format_table(rows))
