@@ -48,6 +48,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import merge_row  # noqa: E402  (a sibling script module)
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,20 +271,6 @@ def build_knowledge(run: Path, store: Path, days: list[str], specs: list, data_p
 # -- step 3 and the table ------------------------------------------------------------------------------
 
 
-def merge_row(results: Path, name: str, row: dict) -> dict:
-    """Add `row` under `name` to the results file; a lock keeps concurrent invocations from losing rows."""
-    import fcntl
-    import os
-
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(results.read_text()) if results.exists() else {}
-        rows[name] = row
-        tmp = results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2, sort_keys=True))
-        os.replace(tmp, results)
-    return rows
 
 
 def lum_row_config(spec: FeatureSpec, store: Path, as_of: str | None, history_data: Path | None, **changes: Any):

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import merge_row  # noqa: E402  (a sibling script module)
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -79,20 +82,6 @@ def ensure_ml1m(data_root: Path, cache: Path) -> Path:
     return cache
 
 
-def merge_row(results: Path, name: str, row: dict) -> dict:
-    """Add `row` under `name` to the results file; a lock keeps concurrent runs from losing rows."""
-    import fcntl
-    import os
-
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(results.read_text()) if results.exists() else {}
-        rows[name] = row
-        tmp = results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2, sort_keys=True))
-        os.replace(tmp, results)
-    return rows
 
 
 def format_table(rows: dict) -> str:
