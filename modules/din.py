@@ -263,6 +263,13 @@ def target_attention_padded_reference(
     return (scores.unsqueeze(-1) * padded).sum(dim=1)
 
 
+def context_arch(config: "BehaviourModelConfig", device: torch.device | None = None) -> PooledSparseArch | None:
+    """Pooled lookups of the non-sequence (user, candidate, context) tables; None if there are none."""
+    if not config.context_tables:
+        return None
+    return PooledSparseArch(EmbeddingBagCollection(tables=[t.to_torchrec() for t in config.context_tables], device=device))
+
+
 class DIN(nn.Module):
     """DIN ranker: [pooled context, candidate, target-attention interest, dense, LUM] -> MLP -> logit.
 
@@ -282,11 +289,7 @@ class DIN(nn.Module):
     def __init__(self, config: DINConfig, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
-        self.context_arch = (
-            PooledSparseArch(EmbeddingBagCollection(tables=[t.to_torchrec() for t in config.context_tables], device=device))
-            if config.context_tables
-            else None
-        )
+        self.context_arch = context_arch(config, device)
         self.sequence_arch = SequenceArch(config, device=device)
         self.attention_arch = TargetAttentionArch(config.item_dim, config.attention_mlp, config.attention_normalize, device=device)
         in_features = config.context_dim + 2 * config.item_dim + config.dense_dim + config.lum_dim

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.profiler import record_function
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.modules.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, keep_most_recent
+from lumrec.modules.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, context_arch, keep_most_recent
 from lumrec.modules.jagged import offsets_to_ids
-from lumrec.modules.ranking import Dense, LogitArch, PooledSparseArch, RankingTrain, dense_part, select_keys
+from lumrec.modules.ranking import Dense, LogitArch, RankingTrain, dense_part, select_keys
 from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
 
 __all__ = ["SIMConfig", "SIM", "SIMTrain", "hard_search_mask"]
@@ -86,11 +85,7 @@ class SIM(nn.Module):
     def __init__(self, config: SIMConfig, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
-        self.context_arch = (
-            PooledSparseArch(EmbeddingBagCollection(tables=[t.to_torchrec() for t in config.context_tables], device=device))
-            if config.context_tables
-            else None
-        )
+        self.context_arch = context_arch(config, device)
         self.sequence_arch = SequenceArch(config, device=device)
         dim = config.item_dim
         self.long_attention = TargetAttentionArch(dim, config.attention_mlp, config.attention_normalize, device=device)
