@@ -79,6 +79,11 @@ class TrainConfig:
     eval_rows_per_batch: int = 64
     exclude_seen: bool = True  # rank only items outside the user's visible history (published protocol)
     log_every_steps: int = 20
+    # Warmup-stable-decay: the lr stays constant, then falls linearly to lr * lr_final_ratio over
+    # the last `lr_decay_fraction` of the run. The run's length is the time budget when one is set
+    # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
+    lr_decay_fraction: float = 0.0
+    lr_final_ratio: float = 0.0
 
 
 @dataclass
@@ -200,6 +205,25 @@ class Pretrainer:
             self.writer = SummaryWriter(str(self.out / "tb"))
         self.writer.add_scalar(name, value, step)
 
+    def lr_multiplier(self, progress: float) -> float:
+        """Factor on the base lr at `progress` in [0, 1] of the run (warmup-stable-decay)."""
+        t = self.cfg.train
+        if t.lr_decay_fraction <= 0:
+            return 1.0
+        left = 1.0 - min(max(progress, 0.0), 1.0)
+        if left >= t.lr_decay_fraction:
+            return 1.0
+        return t.lr_final_ratio + (1.0 - t.lr_final_ratio) * left / t.lr_decay_fraction
+
+    def _set_lr(self, progress: float) -> float:
+        """Scale every optimizer group's lr from its base value; returns the multiplier."""
+        factor = self.lr_multiplier(progress)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * factor
+        return factor
+
     def train_step(self, batch) -> tuple[float, int]:
         """One optimisation step on a packed batch; returns (loss, queries)."""
         seed = _step_seed(self.cfg.train.seed, self.state.step)
@@ -225,6 +249,7 @@ class Pretrainer:
         self.maybe_resume()
         (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
+        total_steps = max(1, t.epochs * len(self.loader))
         self.model.train()
         while not self.state.done and self.loader.epoch < t.epochs:
             epoch = self.loader.epoch
@@ -232,6 +257,10 @@ class Pretrainer:
                        mininterval=2.0, dynamic_ncols=True)
             t0, tok0 = time.perf_counter(), self.state.tokens
             for batch in self.loader:
+                if t.lr_decay_fraction > 0:
+                    seconds = self.state.train_seconds + (time.perf_counter() - t0)
+                    progress = seconds / budget if budget < math.inf else self.state.step / total_steps
+                    factor = self._set_lr(progress)
                 loss, _ = self.train_step(batch)
                 self.state.step += 1
                 self.state.tokens += batch.num_tokens
@@ -242,6 +271,8 @@ class Pretrainer:
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
                     self._log_scalar("train/loss", loss, self.state.step)
                     self._log_scalar("train/tokens_per_s", tps, self.state.step)
+                    if t.lr_decay_fraction > 0:
+                        self._log_scalar("train/lr_factor", factor, self.state.step)
                 if self.state.step % t.checkpoint_every_steps == 0:
                     self.state.train_seconds += time.perf_counter() - t0
                     t0, tok0 = time.perf_counter(), self.state.tokens

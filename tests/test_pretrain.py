@@ -160,3 +160,28 @@ def test_exclude_seen_never_ranks_history_items(synth_path, tmp_path):
     plain = evaluate_retrieval(*args, exclude_seen=False)
     filtered = evaluate_retrieval(*args, exclude_seen=True)
     assert filtered["mrr"] >= plain["mrr"] and filtered["hr@10"] >= plain["hr@10"]
+
+
+def test_lr_decay_schedule_shape(synth_path, tmp_path):
+    trainer = Pretrainer(_config(synth_path, tmp_path / "s", lr_decay_fraction=0.25, lr_final_ratio=0.1))
+    assert trainer.lr_multiplier(0.0) == 1.0 and trainer.lr_multiplier(0.75) == 1.0
+    assert abs(trainer.lr_multiplier(0.875) - 0.55) < 1e-12
+    assert abs(trainer.lr_multiplier(1.0) - 0.1) < 1e-12
+    assert trainer.lr_multiplier(2.0) == trainer.lr_multiplier(1.0)
+    constant = Pretrainer(_config(synth_path, tmp_path / "t"))
+    assert constant.lr_multiplier(0.99) == 1.0
+
+
+def test_lr_decay_run_resumes_identically(synth_path, tmp_path):
+    """The decayed lr is a function of saved progress, so a resumed run replays it exactly."""
+    cfg = dict(lr_decay_fraction=0.5)
+    straight = Pretrainer(_config(synth_path, tmp_path / "a", **cfg))
+    straight.run()
+    lrs = [g["lr"] for opt in straight.optimizers for g in opt.param_groups]
+    assert all(lr < 1e-3 * 0.2 for lr in lrs)  # near the end of the decay
+    first = Pretrainer(_config(synth_path, tmp_path / "b", **cfg))
+    first.run(max_steps=7)
+    resumed = Pretrainer(_config(synth_path, tmp_path / "b", **cfg))
+    resumed.run()
+    for name, tensor in _weights(straight).items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
