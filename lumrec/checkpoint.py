@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from iopath.common.file_io import g_pathmgr
 
+from lumrec.faults import failpoint
+
 log = logging.getLogger(__name__)
 
 META_FILE = "lumrec_meta.json"
@@ -129,6 +131,7 @@ class CheckpointManager:
             self._prune()
             log.info("checkpoint step %d saved to %s", step, final)
         _barrier()
+        failpoint("checkpoint.saved")
         return final
 
     def verify(self, step: int) -> CheckpointInfo:

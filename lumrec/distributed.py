@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Collection, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -391,18 +391,21 @@ def dense_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    exclude: Collection[str] = (),
     **kwargs: Any,
 ) -> Any:
     """A torchrec CombinedOptimizer: the fused table optimizers plus `optimizer_class` (AdamW) on the dense parameters.
 
     `betas` and `eps` apply to Adam/AdamW only; other classes get `weight_decay` (when nonzero)
-    and `**kwargs`.
+    and `**kwargs`. `exclude`: FQNs of parameters kept out of the dense part because the caller
+    gives them an optimizer of their own (e.g. unsharded embedding tables under RowwiseAdamW).
 
     Why torchrec's keyed optimizers and not a bare AdamW: their state_dict names every state by
     its parameter FQN (a bare optimizer numbers parameters, and that order depends on the plan)
     and carries the fused tables' state as sharded tensors, which is what DCP saves. The fused
     part's step() is a no-op (its update ran in backward). RowwiseAdamW tables (DENSE kernel)
-    are in neither part: see `dmp.lumrec_table_sharder.attached_optimizers`.
+    are in neither part: see `dmp.lumrec_table_sharder.attached_optimizers`, and
+    `lumrec.optim.rowwise_adamw_table_state(dmp)` for their state in checkpointable form.
     """
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -410,10 +413,14 @@ def dense_optimizer(
     # Drop the sharded modules' parameters by name too: the DENSE kernel lists per-table views of
     # its flat weight that carry no in-backward marker, and AdamW must never touch a table.
     sharded = tuple(f"{fqn}." for fqn in dmp.plan.plan)
+    excluded = set(exclude)
+    unknown = excluded - {k for k, _ in dmp.named_parameters()}
+    if unknown:
+        raise ValueError(f"dense_optimizer: exclude names parameter(s) {sorted(unknown)[:5]} that the model does not have")
     dense = {
         k: v
         for k, v in in_backward_optimizer_filter(dmp.named_parameters())
-        if v.requires_grad and not k.startswith(sharded)
+        if v.requires_grad and not k.startswith(sharded) and k not in excluded
     }
     if optimizer_class in (torch.optim.AdamW, torch.optim.Adam):
         kwargs = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)

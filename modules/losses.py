@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -69,8 +70,42 @@ def matmul_cross_entropy(
     return _MatmulCrossEntropy.apply(q, candidates, targets, logit_bound)
 
 
+def gather_ids(ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
+    """Every rank's 1-D int64 `ids` concatenated in rank order, and where this rank's start in it.
+
+    Ranks may hold different numbers of ids (zero too): sizes are gathered first, then the ids
+    padded to the largest. Ids need no gradient, so a plain all_gather suffices.
+    """
+    world = dist.get_world_size(group)
+    size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    sizes_t = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes_t, size, group=group)
+    sizes = [int(s) for s in sizes_t]
+    width = max(sizes)
+    if width == 0:  # the same decision on every rank: nobody has ids
+        return ids.new_zeros(0), 0
+    padded = ids.new_zeros(width)
+    padded[: ids.numel()] = ids
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def _no_query_loss(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """A zero loss that still reaches the queries and candidates (every parameter keeps a gradient, zero)."""
+    return queries.sum() * 0.0 + candidates.sum() * 0.0
+
+
 class InfoNCELoss(torch.nn.Module):
     """Softmax cross-entropy of each query's target item against in-batch and sampled negatives.
+
+    With a `process_group` of N > 1 ranks (data-parallel training with sharded tables), each rank
+    passes its own queries and the loss stays the mean over them, while: in-batch negatives are
+    the targets of every rank (the ids are gathered; each rank embeds the global candidate set,
+    so a query sees the candidates it would see in one process), and every rank makes the same
+    candidate lookups even without queries, because a sharded table lookup is a collective.
+    Sampled negatives must be drawn from a generator seeded alike on every rank.
 
     Example::
 
@@ -81,10 +116,16 @@ class InfoNCELoss(torch.nn.Module):
         0
     """
 
-    def __init__(self, config: InfoNCEConfig, num_items: int):
+    def __init__(self, config: InfoNCEConfig, num_items: int, process_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.config = config
         self.num_items = num_items  # ids 1..num_items-1 are real items; 0 is padding
+        self.process_group = process_group
+
+    @property
+    def collective(self) -> bool:
+        """True when the loss runs on several ranks (see the class docstring)."""
+        return self.process_group is not None and dist.get_world_size(self.process_group) > 1
 
     def forward(
         self,
@@ -95,7 +136,7 @@ class InfoNCELoss(torch.nn.Module):
     ) -> torch.Tensor:
         """Mean loss over queries [Q, d] with target ids [Q]; `embed_items(ids)` gives [n, d]."""
         cfg = self.config
-        if queries.shape[0] == 0:
+        if queries.shape[0] == 0 and not self.collective:
             return queries.sum() * 0.0
         if cfg.num_sampled_negatives < 0:
             return self._full_softmax(queries, targets, embed_items)
@@ -120,24 +161,40 @@ class InfoNCELoss(torch.nn.Module):
     def _in_batch(self, queries, targets, sampled, embed_items) -> torch.Tensor:
         """Candidates = unique(in-batch targets + sampled); each id appears once, so a query's
         own target is exactly its positive column and plain cross-entropy is the InfoNCE loss."""
-        ids = targets if sampled is None else torch.cat([targets, sampled])
+        batch_targets, first = gather_ids(targets, self.process_group) if self.collective else (targets, 0)
+        ids = batch_targets if sampled is None else torch.cat([batch_targets, sampled])
+        if ids.numel() == 0:  # no query on any rank and no sampled negative: nothing to look up anywhere
+            return queries.sum() * 0.0
         uniq, inverse = torch.unique(ids, return_inverse=True)
         cand = self._normalize(embed_items(uniq))
+        if queries.shape[0] == 0:
+            return _no_query_loss(queries, cand)
         # Scale the [Q, d] queries, not the [Q, U] logits: one pass over the small matrix.
         q = self._normalize(queries) / self.config.temperature
-        return matmul_cross_entropy(q, cand, inverse[: targets.numel()], self._logit_bound())
+        return matmul_cross_entropy(q, cand, inverse[first : first + targets.numel()], self._logit_bound())
 
     def _full_softmax(self, queries, targets, embed_items) -> torch.Tensor:
         """Cross-entropy of each target against every real item (ids 1..num_items-1)."""
         cand = self._normalize(embed_items(torch.arange(1, self.num_items, device=targets.device)))
+        if queries.shape[0] == 0:
+            return _no_query_loss(queries, cand)
         return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, self._logit_bound())
 
     def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
         """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""
         sampled = torch.unique(sampled)  # same candidate set semantics as the in-batch path
         q = self._normalize(queries) / self.config.temperature
-        pos = (q * self._normalize(embed_items(targets))).sum(-1, keepdim=True)  # [Q, 1]
-        neg = q @ self._normalize(embed_items(sampled)).T  # [Q, K]
+        if self.collective:
+            # One lookup for positives and negatives: the same number of (collective) table
+            # lookups on every rank, whatever its number of queries.
+            both = self._normalize(embed_items(torch.cat([targets, sampled])))
+            if queries.shape[0] == 0:
+                return _no_query_loss(queries, both)
+            pos_emb, neg_emb = both[: targets.numel()], both[targets.numel() :]
+        else:
+            pos_emb, neg_emb = self._normalize(embed_items(targets)), self._normalize(embed_items(sampled))
+        pos = (q * pos_emb).sum(-1, keepdim=True)  # [Q, 1]
+        neg = q @ neg_emb.T  # [Q, K]
         neg = neg.masked_fill(sampled.view(1, -1) == targets.view(-1, 1), float("-inf"))
         logits = torch.cat([pos, neg], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -62,13 +62,29 @@ def last_token_index(batch: JaggedBatch) -> torch.Tensor:
 class RetrievalTrain(nn.Module):
     """Wraps a SequentialRecommender with its InfoNCE next-item loss."""
 
-    def __init__(self, model: SequentialRecommender, loss: InfoNCELoss):
+    def __init__(self, model: SequentialRecommender, loss: InfoNCELoss, min_target_ts: int | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
+        # Continued training on new days: older targets are context only (their loss was taken before).
+        self.min_target_ts = min_target_ts
 
-    def forward(self, batch: JaggedBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-        """(mean loss, number of queries) of one batch."""
+    def forward(
+        self,
+        batch: JaggedBatch,
+        generator: torch.Generator | None = None,
+        negatives_generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """(mean loss, number of queries) of one batch.
+
+        `generator` drives the batch transform and, unless `negatives_generator` is given, the
+        sampled negatives. Data-parallel ranks pass a shared `negatives_generator` (same
+        negatives everywhere) and their own `generator`. With a collective loss
+        (`InfoNCELoss.process_group`), a batch without queries still runs the loss, whose
+        candidate lookups are collectives on sharded tables.
+        """
+        if negatives_generator is None:
+            negatives_generator = generator
         # Models with a training-time batch transform (HSTU's stochastic length) apply it here,
         # so targets follow the subsampled sequences.
         prepare = getattr(self.model, "prepare_batch", None)
@@ -76,5 +92,15 @@ class RetrievalTrain(nn.Module):
             batch = prepare(batch, generator)
         hidden = self.model(batch)
         index, targets = next_item_queries(batch, self.model.predicts_from)
-        loss = self.loss(hidden[index], targets, self.model.item_embeddings, generator)
+        if self.min_target_ts is not None:
+            if batch.ts is None:
+                raise ValueError("RetrievalTrain.min_target_ts needs batches with timestamps (ts)")
+            recent = batch.ts[index + 1] >= self.min_target_ts
+            index, targets = index[recent], targets[recent]
+        if index.numel() == 0 and not getattr(self.loss, "collective", False):
+            # No target in this batch: a zero loss that still reaches every parameter (optimizers skip nothing oddly).
+            return hidden.sum() * 0.0, 0
+        loss = self.loss(hidden[index], targets, self.model.item_embeddings, negatives_generator)
+        if index.numel() == 0:
+            loss = loss + hidden.sum() * 0.0
         return loss, int(index.numel())

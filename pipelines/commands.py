@@ -34,3 +34,11 @@ def register_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML file with PretrainConfig keys (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3 out=runs/x")
     p.set_defaults(func=_run("lumrec.pipelines.pretrain", "main"))
+
+
+def register_daily(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec daily`."""
+    p = sub.add_parser("daily", help="the daily pipeline: continue pre-training, query, rank and evaluate day by day (resumable)")
+    p.add_argument("config", help="YAML file with DailyConfig keys (see configs/daily_synthetic.yaml)")
+    p.add_argument("overrides", nargs="*", help="ds=YYYY-MM-DD, or start=... end=...; key.sub=value overrides")
+    p.set_defaults(func=_run("lumrec.pipelines.daily", "main"))

@@ -1,10 +1,13 @@
-"""The README's demo job: LUM's three steps on embedded synthetic logs, ending with Base vs Base+LUM.
+"""The README's demo job: LUM's three steps on embedded synthetic logs, Base vs Base+LUM, then three daily runs.
 
-    synthetic logs (10 days) -> stats, [condition, item] tokens, one packed batch
+    synthetic logs (11 days) -> stats, [condition, item] tokens, one packed batch
     step 1: pre-train a small LUM on days 1-7 (15 short epochs, at most a minute)
     step 2: grouped query under every scenario and query -> knowledge store as of days 7, 8, 9
     step 3: rank day 8 / 9 / 10 impressions (train / valid / test) with SIM, without and with LUM features
             (each day's samples read the knowledge as of the day before)
+    step 4: the daily pipeline on days 8, 9, 10: continue step 1's LUM on the day, refresh the knowledge
+            of its active users, train SIM warm-started from the day before (day 8: from step 3's Base,
+            LUM inputs at zero), next-day AUC; prints the per-day table
 
 The synthetic click model plants a condition effect (docs/synthetic.md): in the feed a user
 clicks more in their own feed-mode categories, in search items of the query's category. The
@@ -25,13 +28,14 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from lumrec.data.batches import make_jagged_batch
-from lumrec.data.dataset import Dataset, shift_ds
+from lumrec.data.dataset import Dataset
 from lumrec.data.packing import epoch_plan, padding_waste
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.stats import dataset_stats
@@ -40,8 +44,8 @@ from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
 
 log = logging.getLogger("lumrec.demo")
 
-# The demo's synthetic logs: the defaults over 10 days (7 for the LUM, 3 for the ranker).
-DEMO_SYNTH = {"num_days": 10}
+# The demo's synthetic logs: the defaults over 11 days (7 for the LUM, 3 for the ranker, one more for step 4's last next-day AUC).
+DEMO_SYNTH = {"num_days": 11}
 ITEM_STATS = ["f_ctr_7d", "f_log_impressions_7d", "f_popularity"]
 
 
@@ -68,6 +72,8 @@ class DemoConfig:
     rank_batch_size: int = 256
     lum_features: tuple[str, ...] = ("sim", "missing")  # interest matching sim(o_q, e_i) and missing flags
     threads: int = 2  # pre-training
+    daily: bool = True  # step 4: three simulated days of the daily pipeline
+    daily_epochs: int = 2  # continued pre-training passes over each day's behaviours
     step_threads: int = 1  # query and ranking: small matrices, a second thread mostly waits (and hurts on a busy machine)
 
 
@@ -108,6 +114,20 @@ def _quiet_pretraining() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = had
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only warnings from these loggers while the block runs (the demo prints its own summary lines)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def show_data(cfg: DemoConfig, data: Dataset) -> dict:
     """Stats, LUM tokens and one packed batch of the logs (the data side of step 1), in a few lines."""
     stats = dataset_stats(data.root)
@@ -135,11 +155,11 @@ def show_data(cfg: DemoConfig, data: Dataset) -> dict:
             "waste_padded": round(float(waste_padded), 4), "waste_packed": round(float(waste_packed), 4)}
 
 
-def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
-    """Pre-train the LUM on days <= `end` for the time (or step) budget."""
-    from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+def lum_pretrain_config(cfg: DemoConfig, data: Dataset, run: Path, end: str):
+    """The demo LUM's PretrainConfig (step 1; the daily pipeline's template in step 4)."""
+    from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 
-    pcfg = PretrainConfig(
+    return PretrainConfig(
         model="lum", out=str(run),
         data=DataConfig(path=str(data.root), end=end, max_len=cfg.lum_max_len, condition_features=list(cfg.condition_features),
                         item_features=["item_id"], train_excludes_last=1),
@@ -148,6 +168,13 @@ def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
                           checkpoint_every_steps=10**9, log_every_steps=10**9),
         model_config={"d_model": cfg.lum_d_model, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * cfg.lum_d_model},
     )
+
+
+def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
+    """Pre-train the LUM on days <= `end` for the time (or step) budget."""
+    from lumrec.pipelines.pretrain import Pretrainer
+
+    pcfg = lum_pretrain_config(cfg, data, run, end)
     t0 = time.perf_counter()
     with _quiet_pretraining():
         result = Pretrainer(pcfg).run(max_steps=cfg.pretrain_steps)
@@ -177,23 +204,10 @@ def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dic
     return {"knowledge_days": days, "conditions": r["conditions"], "query_s": round(seconds, 1)}
 
 
-def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day: str) -> dict:
-    """Rank Base vs Base+LUM on the same samples, features and budget; print the table and return the summary."""
-    from lumrec.data.ranking.config import RankingSampleConfig
-    from lumrec.data.ranking_samples import build_ranking_samples
-    from lumrec.pipelines.rank import (
-        RankConfig,
-        RankLUMConfig,
-        RankModelConfig,
-        RankTrainConfig,
-        comparison_table,
-        run_rank,
-        summarize_seeds,
-    )
+def ranker_parts(cfg: DemoConfig, store: Path):
+    """The demo ranker's sizes, training and LUM settings (step 3, and the daily DLRM of step 4)."""
+    from lumrec.pipelines.rank import RankLUMConfig, RankModelConfig, RankTrainConfig
 
-    sample_cfg = RankingSampleConfig(protocol="impressions", first_day=first_day, test_fraction=0.3, valid_fraction=0.3)
-    samples = build_ranking_samples(data, sample_cfg)
-    counts = samples.counts()
     # No user_id table: with one day of training impressions per-user embeddings only overfit (measured).
     sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],
                             item_stats=ITEM_STATS)
@@ -201,6 +215,20 @@ def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day
                             threads=cfg.step_threads, progress=False)
     lum = RankLUMConfig(store=str(store), conditions=["scenario=1", "scenario=2"], candidate_condition_feature="query_id",
                         features=list(cfg.lum_features))
+    return sizes, train, lum
+
+
+def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day: str, last_day: str) -> dict:
+    """Rank Base vs Base+LUM on the same samples, features and budget; print the table and return the summary."""
+    from lumrec.data.ranking.config import RankingSampleConfig
+    from lumrec.data.ranking_samples import build_ranking_samples
+    from lumrec.pipelines.rank import RankConfig, comparison_table, run_rank, summarize_seeds
+
+    sample_cfg = RankingSampleConfig(protocol="impressions", first_day=first_day, last_day=last_day, test_fraction=0.3,
+                                     valid_fraction=0.3)
+    samples = build_ranking_samples(data, sample_cfg)
+    counts = samples.counts()
+    sizes, train, lum = ranker_parts(cfg, store)
     t0 = time.perf_counter()
     runs = {}
     for name, lum_cfg in (("base", None), ("lum", lum)):
@@ -218,6 +246,50 @@ def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day
             "input_width": {k: v[0]["input_width"] for k, v in runs.items()}}
 
 
+def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> dict:
+    """Three simulated days of the daily pipeline, continuing step 1's LUM and warm-starting from step 3's Base DLRM."""
+    from lumrec.modules.warm_start_config import WarmStartConfig
+    from lumrec.pipelines.daily import DailyConfig, run_daily
+    from lumrec.pipelines.query import ConditionSpec, QueryConfig
+    from lumrec.pipelines.rank import RankConfig
+
+    daily_out = out / "daily"
+    pretrain = lum_pretrain_config(cfg, data, daily_out, days[0])
+    pretrain.train.epochs, pretrain.train.max_minutes = cfg.daily_epochs, 0.0
+    sizes, train, lum = ranker_parts(cfg, daily_out / "knowledge")
+    dcfg = DailyConfig(
+        data=str(data.root), out=str(daily_out), start=days[0], end=days[-1], epochs_per_day=cfg.daily_epochs,
+        lum_init=str(out / "lum" / "checkpoints"), pretrain=pretrain,
+        query=QueryConfig(conditions=[ConditionSpec(f, "all") for f in cfg.condition_features], threads=cfg.step_threads,
+                          progress=False),
+        rank=RankConfig(model=cfg.rank_model, sizes=sizes, lum=lum, train=train),
+        # The DLRM "the company already has": step 3's Base (no LUM inputs); LUM's columns start at zero.
+        rank_warm_start=WarmStartConfig(source=str(out / "rank" / "base" / "checkpoints")),
+    )
+    t0 = time.perf_counter()
+    with _quiet_pretraining(), _quiet_loggers("lumrec.rank", "lumrec.query", "lumrec.pretrain", "lumrec.modules.warm_start"), \
+            warnings.catch_warnings():
+        # DCP says "assuming the intent is to save in a single process" at every checkpoint: it is.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        statuses = run_daily(dcfg)
+    seconds = time.perf_counter() - t0
+    table = (daily_out / "report.tsv").read_text().rstrip()
+    print(f"\nstep 4: daily pipeline, days {days[0]}..{days[-1]} (continue LUM on the day, refresh the knowledge of its "
+          f"active users, train {cfg.rank_model.upper()} warm-started from the day before, next-day AUC) in {seconds:.0f} s:\n")
+    print(_aligned(table))
+    reports = [json.loads((daily_out / "days" / f"ds={d}" / "report.json").read_text()) for d in days]
+    return {"daily_s": round(seconds, 1), "daily_status": [s["status"] for s in statuses],
+            "daily_next_day_auc": [round(r["eval"]["auc"], 4) for r in reports],
+            "daily_refreshed": [r["query"]["refreshed_users"] for r in reports]}
+
+
+def _aligned(tsv: str) -> str:
+    """A tab-separated table with aligned columns."""
+    rows = [line.split("\t") for line in tsv.splitlines()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
 def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
     """Run the demo (data -> step 1 -> step 2 -> step 3) and return its key figures (also printed as the last line)."""
     t0 = time.perf_counter()
@@ -225,11 +297,12 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
     data = ensure_synthetic(out / "data", synth)
     figures = show_data(cfg, data)
     days = data.days("behaviours")
-    if not 1 <= cfg.pretrain_days <= len(days) - 3:
-        raise ValueError(f"DemoConfig.pretrain_days must leave 3 days for the ranker: {len(days)} days, pretrain_days={cfg.pretrain_days}")
+    if not 1 <= cfg.pretrain_days <= len(days) - 4:
+        raise ValueError(f"DemoConfig.pretrain_days must leave 4 days for steps 3-4: {len(days)} days, pretrain_days={cfg.pretrain_days}")
     end = days[cfg.pretrain_days - 1]
-    # Steps 1-3 start afresh: their folders would otherwise resume runs made on other logs or settings.
-    for name in ("lum", "knowledge", "rank"):
+    ranked_days = days[cfg.pretrain_days : cfg.pretrain_days + 3]  # step 3: train / valid / test; step 4: the daily days
+    # Steps 1-4 start afresh: their folders would otherwise resume runs made on other logs or settings.
+    for name in ("lum", "knowledge", "rank", "daily"):
         shutil.rmtree(out / name, ignore_errors=True)
     print()
     ckpt_log = logging.getLogger("lumrec.checkpoint")
@@ -238,8 +311,10 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
     try:
         figures.update(step1_pretrain(cfg, data, out / "lum", end))
         # A sample of day D reads the knowledge as of D-1: stores for the pre-training's last day up to the day before the last.
-        figures.update(step2_query(cfg, out / "lum", out / "knowledge", [d for d in days if end <= d < days[-1]]))
-        ranked = step3_rank(cfg, data, out / "knowledge", out / "rank", shift_ds(end, 1))
+        figures.update(step2_query(cfg, out / "lum", out / "knowledge", [d for d in days if end <= d < ranked_days[-1]]))
+        ranked = step3_rank(cfg, data, out / "knowledge", out / "rank", ranked_days[0], ranked_days[-1])
+        if cfg.daily:
+            figures.update(step4_daily(cfg, data, out, ranked_days))
     finally:
         ckpt_log.setLevel(level)
     summary = ranked["summary"]

@@ -3,6 +3,19 @@
 Determinism: batches come from a packing plan fixed by (seed, epoch); dropout and negative
 sampling are seeded by (seed, global step). A run resumed from any checkpoint therefore
 continues with the same batches and the same loss curve as an uninterrupted one.
+
+N ranks (torchrun / torchx with WORLD_SIZE > 1; gloo on CPU, like the one-process path): the
+embedding tables are sharded with TorchRec's DistributedModelParallel (RowwiseAdamW fused into
+their backward), the dense rest is replicated under DDP with AdamW, and each rank trains on a
+contiguous slice of every global batch of `rows_per_batch` packed rows. The loss is rescaled so
+that the gradient is that of the mean over all ranks' queries; sampled negatives are the same on
+every rank and in-batch negatives are every rank's targets, so N ranks train like one process
+(tests/test_pretrain_distributed.py; equal up to float rounding with dropout and stochastic
+length off: those draw per rank). Evaluation runs identically on every rank (not sped up);
+rank 0 writes config.json, results.json and TensorBoard. Checkpoints keep one process's names
+and layout (tables and their RowwiseAdamW moments as ShardedTensors), so DCP moves them between
+world sizes: a 2-rank checkpoint resumes on 2 ranks, or initialises (`train.init_from`) or is read
+(`lumrec.checkpoint.load_model_weights`) by an unsharded model.
 """
 
 from __future__ import annotations
@@ -11,12 +24,16 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, ShardMetadata, TensorProperties
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
@@ -24,13 +41,18 @@ from lumrec.allocator import keep_freed_host_memory
 from lumrec.checkpoint import CheckpointManager
 from lumrec.config import load_config, to_dict
 from lumrec.data.batches import PackedBatchLoader
-from lumrec.data.dataset import Dataset
+from lumrec.data.dataset import Dataset, day_bounds
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig
+from lumrec.faults import failpoint
+from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.pipelines.model_factory import build_model, split_parameters
 from lumrec.pipelines.retrieval_eval import build_tokens, evaluate_retrieval, leave_one_out
+
+if TYPE_CHECKING:
+    from lumrec.distributed import DistContext
 
 log = logging.getLogger("lumrec.pretrain")
 
@@ -49,8 +71,12 @@ class DataConfig:
     # Events at the end of each history that training never sees. 2: validation and test are
     # held out and early stopping uses validation (strict). 1: only the test event is held out,
     # as in the published ML-1M protocol (Meta's code has no validation split); there is then no
-    # validation metric, so the model at the end of the budget is the one tested.
+    # validation metric, so the model at the end of the budget is the one tested. 0: nothing is
+    # held out and there is no test (continued daily pre-training: the next day tests it).
     train_excludes_last: int = 2
+    # Streaming continuation: only items on or after this day (YYYY-MM-DD) are training targets;
+    # earlier events are context. Users without events on or after it are skipped. None = all.
+    target_start: str | None = None
 
 
 @dataclass
@@ -79,6 +105,14 @@ class TrainConfig:
     eval_rows_per_batch: int = 64
     exclude_seen: bool = True  # rank only items outside the user's visible history (published protocol)
     log_every_steps: int = 20
+    # A checkpoint (a run's checkpoints/ folder, or one step-NNNNNNNN in it) whose model and
+    # optimizer state a fresh run starts from: continued pre-training (daily: D-1's LUM). Ignored
+    # when the run has checkpoints of its own (it resumes from them).
+    init_from: str | None = None
+    # Feature warm-up: a fresh run (no checkpoints, no init_from) copies the embedding tables of an
+    # existing DLRM into the token encoder (names mapped by `name_map`; only same-shape tensors are
+    # copied, the rest is reported). Declare the LUM's tables like the DLRM's (model_config.embedding_dim).
+    table_init: WarmStartConfig | None = None
     # Warmup-stable-decay: the lr stays constant, then falls linearly to lr * lr_final_ratio over
     # the last `lr_decay_fraction` of the run. The run's length is the time budget when one is set
     # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
@@ -113,13 +147,77 @@ class RunState:
     done: bool = False
 
 
+_STEP_DIR = re.compile(r"^step-\d{8}$")
+
+
 def _step_seed(seed: int, step: int) -> int:
     """A per-step seed, so that a resumed run draws the same dropout masks and negatives."""
     return (seed * 1_000_003 + step * 7919) % (2**63 - 1)
 
 
+def _rank_seed(step_seed: int, rank: int) -> int:
+    """Rank `rank`'s own stream of a step (dropout, stochastic length); rank 0's is the step seed."""
+    return (step_seed + rank * 104_729) % (2**63 - 1)
+
+
+def _distributed_context() -> "DistContext | None":
+    """The process group when torchrun/torchx started WORLD_SIZE > 1 ranks; None in one process (the plain path).
+
+    gloo on CPU whatever the machine: the pre-trainer runs on CPU in one process too.
+    """
+    raw = os.environ.get("WORLD_SIZE") or "1"
+    try:
+        world = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
+    if world <= 1:
+        return None
+    from lumrec.distributed import init_distributed
+
+    return init_distributed("gloo")
+
+
+@dataclass
+class _TableSlot:
+    """Where this rank's shard of one table lives in a DENSE kernel: its RowwiseAdamW, flat weight, segment."""
+
+    optimizer: torch.optim.Optimizer
+    weight: torch.Tensor
+    offset: int  # first element of the table in the flat weight
+    rows: int
+    dim: int
+    row_base: int  # first row of the table in the optimizer's per-row state
+
+
+def _sharded_like(weight: ShardedTensor, local_meta: ShardMetadata, local: torch.Tensor, rows_only: bool) -> ShardedTensor:
+    """A ShardedTensor placed like `weight` (`rows_only`: its row dimension alone) with `local` as this rank's shard."""
+
+    def cut(m: ShardMetadata) -> ShardMetadata:
+        if rows_only:
+            return ShardMetadata([m.shard_offsets[0]], [m.shard_sizes[0]], m.placement)
+        return ShardMetadata(list(m.shard_offsets), list(m.shard_sizes), m.placement)
+
+    meta = weight.metadata()
+    size = torch.Size(list(meta.size)[:1] if rows_only else list(meta.size))
+    global_meta = ShardedTensorMetadata([cut(m) for m in meta.shards_metadata], size, TensorProperties(dtype=local.dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata([Shard(local, cut(local_meta))], global_meta)
+
+
+def _unprefixed(name: str, prefix: str = "model.") -> str:
+    """A sharded RetrievalTrain's parameter name as the bare model's (`model.x` -> `x`)."""
+    if not name.startswith(prefix):
+        raise RuntimeError(f"dense parameter {name!r} is outside the model (expected the prefix {prefix!r})")
+    return name[len(prefix) :]
+
+
 class Pretrainer:
-    """Owns the model, optimizers, data and checkpoints of one run."""
+    """Owns the model, optimizers, data and checkpoints of one run, in one process or on N ranks (module docstring).
+
+    One process: `model` is the plain model, `optimizers` = [AdamW (dense), RowwiseAdamW (tables)].
+    N ranks: `dmp` is the DistributedModelParallel of `trainer`, `model` the model inside it (tables
+    sharded), `optimizers` = [dense AdamW (torchrec CombinedOptimizer), RowwiseAdamW per DENSE kernel]
+    (those step inside backward; they are listed for the lr schedule).
+    """
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -132,27 +230,50 @@ class Pretrainer:
         data = Dataset(cfg.data.path)
         self.meta = data.read_meta()
         seqs = sequences_from_dataset(data, cfg.data.start, cfg.data.end)
+        if cfg.data.train_excludes_last not in (0, 1, 2):
+            raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
         self.split = leave_one_out(seqs, cfg.data.min_history)
-        if cfg.data.train_excludes_last not in (1, 2):
-            raise ValueError(f"data.train_excludes_last must be 1 or 2, got {cfg.data.train_excludes_last}")
         self.validates = cfg.data.train_excludes_last == 2
+        self.tests = cfg.data.train_excludes_last > 0
+        self.min_target_ts: int | None = None
+        if cfg.data.target_start is not None:
+            self.min_target_ts = day_bounds(cfg.data.target_start)[0]
         self.token_config = TokenConfig(
             condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features)
         )
         torch.manual_seed(cfg.train.seed)
         self.model: SequentialRecommender = build_model(cfg.model, cfg.model_config, self.meta, data, self.token_config, cfg.data.max_len)
         self.lum = self.model.predicts_from != 1
-        train_seqs = self.split.train if self.validates else self.split.valid
+        train_seqs = {2: self.split.train, 1: self.split.valid, 0: seqs}[cfg.data.train_excludes_last]
+        if self.min_target_ts is not None:
+            train_seqs = train_seqs.active_since(self.min_target_ts)
+        if len(train_seqs) == 0:
+            raise ValueError(f"{cfg.data.path}: no training sequences (data.start={cfg.data.start}, data.end={cfg.data.end}, "
+                             f"data.target_start={cfg.data.target_start})")
+        self.num_train_users = len(train_seqs)
         tokens = build_tokens(train_seqs, self.token_config, self.lum)
-        self.loader = PackedBatchLoader(tokens, cfg.data.max_len, cfg.train.rows_per_batch, shuffle_seed=cfg.train.seed)
+        self.ctx = _distributed_context()
+        self.is_main = self.ctx is None or self.ctx.is_main
+        part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
+        self.loader = PackedBatchLoader(tokens, cfg.data.max_len, cfg.train.rows_per_batch, shuffle_seed=cfg.train.seed, part=part)
         t = cfg.train
         loss = InfoNCELoss(InfoNCEConfig(
             temperature=t.temperature, num_sampled_negatives=t.num_negatives, in_batch_negatives=t.in_batch_negatives
-        ), self.model.num_items)
-        self.trainer = RetrievalTrain(self.model, loss)
-        self.optimizers = self._build_optimizers()
+        ), self.model.num_items, process_group=None if self.ctx is None else self.ctx.process_group)
+        self.trainer = RetrievalTrain(self.model, loss, min_target_ts=self.min_target_ts)
         self.ckpt = CheckpointManager(self.out / "checkpoints", keep=t.keep_checkpoints)
         self.best = CheckpointManager(self.out / "best", keep=1)
+        self.dmp = None  # the DistributedModelParallel of `trainer` on N ranks
+        if self.ctx is None:
+            self.optimizers = self._build_optimizers()
+        else:
+            if self.ckpt.latest() is None and not t.init_from and t.table_init is not None:
+                self._init_tables(t.table_init)  # into the unsharded model: sharding copies the tables
+            self.optimizers = self._shard()
+        # The configured lr of every optimizer group: the schedule scales these (not the groups'
+        # current values, which a checkpoint may carry decayed).
+        self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
+        self._lr_factor = 1.0
         self.state = RunState()
         self.writer = None
 
@@ -175,30 +296,205 @@ class Pretrainer:
                 opts.append(torch.optim.AdamW(tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
         return opts
 
+    def _shard(self) -> list[Any]:
+        """Shard the tables over the ranks (RowwiseAdamW in backward) and DDP the rest; returns [dense AdamW, *table optimizers].
+
+        After this, `self.trainer` is the RetrievalTrain with sharded tables (called through
+        `self.dmp`) and `self.model` its SequentialRecommender, whose state_dict has one
+        process's names (tables as ShardedTensors).
+        """
+        from torchrec.modules.embedding_modules import EmbeddingCollection
+
+        from lumrec.distributed import dense_optimizer, shard_model
+        from lumrec.optim import RowwiseAdamW, fused_params_for
+
+        t = self.cfg.train
+        unshardable = [name for name, m in self.model.named_modules() if isinstance(m, EmbeddingCollection)]
+        if unshardable:
+            raise ValueError(f"model {self.cfg.model!r}: EmbeddingCollection {unshardable} cannot be sharded with RowwiseAdamW "
+                             "on CPU (lumrec.optim.sharding); pre-train it in one process (WORLD_SIZE=1)")
+        table_opt = fused_params_for(self.ctx.device, lr=t.embedding_lr or t.lr, betas=t.betas, eps=t.eps,
+                                     weight_decay=t.embedding_weight_decay)
+        self.dmp = shard_model(self.trainer, self.ctx, table_opt)
+        self.trainer = self.dmp.module
+        self.model = self.trainer.model
+        self.dense_optimizer = dense_optimizer(self.dmp, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        self._table_slots = self._find_table_slots()
+        # A one-process RowwiseAdamW group's keys, for checkpoints that one process can read.
+        probe = RowwiseAdamW([torch.zeros(1, 1, requires_grad=True)], **table_opt["optimizer_kwargs"])
+        self._table_group = {k: v for k, v in probe.param_groups[0].items() if k != "params"}
+        return [self.dense_optimizer, *self.dmp.lumrec_table_sharder.attached_optimizers]
+
+    def _find_table_slots(self) -> dict[str, _TableSlot]:
+        """This rank's table shards by the state-dict key of their weight: optimizer, flat weight and segment."""
+        from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+        from lumrec.optim.sharding import dense_kernel_segments, iter_dense_kernels
+
+        slots: dict[str, _TableSlot] = {}
+        for fqn, module in self.model.named_modules():
+            if not isinstance(module, ShardedEmbeddingBagCollection):
+                continue
+            prefix = f"{fqn}.embedding_bags." if fqn else "embedding_bags."
+            for kernel in iter_dense_kernels(module):
+                weight = kernel.emb_module.weights
+                optimizer = weight._in_backward_optimizers[-1]  # the RowwiseAdamW the sharder attached
+                row_base = 0
+                for table, (offset, rows, dim) in zip(kernel.config.embedding_tables, dense_kernel_segments(kernel)):
+                    slots[f"{prefix}{table.name}.weight"] = _TableSlot(optimizer, weight, offset, rows, dim, row_base)
+                    row_base += rows
+        return slots
+
     # -- checkpoints ------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, for_save: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds: {"model": ..., "optim": ...} with one process's names on any world size."""
+        if self.dmp is not None:
+            return self._sharded_state(param_groups=for_save)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
         return {"model": model_sd, "optim": optim_sd}
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        """Put a state loaded by DCP into the model and optimizers."""
+        if self.dmp is None:
+            set_state_dict(self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            return
+        # The optimizer state was loaded in place (views); the model goes through load_state_dict
+        # so that torchrec copies the table shards whatever DCP did with them.
+        self.model.load_state_dict(state["model"])
+
+    def _sharded_state(self, param_groups: bool) -> dict[str, Any]:
+        """This rank's part of a checkpoint, named and laid out like one process's `get_state_dict`.
+
+        Dense parameters and their AdamW state are replicated tensors (DCP writes them once);
+        tables and their RowwiseAdamW moments (exp_avg [rows, dim], exp_avg_sq_row and row_step
+        [rows]) are ShardedTensors over views of the live shards and state, so loading is in place
+        and DCP reshards between world sizes. `param_groups` (for saving) adds the hyper-parameters
+        one process restores; on N ranks the lrs always come from this run's config and schedule.
+        """
+        model_sd = self.model.state_dict()
+        state: dict[str, Any] = {}
+        dense = dict(self.dense_optimizer.optimizers).get("dense")
+        dense_names: list[str] = []
+        if dense is not None:
+            self._init_dense_state(dense)
+            for name, param in dense.params.items():
+                dense_names.append(_unprefixed(name))
+                state[dense_names[-1]] = dict(dense.state[param])
+        table_names = sorted(k for k, v in model_sd.items() if isinstance(v, ShardedTensor))
+        for key in table_names:
+            table_state = self._table_state(key, model_sd[key])
+            if table_state is not None:  # else another rank holds this table
+                state[key] = table_state
+        optim: dict[str, Any] = {"state": state}
+        if param_groups:
+            groups = []
+            if dense is not None:
+                groups.append({**{k: v for k, v in dense.param_groups[0].items() if k != "params"}, "params": dense_names})
+            if table_names:
+                lr = (self.cfg.train.embedding_lr or self.cfg.train.lr) * self._lr_factor
+                groups.append({**self._table_group, "lr": lr, "params": table_names})
+            optim["param_groups"] = groups
+        return {"model": model_sd, "optim": optim}
+
+    @staticmethod
+    def _init_dense_state(dense: Any) -> None:
+        """Create AdamW's lazy state (a step with zero gradients at lr 0, as torch's get_state_dict does) so DCP can load into it."""
+        inner = dense._optimizer
+        params = list(dense.params.values())
+        if all(inner.state.get(p) for p in params):
+            return
+        lrs = [group["lr"] for group in inner.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        inner.step()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+        inner.zero_grad(set_to_none=True)
+
+    def _table_state(self, key: str, weight: ShardedTensor) -> dict[str, Any] | None:
+        """RowwiseAdamW state of this rank's shard of table `key` as ShardedTensors; None when it holds none."""
+        shards = weight.local_shards()
+        if not shards:
+            return None
+        slot = self._table_slots.get(key)
+        if slot is None or len(shards) != 1 or list(shards[0].metadata.shard_sizes) != [slot.rows, slot.dim]:
+            raise RuntimeError(f"{key}: expected one local shard of whole rows in a DENSE kernel; found {len(shards)} "
+                               f"shard(s), kernel segment {slot}")
+        opt = slot.optimizer
+        st = opt._init_state(opt.param_groups[0], slot.weight)  # lazy state must exist before DCP loads into it
+        rows = slice(slot.row_base, slot.row_base + slot.rows)
+        exp_avg = st["exp_avg"][slot.offset : slot.offset + slot.rows * slot.dim].view(slot.rows, slot.dim)
+        meta = shards[0].metadata
+        return {
+            "step": st["step"],
+            "exp_avg": _sharded_like(weight, meta, exp_avg, rows_only=False),
+            "exp_avg_sq_row": _sharded_like(weight, meta, st["exp_avg_sq_row"][rows], rows_only=True),
+            "row_step": _sharded_like(weight, meta, st["row_step"][rows], rows_only=True),
+        }
 
     def save(self) -> None:
         """Checkpoint tensors plus run state (data position, best metric, history)."""
         self.state.epoch, self.state.batch = self.loader.epoch, self.loader.batch
-        self.ckpt.save(self.state.step, self._state(), extra=asdict(self.state))
+        self.ckpt.save(self.state.step, self._state(for_save=True), extra=asdict(self.state))
 
     def maybe_resume(self) -> bool:
-        """Load the latest complete checkpoint of this run, if any."""
+        """Load the latest complete checkpoint of this run, if any (else `train.init_from`'s weights, if set)."""
         if self.ckpt.latest() is None:
+            if self.cfg.train.init_from:
+                self._init_from(self.cfg.train.init_from)
+            elif self.cfg.train.table_init is not None and self.dmp is None:  # N ranks: done before sharding
+                self._init_tables(self.cfg.train.table_init)
             return False
         state = self._state()
         info = self.ckpt.load(state)
-        set_state_dict(self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._apply_state(state)
         self.state = RunState(**info.extra)
         self.loader.epoch, self.loader.batch = self.state.epoch, self.state.batch
         log.info("resumed from step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batch)
         return True
 
+    def _init_from(self, source: str) -> None:
+        """Start from another run's model and optimizer state (a checkpoints/ folder or one step in it)."""
+        path = Path(source)
+        manager, step = CheckpointManager(path, keep=0), None
+        if _STEP_DIR.match(path.name):
+            manager, step = CheckpointManager(path.parent, keep=0), int(path.name.split("-")[1])
+        elif manager.latest() is None:
+            raise FileNotFoundError(f"train.init_from: {path} holds no complete checkpoint (step-NNNNNNNN with its meta file)")
+        state = self._state()
+        manager.load(state, step)
+        self._apply_state(state)
+        # Moments carry over; the learning rates are this run's (the source's may have decayed).
+        for opt, lrs in zip(self.optimizers, self._base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
+        log.info("initialised from %s", manager.step_dir(step if step is not None else manager.latest()))
+
+    def _init_tables(self, cfg: WarmStartConfig) -> None:
+        """Feature warm-up: the token encoder's tables from an existing DLRM's (see TrainConfig.table_init)."""
+        from lumrec.modules.warm_start import load_source_state, warm_start
+
+        if not cfg.source:
+            raise ValueError("train.table_init.source is empty; give the DLRM's checkpoint folder or torch.save file")
+        cfg = WarmStartConfig(source=cfg.source, name_map=cfg.name_map, strict_shapes=False, exclude=cfg.exclude,
+                              checkpoint_key=cfg.checkpoint_key)
+        tables = {name for name, _ in self.model.named_parameters() if "embedding_bags" in name}
+        # Only tables travel: a DLRM's dense layers mean nothing to the LUM.
+        source = {k: v for k, v in load_source_state(cfg.source, cfg.checkpoint_key).items() if "embedding_bags" in k}
+        report = warm_start(self.model, source, cfg)
+        copied = sorted(set(report.copied) & tables)
+        if not copied:
+            raise ValueError(f"train.table_init: no embedding table of {cfg.source} matched the LUM's tables {sorted(tables)} "
+                             "(check name_map and model_config.embedding_dim)")
+        self.table_init_report = {"source": cfg.source, "tables": copied}
+        log.info("token encoder tables initialised from %s: %s", cfg.source, copied)
+
     # -- training ---------------------------------------------------------------------------
     def _log_scalar(self, name: str, value: float, step: int) -> None:
+        if not self.is_main:
+            return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -216,17 +512,36 @@ class Pretrainer:
         return t.lr_final_ratio + (1.0 - t.lr_final_ratio) * left / t.lr_decay_fraction
 
     def _set_lr(self, progress: float) -> float:
-        """Scale every optimizer group's lr from its base value; returns the multiplier."""
+        """Every optimizer group's lr = its configured lr x the schedule's factor; returns the factor."""
         factor = self.lr_multiplier(progress)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * factor
+        self._lr_factor = factor
+        for opt, lrs in zip(self.optimizers, self._base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * factor
         return factor
 
-    def train_step(self, batch) -> tuple[float, int]:
-        """One optimisation step on a packed batch; returns (loss, queries)."""
+    def _rank0(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (decisions such as the time budget must agree); itself in one process."""
+        if self.ctx is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _seconds(self, t0: float) -> float:
+        """Training seconds so far; on N ranks rank 0's clock, so that lr and time budget agree everywhere."""
+        seconds = self.state.train_seconds + (time.perf_counter() - t0)
+        if self.ctx is None:
+            return seconds
+        box = torch.tensor([seconds], dtype=torch.float64)
+        dist.broadcast(box, src=0)
+        return float(box)
+
+    def train_step(self, batch) -> tuple[float, int, int]:
+        """One optimisation step on a packed batch; returns the global batch's (mean loss, queries, tokens)."""
         seed = _step_seed(self.cfg.train.seed, self.state.step)
+        if self.dmp is not None:
+            return self._sharded_step(batch, seed)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         loss, queries = self.trainer(batch, generator)
@@ -235,7 +550,30 @@ class Pretrainer:
         loss.backward()
         for opt in self.optimizers:
             opt.step()
-        return float(loss.detach()), queries
+        return float(loss.detach()), queries, batch.num_tokens
+
+    def _sharded_step(self, batch, seed: int) -> tuple[float, int, int]:
+        """`train_step` on this rank's slice: the global mean loss's gradient, tables updated in backward."""
+        from lumrec.distributed import global_mean_loss
+
+        own = _rank_seed(seed, self.ctx.rank)
+        torch.manual_seed(own)  # dropout: each rank its own masks
+        # Sampled negatives from the step seed alone: the same on every rank, as in one process.
+        loss, queries = self.dmp(batch, torch.Generator().manual_seed(own), torch.Generator().manual_seed(seed))
+        # A stand-in for an empty slice (`batch.padding`) has no query and trains no token.
+        counts = torch.tensor([queries, 0 if batch.padding else batch.num_tokens], dtype=torch.int64)
+        dist.all_reduce(counts)
+        total_queries, tokens = int(counts[0]), int(counts[1])
+        if total_queries > 0:
+            # Ranks' gradients are averaged (DDP, torchrec): scaled by world * local / global queries,
+            # they average to the gradient of the mean over every rank's queries.
+            loss = global_mean_loss(loss, queries, self.ctx, total_queries)
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # the table shards were updated here (RowwiseAdamW in backward)
+        self.dense_optimizer.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        return float(mean) / self.ctx.world_size, total_queries, tokens
 
     def evaluate(self, which: str = "valid") -> dict[str, float]:
         """Leave-one-out metrics on the validation or test targets."""
@@ -247,23 +585,24 @@ class Pretrainer:
         """Train until epochs, patience, time budget or `max_steps` run out; then test the best model."""
         t = self.cfg.train
         self.maybe_resume()
-        (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         total_steps = max(1, t.epochs * len(self.loader))
-        self.model.train()
+        (self.dmp if self.dmp is not None else self.model).train()
         while not self.state.done and self.loader.epoch < t.epochs:
             epoch = self.loader.epoch
             bar = tqdm(total=len(self.loader), initial=self.loader.batch, desc=f"epoch {epoch}", unit="batch",
-                       mininterval=2.0, dynamic_ncols=True)
+                       mininterval=2.0, dynamic_ncols=True, disable=not self.is_main)
             t0, tok0 = time.perf_counter(), self.state.tokens
             for batch in self.loader:
                 if t.lr_decay_fraction > 0:
-                    seconds = self.state.train_seconds + (time.perf_counter() - t0)
-                    progress = seconds / budget if budget < math.inf else self.state.step / total_steps
+                    progress = self._seconds(t0) / budget if budget < math.inf else self.state.step / total_steps
                     factor = self._set_lr(progress)
-                loss, _ = self.train_step(batch)
+                loss, _, tokens = self.train_step(batch)
                 self.state.step += 1
-                self.state.tokens += batch.num_tokens
+                self.state.tokens += tokens
+                failpoint("pretrain.step")
                 elapsed = time.perf_counter() - t0
                 bar.update(1)
                 if self.state.step % t.log_every_steps == 0:
@@ -279,7 +618,7 @@ class Pretrainer:
                     self.save()
                 if max_steps is not None and self.state.step >= max_steps:
                     break
-                if self.state.train_seconds + (time.perf_counter() - t0) > budget:
+                if budget < math.inf and self._seconds(t0) > budget:
                     log.info("time budget of %.1f min reached", t.max_minutes)
                     self.state.done = True
                     break
@@ -297,11 +636,13 @@ class Pretrainer:
     def _end_of_epoch_eval(self, epoch: int) -> None:
         """Validation metrics, best-model bookkeeping and early stopping."""
         t = self.cfg.train
-        metrics = self.evaluate("valid")
+        # Every rank evaluates alike; rank 0's numbers rule, so early stopping agrees to the bit.
+        metrics = self._rank0(self.evaluate("valid"))
         self.state.history.append({"epoch": epoch, "step": self.state.step, **metrics})
         for name, value in metrics.items():
             self._log_scalar(f"valid/{name}", value, self.state.step)
-        log.info("epoch %d valid %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.is_main:
+            log.info("epoch %d valid %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if metrics["hr@10"] > self.state.best_metric:
             self.state.best_metric, self.state.best_epoch, self.state.bad_evals = metrics["hr@10"], epoch, 0
             self.best.save(self.state.step, {"model": self.model.state_dict()}, extra={"epoch": epoch, **metrics})
@@ -317,7 +658,7 @@ class Pretrainer:
             state = {"model": self.model.state_dict()}
             self.best.load(state)
             self.model.load_state_dict(state["model"])
-        test = self.evaluate("test")
+        test = self._rank0(self.evaluate("test")) if self.tests else {}
         secs = self.state.train_seconds
         result = {
             "model": self.cfg.model,
@@ -326,20 +667,33 @@ class Pretrainer:
             "best_epoch": self.state.best_epoch,
             "epochs_run": self.loader.epoch,
             "steps": self.state.step,
+            "train_users": self.num_train_users,
             "train_minutes": round(secs / 60, 2),
             "tokens_per_s": round(self.state.tokens / secs, 1) if secs > 0 else None,
             "history": self.state.history,
         }
-        (self.out / "results.json").write_text(json.dumps(result, indent=2))
-        log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        if self.is_main:
+            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+        if test and self.is_main:
+            log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in test.items()))
         if self.writer is not None:
             self.writer.close()
         return result
 
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it (nothing to do in one process)."""
+        if self.ctx is not None:
+            self.ctx.close()
+
 
 def main(args: argparse.Namespace) -> int:
-    """`lumrec pretrain CONFIG [key=value ...]`."""
+    """`lumrec pretrain CONFIG [key=value ...]`; under torchrun with WORLD_SIZE > 1, sharded over the ranks."""
     cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
-    result = Pretrainer(cfg).run()
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    trainer = Pretrainer(cfg)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0

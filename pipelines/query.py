@@ -68,6 +68,9 @@ class QueryConfig:
     item_chunk: int = 65536  # items embedded per call
     threads: int = 0  # torch threads (0 = torch's default)
     progress: bool = True
+    # Incremental refresh: an earlier as_of_ds of the same store whose users that are not queried
+    # now keep their vectors (a user without new behaviour has the same history). None = no carry-over.
+    carry_over_from: str | None = None
 
 
 @dataclass
@@ -176,11 +179,7 @@ def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs) -> "np.ndarray":
     from lumrec.data.dataset import day_bounds
 
     if cfg.users == "active":
-        day_start = day_bounds(cfg.as_of_ds)[0]
-        has = seqs.lengths() > 0
-        last_ts = np.full(len(seqs), -1, dtype=np.int64)
-        last_ts[has] = seqs.ts[seqs.offsets[1:][has] - 1]
-        return seqs.user_ids[last_ts >= day_start]
+        return seqs.user_ids[seqs.last_event_ts() >= day_bounds(cfg.as_of_ds)[0]]
     if cfg.users == "all":
         ids = [seqs.user_ids]
         if loaded.data.has_table("users"):
@@ -205,6 +204,27 @@ def _answers_without_history(lum: "LUM", conditions: list["Condition"], as_of_ts
     if grouped:
         return one_pass(query_x)
     return torch.cat([one_pass(query_x[j : j + 1]) for j in range(len(conditions))], dim=1)
+
+
+def _carry_over(writer, cfg: QueryConfig, conditions: list["Condition"], queried: "np.ndarray") -> int:
+    """Copy the users of partition `cfg.carry_over_from` that were not queried now into `writer`; returns how many."""
+    import numpy as np
+
+    from lumrec.data.knowledge import load_knowledge
+
+    if cfg.carry_over_from >= cfg.as_of_ds:
+        raise ValueError(f"query: carry_over_from={cfg.carry_over_from} must be a day before as_of_ds={cfg.as_of_ds}")
+    old = load_knowledge(cfg.store, cfg.carry_over_from)
+    if old.dim != writer.dim:
+        raise ValueError(f"query: carry_over_from={cfg.carry_over_from} has dim {old.dim}, the model {writer.dim}; refresh all users")
+    try:
+        ids, vectors = old.user_table([str(c) for c in conditions])
+    except KeyError as err:
+        raise ValueError(f"query: cannot carry over from {cfg.carry_over_from}: {err.args[0]}; refresh all users") from None
+    keep = ~np.isin(ids.numpy(), queried)
+    if keep.any():
+        writer.write_users(ids.numpy()[keep], vectors.numpy()[keep])
+    return int(keep.sum())
 
 
 def run_query(cfg: QueryConfig) -> dict[str, Any]:
@@ -264,6 +284,7 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
         if len(no_history):
             # Without history an answer depends on the condition only: compute it once, give it to all.
             writer.write_users(no_history, _answers_without_history(lum, conditions, as_of_ts, grouped).expand(len(no_history), -1, -1))
+        carried = _carry_over(writer, cfg, conditions, users) if cfg.carry_over_from else 0
         item_ids = torch.arange(1, lum.num_items)  # 0 is padding
         for i in range(0, len(item_ids), cfg.item_chunk):
             chunk = item_ids[i : i + cfg.item_chunk]
@@ -274,6 +295,8 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
         "model_version": version,
         "users": int(len(users)),
         "users_without_history": int(len(no_history)),
+        "carried_over": int(carried),
+        "carry_over_from": cfg.carry_over_from,
         "conditions": len(conditions),
         "rows": int(len(users)) * len(conditions),
         "items": int(len(item_ids)),

@@ -24,6 +24,18 @@ Point-in-time rule for knowledge (``RankLUMConfig.as_of_ds``):
 Determinism: model init from ``train.seed``, batch order a function of (seed, epoch), no
 dropout; a run resumed from an epoch-boundary (or ``checkpoint_every_steps``) checkpoint
 ends with the same weights and metrics as an uninterrupted one.
+
+Ranks: under torchrun/torchx with ``WORLD_SIZE > 1`` the job shards the model's pooled tables
+over the ranks with TorchRec's DistributedModelParallel (``lumrec.distributed.shard_model``;
+the dense part and the DIN/SIM sequence tables are replicated under DDP). ``train.batch_size``
+stays the global batch: each rank takes a contiguous slice of every batch, and the loss is
+rescaled (``global_mean_loss``) so that the gradients are those of the global batch. One
+process or N ranks train with the same optimizers (RowwiseAdamW on every embedding table,
+Adam on the rest), so they reach the same losses, metrics and weights up to float rounding.
+Evaluation gathers every rank's predictions, so all ranks compute the same metrics; rank 0
+alone writes results.json and config.json. Checkpoints hold the model under the unsharded
+model's names (DCP reshards them for any world size), the dense optimizer state and the row-wise
+table state (``lumrec.optim.rowwise_adamw_table_state``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +52,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from lumrec.config import load_config, to_dict
 from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.modules.warm_start_config import WarmStartConfig
 
 if TYPE_CHECKING:
     import torch
 
     from lumrec.data.ranking_samples import RankingSampleBatch, RankingSamples
+    from lumrec.distributed import DistContext
     from lumrec.modules.lum_features import LUMFeatureModule
 
 log = logging.getLogger("lumrec.rank")
@@ -138,6 +153,10 @@ class RankConfig:
     sizes: RankModelConfig = field(default_factory=RankModelConfig)
     lum: RankLUMConfig | None = None  # None: the base model without LUM features
     train: RankTrainConfig = field(default_factory=RankTrainConfig)
+    # Start a fresh run from an existing DLRM's weights (ours or a torchrec model's, via name_map);
+    # LUM inputs it lacks start at zero, so the first predictions equal the old model's. Ignored
+    # when the run resumes from its own checkpoints.
+    warm_start: WarmStartConfig | None = None
 
 
 # -- joins: LUM knowledge and item statistics -----------------------------------------------
@@ -476,10 +495,35 @@ class EpochJob:
 
     A subclass sets `model`, `optimizer`, `samples`, `loader`, `train` (a RankTrainConfig) and `out`, then calls
     `_init_job()`; it implements `step_loss(batch)`, `evaluate(split)` and `result_extras()`.
+
+    On several ranks a subclass also sets `ctx` (a DistContext) and overrides `reduce_loss` (the global
+    mean loss) and the checkpoint hooks `_tensors` / `_load_tensors`; every rank then runs this same
+    loop in lockstep (same batches, same decisions), and rank 0 alone writes the job's own files.
     """
 
     job = "job"
     metric = "auc"  # the validation metric that picks the best epoch (higher is better)
+    ctx: "DistContext | None" = None  # set when this process is one of several ranks
+
+    @property
+    def is_main(self) -> bool:
+        """True where single-writer files are written and progress is shown: rank 0, or the only process."""
+        return self.ctx is None or self.ctx.is_main
+
+    def _barrier(self) -> None:
+        if self.ctx is not None:
+            self.ctx.barrier()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (ranks must stop at the same step)."""
+        if self.ctx is None or self.ctx.world_size == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
 
     def _init_job(self) -> None:
         from lumrec.checkpoint import CheckpointManager
@@ -489,9 +533,22 @@ class EpochJob:
         self.best = CheckpointManager(self.out / "best", keep=1)
         self.state = RankState()
         self.validates = self.counts["valid"]["samples"] > 0
+        self.tests = self.counts["test"]["samples"] > 0
 
     def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
         raise NotImplementedError
+
+    def reduce_loss(self, loss: "torch.Tensor") -> float:
+        """The step's loss as reported (the global mean over ranks where a subclass trains on several)."""
+        return float(loss.detach())
+
+    def train_step(self, batch: "RankingSampleBatch") -> float:
+        """One optimizer step on `batch`; returns the reported loss."""
+        loss = self.step_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return self.reduce_loss(loss)
 
     def evaluate(self, split: str) -> dict[str, float]:
         raise NotImplementedError
@@ -503,11 +560,22 @@ class EpochJob:
         raise NotImplementedError
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _tensors(self) -> dict[str, Any]:
+    def _tensors(self, for_load: bool = False) -> dict[str, Any]:
+        """The tensors a checkpoint holds; `for_load`: to be loaded into in place (state created first)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, [self.optimizer])
         return {"model": model_sd, "optim": optim_sd}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        """Put a loaded `_tensors(for_load=True)` dict into the model and optimizer."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, [self.optimizer], model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's tensors under the unsharded model's names (what best/ holds)."""
+        return self.model.state_dict()
 
     def save(self) -> None:
         """Checkpoint weights, optimizer and run state (loader position included)."""
@@ -516,13 +584,11 @@ class EpochJob:
 
     def maybe_resume(self) -> bool:
         """Continue from the latest complete checkpoint of this run folder, if any."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
         if self.ckpt.latest() is None:
             return False
-        state = self._tensors()
+        state = self._tensors(for_load=True)
         info = self.ckpt.load(state)
-        set_state_dict(self.model, [self.optimizer], model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._load_tensors(state)
         self.state = RankState(**info.extra)
         self.loader.load_state_dict({"epoch": self.state.epoch, "batch": self.state.batch})
         log.info("resumed %s from step %d (epoch %d, batch %d)", self.out, self.state.step, self.state.epoch, self.state.batch)
@@ -560,10 +626,18 @@ class EpochJob:
         """Train until epochs / patience / budget (or `max_epochs` / `max_steps`: a simulated kill); then report the best epoch."""
         from tqdm import tqdm
 
+        from lumrec.faults import failpoint
+
         t = self.train
+        if self.counts["train"]["samples"] == 0:
+            raise ValueError(f"{self.job}: no training samples (counts {self.counts}); check samples.first_day / last_day / split_mode")
         self._check_same_run()
         self.maybe_resume()
-        (self.out / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
+        self._barrier()  # every rank has compared config.json before rank 0 rewrites it
+        if self.is_main:
+            from lumrec.data.dataset import write_text_atomic
+
+            write_text_atomic(self.out / "config.json", json.dumps(self.config_dict(), indent=2))
         budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         self.model.train()
         while not self.state.done and self.loader.epoch < t.epochs:
@@ -573,15 +647,13 @@ class EpochJob:
             if self.loader.batch == 0:
                 self.state.loss_sum, self.state.loss_count = 0.0, 0
             bar = tqdm(total=len(self.loader), initial=self.loader.batch, desc=f"{self.job} epoch {epoch}",
-                       unit="batch", mininterval=2.0, dynamic_ncols=True, disable=not t.progress)
+                       unit="batch", mininterval=2.0, dynamic_ncols=True, disable=not (t.progress and self.is_main))
             t0 = time.perf_counter()
             for batch in self.loader:
-                loss = self.step_loss(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss = self.train_step(batch)
                 self.state.step += 1
-                self.state.loss_sum += float(loss.detach())
+                failpoint(f"{self.job}.step")
+                self.state.loss_sum += loss
                 self.state.loss_count += 1
                 bar.update(1)
                 if self.state.step % t.log_every_steps == 0:
@@ -592,7 +664,8 @@ class EpochJob:
                     self.save()
                 if max_steps is not None and self.state.step >= max_steps:
                     break
-                if self.state.train_seconds + (time.perf_counter() - t0) > budget:
+                # Each rank measures its own time; they stop together or the collectives would hang.
+                if budget < math.inf and self._any_rank(self.state.train_seconds + (time.perf_counter() - t0) > budget):
                     log.info("time budget of %.1f min reached", t.max_minutes)
                     self.state.done = True
                     break
@@ -609,18 +682,16 @@ class EpochJob:
     def _end_of_epoch(self, epoch: int, train_loss: float) -> None:
         """Validation and test metrics, best-model bookkeeping, early stopping."""
         valid = self.evaluate("valid") if self.validates else None
-        test = self.evaluate("test")
+        test = self.evaluate("test") if self.tests else None
         self.state.history.append({"epoch": epoch, "step": self.state.step, "train_loss": train_loss, "valid": valid, "test": test})
         key = self.metric
-        if valid is not None:
-            log.info("%s epoch %d: train loss %.4f, valid %s %.4f, test %s %.4f", self.job, epoch, train_loss, key, valid[key], key, test[key])
-        else:
-            log.info("%s epoch %d: train loss %.4f, test %s %.4f (no validation split)", self.job, epoch, train_loss, key, test[key])
+        parts = [f"{name} {key} {m[key]:.4f}" for name, m in (("valid", valid), ("test", test)) if m is not None]
+        log.info("%s epoch %d: train loss %.4f, %s", self.job, epoch, train_loss, ", ".join(parts) or "no validation or test split")
         # Without a validation split the last epoch is the one reported (the test set never picks a model).
         score = valid[key] if valid is not None else float(epoch)
         if score > self.state.best_auc:
             self.state.best_auc, self.state.best_epoch, self.state.bad_evals = score, epoch, 0
-            self.best.save(self.state.step, {"model": self.model.state_dict()}, extra={"epoch": epoch})
+            self.best.save(self.state.step, {"model": self.model_state()}, extra={"epoch": epoch})
         else:
             self.state.bad_evals += 1
             if self.train.patience and self.state.bad_evals >= self.train.patience:
@@ -644,14 +715,34 @@ class EpochJob:
             "train_minutes": round(secs / 60, 3),
             "history": self.state.history,
         }
-        (self.out / "results.json").write_text(json.dumps(result, indent=2))
-        log.info("%s test (best epoch %d): %s", self.job, self.state.best_epoch,
-                 " ".join(f"{k}={v:.4f}" for k, v in best["test"].items() if k != "count"))
+        if self.is_main:
+            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+        if best["test"] is not None:
+            log.info("%s test (best epoch %d): %s", self.job, self.state.best_epoch,
+                     " ".join(f"{k}={v:.4f}" for k, v in best["test"].items() if k != "count"))
         return result
 
 
 class Ranker(EpochJob):
-    """Owns the samples, joins, model, optimizer and checkpoints of one ranking run."""
+    """Owns the samples, joins, model, optimizer and checkpoints of one ranking run, on one process or N ranks.
+
+    One process (no WORLD_SIZE > 1): the plain model, RowwiseAdamW on its embedding tables and Adam
+    on the rest, both as torchrec keyed optimizers (their state is keyed by parameter name).
+    N ranks: `self.model` is the DistributedModelParallel of the model (pooled tables sharded,
+    RowwiseAdamW fused into their backward; the rest under DDP), `self.trainer` wraps it with the
+    loss, and the optimizer is the same keyed pair. Its state_dict names match the plain model's.
+
+    TorchRec's TrainPipelineSparseDist is not used for the sharded loop, although it runs on CPU
+    (tests/test_distributed.py): (1) its fx rewrite cannot trace these models: on the way to the
+    sharded EmbeddingBagCollection, `select_keys` iterates the KJT's keys (tried with DIN on CPU,
+    torchrec 1.8: "TraceError: Proxy object cannot be iterated"), and a permuted KJT is not a batch
+    attribute as is, which is all it pipelines, so even a traceable variant would gain nothing;
+    (2) it pulls the next batch before the current step runs, so the loader position a checkpoint
+    records would be one batch ahead and exact resume would need its own bookkeeping; (3) the
+    per-rank loss scale for unequal or padded slices (`global_mean_loss`) and the LUM / item
+    statistics joins would have to move into the model's forward; (4) on CPU with gloo there are
+    no copy/compute streams for it to overlap.
+    """
 
     job = "rank"
     metric = "auc"
@@ -682,16 +773,92 @@ class Ranker(EpochJob):
         self.model, self.trainer = build_ranker(
             cfg.model, cfg.sizes, self.vocab, self.stats.width if self.stats else 0, self.lum.output_dim if self.lum else 0
         )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self._input_width = int(self.model.in_features)
+        self.ctx = _rank_context()
+        self.warm_start_report = self._warm_start(cfg)  # into the unsharded model: sharding copies the weights
+        self.optimizer = self._shard() if self.ctx is not None else self._optimizers(self.model, _table_parameters(self.model))
+        self.part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
         self.history_keys = tuple(cfg.sizes.history_keys)
         self.loader = RankingBatchLoader(self.samples, "train", t.batch_size, t.max_history, shuffle_seed=t.seed,
-                                         history_keys=self.history_keys)
+                                         history_keys=self.history_keys, part=self.part)
         self._init_job()
+
+    # -- optimizers and sharding ------------------------------------------------------------
+    def _table_kwargs(self) -> dict[str, Any]:
+        """RowwiseAdamW settings of every table, sharded or not (one place, so both paths agree)."""
+        from lumrec.optim import fused_params_for
+
+        return fused_params_for("cpu", lr=self.train.lr, weight_decay=self.train.weight_decay)["optimizer_kwargs"]
+
+    def _optimizers(self, module: "torch.nn.Module", tables: list[str], dense: Any = None) -> Any:
+        """A keyed optimizer: RowwiseAdamW on the parameters `tables`, Adam on the others (or `dense`, given).
+
+        Adam keeps the L2 `weight_decay` of the previous all-Adam version; the tables' decay is
+        RowwiseAdamW's decoupled one (fbgemm's, on GPU).
+        """
+        import torch
+        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+        from lumrec.optim import RowwiseAdamW
+
+        t, named = self.train, dict(module.named_parameters())
+        if dense is None:
+            params = {k: p for k, p in named.items() if k not in set(tables) and p.requires_grad}
+            dense = CombinedOptimizer([("dense", KeyedOptimizerWrapper(
+                params, lambda ps: torch.optim.Adam(ps, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)))])
+        if not tables:
+            return dense
+        kwargs = self._table_kwargs()
+        table_opt = KeyedOptimizerWrapper({k: named[k] for k in tables}, lambda ps: RowwiseAdamW(ps, **kwargs))
+        return CombinedOptimizer([dense, ("tables", table_opt)])
+
+    def _shard(self) -> Any:
+        """Shard the model over the ranks; returns the optimizer (fused RowwiseAdamW tables, Adam, RowwiseAdamW sequence tables)."""
+        import torch
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+        from lumrec.distributed import dense_optimizer, shard_model
+        from lumrec.modules.ranking import RankingTrain
+        from lumrec.optim import fused_params_for
+
+        if not any(isinstance(m, EmbeddingBagCollection) for m in self.model.modules()):
+            raise ValueError(f"model {self.cfg.model}: no pooled table to shard over {self.ctx.world_size} ranks; "
+                             "give it context tables (sizes.context_keys)")
+        t = self.train
+        dmp = shard_model(self.model, self.ctx, fused_params_for(self.ctx.device, lr=t.lr, weight_decay=t.weight_decay))
+        # EmbeddingCollections (DIN/SIM sequence tables) stay unsharded: torchrec's DENSE kernel
+        # cannot run them on CPU (lumrec.optim.sharding). They are replicated under DDP, which
+        # averages their gradients, and get RowwiseAdamW after backward like in one process.
+        tables = _table_parameters(dmp.module)
+        dense = dense_optimizer(dmp, lr=t.lr, optimizer_class=torch.optim.Adam, weight_decay=t.weight_decay, exclude=tables)
+        self.model, self.trainer = dmp, RankingTrain(dmp)
+        return self._optimizers(dmp, tables, dense)
+
+    def _warm_start(self, cfg: RankConfig) -> dict[str, Any] | None:
+        """Copy `cfg.warm_start`'s weights into a fresh run; a resumed run reads what its start did from warm_start.json."""
+        from lumrec.checkpoint import CheckpointManager
+        from lumrec.data.dataset import write_text_atomic
+
+        record = Path(cfg.out) / "warm_start.json"
+        if CheckpointManager(Path(cfg.out) / "checkpoints", keep=0).latest() is not None:
+            return json.loads(record.read_text()) if record.exists() else None
+        if cfg.warm_start is None:
+            return None
+        from lumrec.modules.warm_start import warm_start_from
+
+        report = warm_start_from(self.model, cfg.warm_start)  # every rank: each then shards its own copy
+        summary = {"source": cfg.warm_start.source, "copied": len(report.copied),
+                   "widened": [w.name for w in report.widened], "missing": report.missing}
+        log.info("warm start from %s: %d tensors copied, %d widened, %d new", cfg.warm_start.source,
+                 len(report.copied), len(report.widened), len(report.missing))
+        if self.is_main:
+            write_text_atomic(record, json.dumps(summary, indent=2))
+        return summary
 
     @property
     def input_width(self) -> int:
         """Width of the model's MLP input (grows by the LUM feature width when LUM is on)."""
-        return int(self.model.in_features)
+        return self._input_width
 
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.cfg)
@@ -705,27 +872,108 @@ class Ranker(EpochJob):
         return RankingBatch(batch.sparse_features, batch.labels, dense, lum)
 
     def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
-        return self.trainer(self.ranking_batch(batch))[0]
+        """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
+        loss = self.trainer(self.ranking_batch(batch))[0]
+        if self.ctx is None:
+            return loss
+        if batch.padding:  # a stand-in for an empty slice: it runs for the collectives and weighs nothing
+            return loss * 0.0
+        from lumrec.distributed import global_mean_loss
+
+        return global_mean_loss(loss, len(batch), self.ctx, batch.global_batch_size)
+
+    def reduce_loss(self, loss: "torch.Tensor") -> float:
+        """The global batch's mean loss (the mean over ranks of the scaled local losses)."""
+        if self.ctx is None:
+            return float(loss.detach())
+        import torch.distributed as dist
+
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return float(total) / self.ctx.world_size
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """AUC, NE, log loss, calibration (and counts) of the current model on `split`."""
+        """AUC, NE, log loss, calibration (and counts) of the current model on `split`.
+
+        On N ranks each scores its slice of every batch and the slices are gathered in batch and
+        rank order, i.e. in the one-process order, so every rank computes the same metrics.
+        """
         import torch
 
         from lumrec.ranking_metrics import RankingMetrics
 
         metrics = RankingMetrics()
+        pieces: list[Any] = []
         self.model.eval()
         with torch.no_grad():
             for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
-                                                   history_keys=self.history_keys):
+                                                   history_keys=self.history_keys, part=self.part):
                 _, logits = self.trainer(self.ranking_batch(batch))
-                metrics.update(torch.sigmoid(logits), batch.labels)
+                if self.ctx is None:
+                    metrics.update(torch.sigmoid(logits), batch.labels)
+                else:
+                    pieces.append(None if batch.padding else (torch.sigmoid(logits), batch.labels))
         self.model.train()
+        if self.ctx is not None:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, pieces)
+            for k in range(len(pieces)):
+                parts = [rank_pieces[k] for rank_pieces in gathered if rank_pieces[k] is not None]
+                metrics.update(torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts]))
         return metrics.compute()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _tensors(self, for_load: bool = False) -> dict[str, Any]:
+        """{"model": the model's tensors by unsharded name, "optim": {"state": optimizer state by "dense.NAME" / "tables.NAME"}}.
+
+        The same names on one process and on N ranks: sharded tables' weights and row-wise state
+        are ShardedTensors, which DCP reshards, so the checkpoint loads on any world size.
+        """
+        if for_load and not self.optimizer.state:
+            self.optimizer.init_state()  # a zero-gradient step creates the state to load into (weights are loaded after)
+        optim = self.optimizer.state_dict()
+        if self.ctx is not None:
+            from lumrec.optim import rowwise_adamw_table_state
+
+            optim["state"].update({f"tables.{k}": v for k, v in rowwise_adamw_table_state(self.model).items()})
+        return {"model": self.model.state_dict(), "optim": optim}
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        # DCP has loaded in place (the row-wise table state too: it is a view of the optimizers' own);
+        # the keyed optimizer takes the entries it owns.
+        self.model.load_state_dict(state["model"])
+        own = self.optimizer.state_dict()["state"].keys()
+        self.optimizer.load_state_dict({"state": {k: v for k, v in state["optim"]["state"].items() if k in own}})
 
     def result_extras(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "lum": self.lum is not None, "input_width": self.input_width,
-                "lum_dim": self.lum.output_dim if self.lum else 0}
+                "lum_dim": self.lum.output_dim if self.lum else 0, "warm_start": self.warm_start_report}
+
+
+def _rank_context() -> "DistContext | None":
+    """The process group's context when this process is one of several ranks (torchrun/torchx WORLD_SIZE > 1,
+    or an already initialised group of more than one); None for a single process (no group is created)."""
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not grouped and os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):
+        return None
+    from lumrec.distributed import init_distributed
+
+    return init_distributed()  # joins (or reuses) the group; it stays up for later jobs of this process
+
+
+def _table_parameters(module: "torch.nn.Module") -> list[str]:
+    """Names of the parameters of `module`'s (unsharded) EmbeddingBagCollections and EmbeddingCollections."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    names = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
+            names += [f"{prefix}.{n}" if prefix else n for n, p in sub.named_parameters() if p.requires_grad]
+    return names
 
 
 def check_train_config(t: RankTrainConfig) -> None:

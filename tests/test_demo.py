@@ -11,7 +11,7 @@ from lumrec.data.knowledge import knowledge_days
 from lumrec.data.synthetic import SynthConfig
 from lumrec.pipelines.demo import DemoConfig, main, run_demo
 
-TINY_SYNTH = SynthConfig(seed=0, num_users=80, num_items=50, num_categories=4, num_queries=8, num_days=5, impressions_per_user_day=10)
+TINY_SYNTH = SynthConfig(seed=0, num_users=80, num_items=50, num_categories=4, num_queries=8, num_days=6, impressions_per_user_day=10)
 
 
 def tiny_demo(out) -> DemoConfig:
@@ -24,7 +24,8 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     # The last line is the JSON of the returned figures.
     assert json.loads(lines[-1]) == json.loads(json.dumps(figures))
-    table = lines[-5:-1]
+    start = next(i for i, line in enumerate(lines) if line.startswith("row "))
+    table = lines[start : start + 4]
     assert table[0].split()[:3] == ["row", "test", "AUC"] and set(table[1]) == {"-"}
     base, lum = table[2], table[3]
     assert base.startswith("Base (SIM)") and lum.startswith("Base+LUM (SIM + LUM features)")
@@ -32,8 +33,15 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
     assert lum.split()[-4:] == [f"{figures['lum_auc']:.4f}", f"{figures['lum_ne']:.4f}", f"{figures['delta_auc']:+.4f}", "1"]
     assert abs(figures["lum_auc"] - figures["base_auc"] - figures["delta_auc"]) < 2e-4
     text = "\n".join(lines)
-    for step in ("synthetic logs:", "LUM tokens:", "packed batch:", "step 1: LUM", "step 2: knowledge store", "step 3: SIM ranker"):
+    for step in ("synthetic logs:", "LUM tokens:", "packed batch:", "step 1: LUM", "step 2: knowledge store", "step 3: SIM ranker",
+                 "step 4: daily pipeline"):
         assert step in text
+    # Step 4: three daily runs (days 3-5), each evaluated on the next day; the table is the last thing before the JSON.
+    daily = [line.split() for line in lines[-5:-1]]
+    assert daily[0][:2] == ["ds", "lum_steps"] and [row[0] for row in daily[1:]] == ["2026-01-03", "2026-01-04", "2026-01-05"]
+    assert figures["daily_status"] == ["complete"] * 3 and all(0.0 < auc < 1.0 for auc in figures["daily_next_day_auc"])
+    warm = daily[0].index("warm_start")
+    assert [row[warm] for row in daily[1:]] == ["yes"] * 3  # day 3 from step 3's Base, later days from the day before
     # Knowledge as of the LUM's last training day up to the day before the last sample day.
     assert knowledge_days(tmp_path / "demo" / "knowledge") == ["2026-01-02", "2026-01-03", "2026-01-04"] == figures["knowledge_days"]
     assert figures["lum_steps"] == 4 and figures["conditions"] == 2 + 8  # scenarios 1-2 and queries 1-8
@@ -45,7 +53,7 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
 def test_demo_rejects_too_few_days(tmp_path):
     cfg = tiny_demo(tmp_path / "demo")
     cfg.pretrain_days = 3
-    with pytest.raises(ValueError, match="pretrain_days must leave 3 days for the ranker: 5 days, pretrain_days=3"):
+    with pytest.raises(ValueError, match="pretrain_days must leave 4 days for steps 3-4: 6 days, pretrain_days=3"):
         run_demo(cfg, TINY_SYNTH)
 
 
@@ -54,5 +62,5 @@ def test_cli_entry_reads_synthetic_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr("lumrec.pipelines.demo.run_demo", lambda cfg, synth: seen.update(cfg=cfg, synth=synth))
     args = argparse.Namespace(out=str(tmp_path), max_len=128, num_users=50, pretrain_minutes=0.5, threads=1)
     assert main(args) == 0
-    assert seen["synth"].num_users == 50 and seen["synth"].num_days == 10 and seen["cfg"].max_len == 128
+    assert seen["synth"].num_users == 50 and seen["synth"].num_days == 11 and seen["cfg"].max_len == 128
     assert seen["cfg"].pretrain_minutes == 0.5 and seen["cfg"].threads == 1

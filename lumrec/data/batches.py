@@ -45,6 +45,9 @@ class JaggedBatch:
     ts: torch.Tensor | None = None  # int64 (T,)
     action: torch.Tensor | None = None  # int64 (T,)
     dense: torch.Tensor | None = None  # float32 (T, d): item features, zeros on condition tokens
+    # A stand-in for a rank's empty slice of a global batch (`iter_packed_batches(part=...)`): one
+    # token, hence no query; it runs only so that the rank takes part in the collectives.
+    padding: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -183,6 +186,35 @@ def num_packed_batches(plan: PackPlan, rows_per_batch: int, drop_last: bool = Fa
     return full + (1 if rest and not drop_last else 0)
 
 
+def check_part(part: tuple[int, int] | None) -> None:
+    """`part` must be None or (rank, world_size) with 0 <= rank < world_size."""
+    if part is None:
+        return
+    rank, world = part
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"part must be (rank, world_size) with 0 <= rank < world_size, got {part}")
+
+
+def part_rows(lo: int, hi: int, part: tuple[int, int] | None) -> tuple[int, int]:
+    """This rank's contiguous share of the global rows [lo, hi); shares differ by at most one row.
+
+    A rank gets no row when the global batch has fewer rows than there are ranks (an epoch's
+    last, short batch, or rows_per_batch < world size): its share is then the empty range.
+    """
+    if part is None:
+        return lo, hi
+    rank, world = part
+    n = hi - lo
+    return lo + n * rank // world, lo + n * (rank + 1) // world
+
+
+def _stand_in(plan: PackPlan, row: int) -> PackPlan:
+    """The first token of packed row `row` as a one-row plan: a batch with no query (a query needs a next token)."""
+    first = int(plan.row_offsets[row])
+    return PackPlan(plan.max_len, plan.seq_index[first : first + 1], plan.starts[first : first + 1],
+                    np.ones(1, dtype=np.int64), np.array([0, 1], dtype=np.int64))
+
+
 def iter_packed_batches(
     tokens: TokenSequences,
     max_len: int,
@@ -193,21 +225,33 @@ def iter_packed_batches(
     window: int | None = 4096,
     dense_table: np.ndarray | None = None,
     drop_last: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[JaggedBatch]:
     """Packed batches of one epoch, deterministic per (shuffle_seed, epoch); starts at batch `start_batch` (exact resume).
 
     The whole epoch's plan is recomputed (cheap: index arithmetic and one bin-packing pass),
-    so batch k is the same whether the epoch started at 0 or resumed at k.
+    so batch k is the same whether the epoch started at 0 or resumed at k. `part` =
+    (rank, world_size): each global batch of `rows_per_batch` rows is cut into world_size
+    contiguous slices and only this rank's is materialised (`part_rows`); every rank yields
+    the same number of batches. A rank whose slice is empty gets a one-token stand-in with
+    `padding=True` (no query), so that it still runs the step's collectives.
     """
     if rows_per_batch < 1:
         raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    check_part(part)
     plan = epoch_plan(tokens.offsets, tokens.token_type, max_len, shuffle_seed, epoch, window)
     n_batches = num_packed_batches(plan, rows_per_batch, drop_last)
     if not 0 <= start_batch <= n_batches:
         raise ValueError(f"start_batch {start_batch} outside [0, {n_batches}] for this epoch")
     for k in range(start_batch, n_batches):
-        lo = k * rows_per_batch
-        yield make_jagged_batch(tokens, plan.rows(lo, min(lo + rows_per_batch, plan.num_rows)), dense_table)
+        first = k * rows_per_batch
+        lo, hi = part_rows(first, min(first + rows_per_batch, plan.num_rows), part)
+        if lo == hi:
+            batch = make_jagged_batch(tokens, _stand_in(plan, first), dense_table)
+            batch.padding = True
+            yield batch
+        else:
+            yield make_jagged_batch(tokens, plan.rows(lo, hi), dense_table)
 
 
 def iter_padded_batches(
@@ -229,7 +273,12 @@ def iter_padded_batches(
 
 
 class PackedBatchLoader:
-    """Iterates packed batches epoch after epoch and remembers (epoch, next batch) for checkpoints."""
+    """Iterates packed batches epoch after epoch and remembers (epoch, next batch) for checkpoints.
+
+    `rows_per_batch` is the global batch; with `part` = (rank, world_size) each rank yields its
+    slice of every global batch (see `iter_packed_batches`), and (epoch, batch) count global
+    batches, so every rank's loader stands at the same place.
+    """
 
     def __init__(
         self,
@@ -240,9 +289,12 @@ class PackedBatchLoader:
         window: int | None = 4096,
         dense_table: np.ndarray | None = None,
         drop_last: bool = False,
+        part: tuple[int, int] | None = None,
     ):
+        check_part(part)
         self.tokens, self.max_len, self.rows_per_batch = tokens, max_len, rows_per_batch
         self.shuffle_seed, self.window, self.dense_table, self.drop_last = shuffle_seed, window, dense_table, drop_last
+        self.part = part
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -253,7 +305,8 @@ class PackedBatchLoader:
     def __iter__(self) -> Iterator[JaggedBatch]:
         """The rest of the current epoch; afterwards the loader points at the next epoch's first batch."""
         for batch in iter_packed_batches(
-            self.tokens, self.max_len, self.rows_per_batch, self.shuffle_seed, self.epoch, self.batch, self.window, self.dense_table, self.drop_last
+            self.tokens, self.max_len, self.rows_per_batch, self.shuffle_seed, self.epoch, self.batch, self.window,
+            self.dense_table, self.drop_last, self.part,
         ):
             self.batch += 1
             yield batch
@@ -277,4 +330,5 @@ __all__ = [
     "make_jagged_batch",
     "make_padded_batch",
     "num_packed_batches",
+    "part_rows",
 ]

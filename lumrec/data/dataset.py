@@ -79,6 +79,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old file or the whole new one, never a part."""
+    _atomic_write_bytes(Path(path), text.encode())
+
+
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
     """Write `table` to `path` via a temporary file and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import torch
 
 from lumrec.data.dataset import day_bounds
 from lumrec.data.validate import DataValidationError
+from lumrec.faults import failpoint
 
 __all__ = [
     "Condition",
@@ -250,6 +251,7 @@ class KnowledgeWriter:
             self._users = pq.ParquetWriter(self.tmp / USERS_FILE, USER_SCHEMA, compression="zstd")
         self._users.write_table(table)
         self._user_ids.append(ids)
+        failpoint("knowledge.users_written")
 
     def write_items(self, item_ids: Any, vectors: Any) -> None:
         """Add item-token embeddings: `item_ids [I]`, `vectors [I, dim]`."""
@@ -600,6 +602,17 @@ class KnowledgeLookup:
         else:
             out = torch.zeros(*vals.shape, self.dim)
         return out.to(device), missing.to(device)
+
+    def user_table(self, conditions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user ids [U], vectors [U, N, dim]) of every user of the partition under `conditions`, in that order."""
+        missing = [c for c in conditions if c not in self.conditions]
+        if missing:
+            raise KeyError(f"{self._source}: no condition(s) {missing} in this partition; it has {self.conditions}")
+        rows = self._rows[:, [self.conditions.index(c) for c in conditions]]
+        if bool((rows < 0).any()):
+            user = int(self._user_ids[torch.nonzero(rows < 0)[0, 0]])
+            raise DataValidationError(self._source, f"user {user} lacks some of the conditions {list(conditions)}", column="condition")
+        return self._user_ids.clone(), self._user_table[rows]
 
     def item_vectors(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """item_ids [...] int64 -> (vectors [..., dim], missing [...] bool)."""

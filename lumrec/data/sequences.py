@@ -79,6 +79,17 @@ class UserSequences:
         """Events per user, int64 (U,)."""
         return np.diff(self.offsets)
 
+    def last_event_ts(self) -> np.ndarray:
+        """Timestamp of each user's newest event, -1 for a user without events, int64 (U,)."""
+        has = self.lengths() > 0
+        last = np.full(len(self.user_ids), -1, dtype=np.int64)
+        last[has] = self.ts[self.offsets[1:][has] - 1]
+        return last
+
+    def active_since(self, min_ts: int) -> "UserSequences":
+        """The users with an event at or after `min_ts`."""
+        return self.take(np.flatnonzero(self.last_event_ts() >= min_ts))
+
     def columns(self) -> dict[str, np.ndarray]:
         """The per-event arrays by name."""
         return {name: getattr(self, name) for name in EVENT_COLUMNS}

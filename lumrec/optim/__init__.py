@@ -14,6 +14,7 @@ _SHARDING_NAMES = (
     "dense_kernel_sharding_plan",
     "iter_dense_kernels",
     "rowwise_adamw_sharder_for",
+    "rowwise_adamw_table_state",
 )
 
 __all__ = [

@@ -140,6 +140,16 @@ class RowwiseAdamW(torch.optim.Optimizer):
             state["row_step"] = torch.zeros(n_rows, dtype=torch.int64, device=dev)
         return state
 
+    def init_state(self) -> None:
+        """Create the (zero) state of every parameter now, not at its first step.
+
+        So that a checkpoint can be loaded into the state tensors in place (DCP), or views of
+        them handed out, before training starts. No step is counted.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(group, p)
+
     # ------------------------------------------------------------------------------- step
 
     @staticmethod

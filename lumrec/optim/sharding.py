@@ -234,3 +234,63 @@ def dense_kernel_sharding_plan(
         world_size=world_size,
         device_type=device_type,
     )
+
+
+def _row_sharded(local: torch.Tensor, table: Any, rows_only: bool) -> Any:
+    """`local` (this rank's rows of `table`) as a ShardedTensor laid out like the table's weight.
+
+    `rows_only`: a per-row state ([rows]); else a per-element one ([rows, dim]). Column-wise splits
+    are never planned for RowwiseAdamW tables, so every shard holds whole rows.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    def shape(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
+        return (offsets[:1], sizes[:1]) if rows_only else (list(offsets), list(sizes))
+
+    shards = []
+    for m in table.global_metadata.shards_metadata:
+        offsets, sizes = shape(m.shard_offsets, m.shard_sizes)
+        shards.append(ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=m.placement))
+    size = [table.num_embeddings] if rows_only else [table.num_embeddings, table.embedding_dim]
+    global_meta = ShardedTensorMetadata(shards_metadata=shards, size=torch.Size(size),
+                                        tensor_properties=TensorProperties(dtype=local.dtype))
+    lm = table.local_metadata
+    offsets, sizes = shape(lm.shard_offsets, lm.shard_sizes)
+    local_meta = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=lm.placement)
+    return ShardedTensor._init_from_local_shards_and_global_metadata([Shard(local, local_meta)], global_meta)
+
+
+def rowwise_adamw_table_state(dmp: nn.Module) -> dict[str, dict[str, Any]]:
+    """This rank's RowwiseAdamW state of every sharded DENSE-kernel table, keyed by the table's weight FQN.
+
+    The optimizers in backward keep one flat state per DENSE kernel (several tables, laid out by
+    `segments`), so neither `dmp.state_dict()` nor torchrec's fused optimizer carries it. Here it
+    is cut per table, in the layout an unsharded `RowwiseAdamW` on that table's weight has:
+    `exp_avg` [rows, dim], `exp_avg_sq_row` and `row_step` [rows] as ShardedTensors placed like
+    the weight's shards, and the kernel's `step`. The tensors are views of (aliases for) the
+    optimizer's own state, so DCP saves them and loads a checkpoint into them in place; the
+    state is created first if no step has run. FQNs are those of `dmp.state_dict()`.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    root = dmp.module  # the sharded model without DMP/DDP wrappers; plan keys are FQNs in it
+    for fqn in dmp.plan.plan:
+        for kernel in iter_dense_kernels(root.get_submodule(fqn)):
+            weight = kernel.emb_module.weights
+            opts = [o for o in getattr(weight, "_in_backward_optimizers", []) if isinstance(o, RowwiseAdamW)]
+            if not opts:
+                continue
+            opts[0].init_state()
+            state = opts[0].state[weight]
+            row = 0
+            for table, (off, rows, dim) in zip(kernel.config.embedding_tables, dense_kernel_segments(kernel)):
+                key = f"{fqn}.embedding_bags.{table.name}.weight" if fqn else f"embedding_bags.{table.name}.weight"
+                out[key] = {
+                    "step": state["step"],
+                    "exp_avg": _row_sharded(state["exp_avg"][off : off + rows * dim].view(rows, dim), table, False),
+                    "exp_avg_sq_row": _row_sharded(state["exp_avg_sq_row"][row : row + rows], table, True),
+                    "row_step": _row_sharded(state["row_step"][row : row + rows], table, True),
+                }
+                row += rows
+    return out

@@ -11,6 +11,7 @@ Protocol = Literal["explicit_ratings", "implicit_next_item", "impressions"]
 PROTOCOLS = ("explicit_ratings", "implicit_next_item", "impressions")
 TRAIN, VALID, TEST = 0, 1, 2
 SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
+SPLIT_MODES = ("days", "quantile", "all_train", "all_test")
 
 
 def split_code(split: str) -> int:
@@ -35,7 +36,8 @@ class RankingSampleConfig:
     # "days": the last ceil(test_fraction * n) of the n days that have samples are test, the
     # ceil(valid_fraction * n) days before them validation. "quantile": the same on timestamps
     # (test = ts >= the (1 - test_fraction) quantile of sample timestamps).
-    split_mode: Literal["days", "quantile"] = "days"
+    # "all_train" / "all_test": every sample in one split (daily jobs: train on day D, test on day D+1).
+    split_mode: Literal["days", "quantile", "all_train", "all_test"] = "days"
     test_fraction: float = 0.1
     valid_fraction: float = 0.1
     test_start: str | None = None  # YYYY-MM-DD: test = days >= test_start (overrides test_fraction)
@@ -56,8 +58,8 @@ class RankingSampleConfig:
         """Raise ValueError naming the first field that is out of range."""
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"RankingSampleConfig.protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
-        if self.split_mode not in ("days", "quantile"):
-            raise ValueError(f"RankingSampleConfig.split_mode must be 'days' or 'quantile', got {self.split_mode!r}")
+        if self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"RankingSampleConfig.split_mode must be one of {list(SPLIT_MODES)}, got {self.split_mode!r}")
         if self.negative_sampling not in ("uniform", "popularity"):
             raise ValueError(f"RankingSampleConfig.negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
         if not 0.0 < self.test_fraction < 1.0:

@@ -188,16 +188,46 @@ class RankingSamples:
         drop_last: bool = False,
         history_keys: Sequence[str] = DEFAULT_HISTORY_KEYS,
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
+        part: tuple[int, int] | None = None,
     ) -> Iterator["RankingSampleBatch"]:
-        """Batches of one epoch over `split`, deterministic per (shuffle_seed, epoch), from batch `start_batch` on."""
+        """Batches of one epoch over `split`, deterministic per (shuffle_seed, epoch), from batch `start_batch` on.
+
+        `part=(rank, world)`: of every batch of `batch_size` samples (the global batch) only the
+        contiguous slice `rank_slice(n, rank, world)` is materialised; the slices of the ranks in
+        order make up the global batch. Each batch records `global_batch_size`. A rank whose slice
+        is empty (a last batch smaller than the world) gets the global batch's first sample with
+        `padding=True`, so that it still joins the collectives of a sharded model; it must carry no
+        weight (no loss, no metric).
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if part is not None:
+            _check_part(part)
         order = self.epoch_order(split, shuffle_seed, epoch)
         n_batches = self.num_batches(split, batch_size, drop_last)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch {start_batch} outside [0, {n_batches}] for split {split!r}")
         for k in range(start_batch, n_batches):
-            yield self.batch(order[k * batch_size : (k + 1) * batch_size], max_history, history_keys, candidate_keys)
+            rows = order[k * batch_size : (k + 1) * batch_size]
+            if part is None:
+                yield self.batch(rows, max_history, history_keys, candidate_keys)
+                continue
+            lo, hi = rank_slice(len(rows), *part)
+            padding = hi == lo
+            local = rows[:1] if padding else rows[lo:hi]
+            yield replace(self.batch(local, max_history, history_keys, candidate_keys),
+                          global_batch_size=len(rows), padding=padding)
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of the `rank`-th of `world` contiguous, near-equal slices of n items (sizes differ by at most 1)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _check_part(part: tuple[int, int]) -> None:
+    rank, world = part
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {tuple(part)}")
 
 
 @dataclass
@@ -225,6 +255,8 @@ class RankingSampleBatch:
     hist_rating: torch.Tensor | None = None  # float32 [sum(hist_lengths)], NaN where the event has no rating
     dense_features: torch.Tensor | None = None  # filled by the caller (e.g. item statistics)
     lum_features: torch.Tensor | KeyedTensor | None = None  # filled by the caller (LUMFeatureModule output)
+    global_batch_size: int | None = None  # samples of the global batch this is one rank's slice of (None: not sliced)
+    padding: bool = False  # a stand-in for an empty slice: one sample of the global batch that must carry no weight
 
     def __len__(self) -> int:
         """B."""
@@ -261,7 +293,11 @@ class RankingSampleBatch:
 
 
 class RankingBatchLoader:
-    """Iterates one split's batches epoch after epoch and remembers (epoch, next batch) for checkpoints."""
+    """Iterates one split's batches epoch after epoch and remembers (epoch, next batch) for checkpoints.
+
+    `batch_size` is the global batch size; with `part=(rank, world)` this rank gets its slice of
+    every batch (see `RankingSamples.iter_batches`), so every rank counts the same batches.
+    """
 
     def __init__(
         self,
@@ -273,11 +309,15 @@ class RankingBatchLoader:
         drop_last: bool = False,
         history_keys: Sequence[str] = DEFAULT_HISTORY_KEYS,
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
+        part: tuple[int, int] | None = None,
     ):
         split_code(split)
+        if part is not None:
+            _check_part(part)
         self.samples, self.split, self.batch_size, self.max_history = samples, split, batch_size, max_history
         self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
         self.history_keys, self.candidate_keys = tuple(history_keys), tuple(candidate_keys)
+        self.part = None if part is None else (int(part[0]), int(part[1]))  # (rank, world): this rank's slice of each batch
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -288,7 +328,7 @@ class RankingBatchLoader:
         """The rest of the current epoch; afterwards the loader points at the next epoch's first batch."""
         for batch in self.samples.iter_batches(
             self.split, self.batch_size, self.shuffle_seed, self.max_history, self.epoch, self.batch,
-            self.drop_last, self.history_keys, self.candidate_keys,
+            self.drop_last, self.history_keys, self.candidate_keys, self.part,
         ):
             self.batch += 1
             yield batch

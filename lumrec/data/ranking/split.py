@@ -18,6 +18,9 @@ def time_split(ts: np.ndarray, cfg: RankingSampleConfig, source: str) -> tuple[n
         raise DataValidationError(source, "no samples to split")
     days = ts // SECONDS_PER_DAY
     first, last = ds_of(ts.min()), ds_of(ts.max())
+    if cfg.split_mode in ("all_train", "all_test"):
+        code = TRAIN if cfg.split_mode == "all_train" else TEST
+        return np.full(len(ts), code, np.int8), {"split_mode": cfg.split_mode, "first_day": first, "last_day": last}
     if cfg.split_mode == "days" or cfg.test_start:
         uniq = np.unique(days)
         n = len(uniq)

@@ -1,0 +1,223 @@
+"""The LUM paper's warm-start table: next-day AUC of daily-trained models that start from scratch or from an existing DLRM.
+
+Every row is the daily pipeline (``lumrec.pipelines.daily``) over the same days, data and budget;
+rows differ only in how their models start:
+
+- ``DLRM(scratch)``: the DLRM alone (no LUM), first day from random init.
+- ``DLRM(param+feature)``: the DLRM alone, continuing the existing DLRM (its parameters and features).
+- ``LUM(scratch)``: DLRM + LUM features; LUM pre-trained from scratch, DLRM from random init.
+- ``LUM(feature)``: as LUM(scratch), but the LUM's token encoder is declared with the existing
+  DLRM's table sizes and initialised from its trained tables ("feature" warm-up).
+- ``LUM(param)``: as LUM(scratch), but the DLRM + LUM starts from the existing DLRM's parameters
+  (LUM inputs at zero: its first predictions are the old model's).
+- ``LUM(feature+param)``: both.
+- ``HSTU(scratch)``: HSTU trained end to end for ranking: not implemented yet, its row says "not run".
+
+The "existing DLRM" is the same backbone trained without LUM on the ``--existing-days`` days
+before the first daily day. The first daily day is a warm-up (LUM rows have no knowledge before
+it); the table shows each day's next-day AUC and the mean over the days after the warm-up.
+
+    .venv/bin/python benchmarks/warm_start.py --dataset synthetic [--row all] [--threads 2] [--fresh]
+    .venv/bin/python benchmarks/warm_start.py --tiny      # < 2 min smoke run on tiny synthetic logs
+
+One row per invocation works too (``--row lum-param``); rows merge into
+``benchmarks/results/warm_start.json`` under the data set's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import merge_row  # noqa: E402  (a sibling script module)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "warm_start.json"
+ROWS = {
+    "dlrm-scratch": "DLRM(scratch)",
+    "dlrm-param-feature": "DLRM(param+feature)",
+    "hstu-scratch": "HSTU(scratch)",
+    "lum-scratch": "LUM(scratch)",
+    "lum-feature": "LUM(feature)",
+    "lum-param": "LUM(param)",
+    "lum-feature-param": "LUM(feature+param)",
+}
+NOT_RUN = {"hstu-scratch": "HSTU end-to-end ranking is not implemented yet"}
+
+log = logging.getLogger("lumrec.bench.warm_start")
+
+
+def synthetic_setup(tiny: bool) -> dict[str, Any]:
+    """Data, days and job templates of the synthetic logs (the demo's settings)."""
+    if tiny:
+        synth = dict(seed=0, num_users=150, num_items=60, num_categories=5, num_queries=10, num_days=7, impressions_per_user_day=10)
+        return dict(synth=synth, existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
+                    epochs_per_day=1, d_model=16, embedding_dim=8, rank_epochs=1)
+    synth = dict(seed=0, num_days=11)
+    return dict(synth=synth, existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"), bootstrap_epochs=10,
+                epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2)
+
+
+def rank_template(setup: dict[str, Any], threads: int) -> dict[str, Any]:
+    """RankConfig keys shared by every row (SIM, the demo's features)."""
+    dim = setup["embedding_dim"]
+    return {
+        "model": "sim",
+        "sizes": {"embedding_dim": dim, "mlp": [64, 32], "attention_mlp": [32], "context_keys": ["scenario", "query_id"],
+                  "item_stats": ["f_ctr_7d", "f_log_impressions_7d", "f_popularity"]},
+        "lum": {"conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id", "features": ["sim", "missing"]},
+        "train": {"seed": 0, "epochs": setup["rank_epochs"], "batch_size": 256, "lr": 0.002, "max_history": 50, "threads": threads,
+                  "progress": False},
+    }
+
+
+def pretrain_template(setup: dict[str, Any], threads: int) -> dict[str, Any]:
+    """PretrainConfig keys of the LUM rows; the token encoder's tables have the DLRM's width so features can warm up."""
+    d = setup["d_model"]
+    return {
+        "model": "lum",
+        "data": {"max_len": 64, "condition_features": ["scenario", "query_id"], "item_features": ["item_id"]},
+        "train": {"seed": 0, "rows_per_batch": 32, "lr": 0.002, "num_negatives": -1, "threads": threads, "eval_every_epochs": 10000,
+                  "checkpoint_every_steps": 500, "log_every_steps": 50, "keep_checkpoints": 1},
+        "model_config": {"d_model": d, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * d, "embedding_dim": setup["embedding_dim"]},
+    }
+
+
+def train_existing_dlrm(data: Path, out: Path, setup: dict[str, Any], threads: int) -> Path:
+    """The company's DLRM: the backbone without LUM, trained on the existing days; returns its checkpoints folder."""
+    from lumrec.config import from_dict
+    from lumrec.pipelines.rank import RankConfig, run_rank
+
+    first, last = setup["existing"]
+    keys = rank_template(setup, threads)
+    keys.update(data=str(data), out=str(out), lum=None,
+                samples={"protocol": "impressions", "first_day": first, "last_day": last, "split_mode": "all_train"})
+    if not (out / "results.json").exists():
+        run_rank(from_dict(RankConfig, keys, source="existing DLRM"))
+    return out / "checkpoints"
+
+
+def table_name_map() -> dict[str, str]:
+    """SIM's table names -> the LUM token encoder's: its item table, and its request tables as LUM's condition tables."""
+    return {
+        r"^sequence_arch\.embedding_collection\.embeddings\.t_item\.weight$": "encoder.embedding_bag_collection.embedding_bags.t_item_id.weight",
+        r"^context_arch\.embedding_bag_collection\.embedding_bags\.t_(scenario|query_id)\.weight$":
+            r"encoder.embedding_bag_collection.embedding_bags.t_\1.weight",
+    }
+
+
+def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str, Any], threads: int):
+    """The DailyConfig of one row."""
+    from lumrec.config import from_dict
+    from lumrec.pipelines.daily import DailyConfig
+
+    lum = row.startswith("lum")
+    pretrain = pretrain_template(setup, threads)
+    if "feature" in row and lum:
+        pretrain["train"]["table_init"] = {"source": str(existing), "name_map": table_name_map()}
+    keys: dict[str, Any] = {
+        "data": str(data), "out": str(out), "start": setup["daily"][0], "end": setup["daily"][1], "with_lum": lum,
+        "epochs_per_day": setup["epochs_per_day"], "bootstrap_epochs": setup["bootstrap_epochs"], "pretrain": pretrain,
+        "query": {"conditions": [{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
+                  "threads": threads, "progress": False},
+        "rank": rank_template(setup, threads),
+    }
+    if row in ("dlrm-param-feature", "lum-param", "lum-feature-param"):
+        keys["rank_warm_start"] = {"source": str(existing)}
+    return from_dict(DailyConfig, keys, source=f"warm_start row {row}")
+
+
+def run_row(row: str, data: Path, work: Path, existing: Path, setup: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One row's daily run (resumes if interrupted); its per-day next-day AUCs."""
+    from lumrec.pipelines.daily import run_daily
+
+    cfg = row_config(row, data, work / row, existing, setup, threads)
+    t0 = time.perf_counter()
+    run_daily(cfg)
+    reports = []
+    for folder in sorted((work / row / "days").glob("ds=*")):
+        reports.append(json.loads((folder / "report.json").read_text()))
+    days = [r["ds"] for r in reports]
+    auc = [r["eval"]["auc"] for r in reports]
+    after_warmup = auc[1:] if len(auc) > 1 else auc
+    return {"label": ROWS[row], "days": days, "eval_days": [r["eval"]["eval_day"] for r in reports], "next_day_auc": auc,
+            "ne": [r["eval"]["ne"] for r in reports], "mean_auc_after_warmup": statistics.fmean(after_warmup),
+            "warm_start": [bool(r["rank"].get("warm_start")) for r in reports], "wall_minutes": round((time.perf_counter() - t0) / 60, 2)}
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    """Rows x days: next-day AUC; the mean after the warm-up day and its difference to DLRM(scratch)."""
+    days = next((r["eval_days"] for r in rows.values() if "eval_days" in r), [])
+    base = rows.get("dlrm-scratch", {}).get("mean_auc_after_warmup")
+    head = f"{'row':<22}" + "".join(f"{'AUC ' + d[5:]:>12}" for d in days) + f"{'mean*':>9}{'Δ vs DLRM(scratch)':>20}"
+    print(head)
+    print("-" * len(head))
+    for key, label in ROWS.items():
+        r = rows.get(key)
+        if r is None or "next_day_auc" not in r:
+            reason = (r or {}).get("status", "not run")
+            print(f"{label:<22}{reason:>{len(head) - 22}}")
+            continue
+        delta = "" if base is None or key == "dlrm-scratch" else f"{r['mean_auc_after_warmup'] - base:+.4f}"
+        print(f"{label:<22}" + "".join(f"{a:>12.4f}" for a in r["next_day_auc"]) + f"{r['mean_auc_after_warmup']:>9.4f}{delta:>20}")
+    print("(* mean over the days after the first, warm-up, day; AUC DAY = next-day AUC of the model trained on DAY-1)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic"])
+    parser.add_argument("--row", default="all", choices=["all", *ROWS])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="out/bench/warm_start")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs of the chosen rows first")
+    parser.add_argument("--tiny", action="store_true", help="tiny synthetic logs: a smoke run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+    from lumrec.data.dataset import Dataset
+    from lumrec.data.synthetic import SynthConfig, generate
+
+    setup = synthetic_setup(args.tiny)
+    name = args.dataset + ("-tiny" if args.tiny else "")
+    work = Path(args.out) / name
+    data = work / "data"
+    if not Dataset(data).manifest_path.exists():
+        generate(data, SynthConfig(**setup["synth"]), progress=False)
+    rows = [r for r in ROWS if r not in NOT_RUN] if args.row == "all" else [args.row]
+    if args.fresh:
+        for row in rows:
+            shutil.rmtree(work / row, ignore_errors=True)
+    existing = train_existing_dlrm(data, work / "existing_dlrm", setup, args.threads)
+    results: dict[str, dict[str, Any]] = {}
+    previous = json.loads(RESULTS.read_text()).get(name, {}) if RESULTS.exists() and not args.tiny else {}
+    results.update(previous.get("rows", {}))
+    for row in rows:
+        if row in NOT_RUN:
+            results[row] = {"label": ROWS[row], "status": "not run: " + NOT_RUN[row]}
+            continue
+        log.info("row %s", row)
+        results[row] = run_row(row, data, work, existing, setup, args.threads)
+        log.info("row %s: next-day AUC %s", row, [round(a, 4) for a in results[row]["next_day_auc"]])
+    for row, reason in NOT_RUN.items():
+        results.setdefault(row, {"label": ROWS[row], "status": "not run: " + reason})
+    print_table(results)
+    summary = {"dataset": name, "existing_days": setup["existing"], "daily_days": setup["daily"], "threads": args.threads,
+               "rows": results}
+    if not args.tiny:
+        merge_row(RESULTS, name, summary)
+    print(json.dumps({"dataset": name, **{k: round(r["mean_auc_after_warmup"], 4) for k, r in results.items() if "mean_auc_after_warmup" in r}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

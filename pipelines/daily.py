@@ -1,0 +1,388 @@
+"""The daily pipeline: LUM's three steps for one day D, stage by stage, never losing or double-counting a day.
+
+    lumrec daily CONFIG ds=2026-01-15            # one day
+    lumrec daily CONFIG start=2026-01-13 end=2026-01-15   # a range, in order; complete days are skipped
+
+Stages of day D (each one a folder under ``OUT/days/ds=D/`` plus a stage manifest written last):
+
+(a) ``pretrain``: continue LUM pre-training from D-1's checkpoint (model and optimizer state)
+    with D's behaviours as targets; earlier days are context only. The first day, with no
+    D-1, pre-trains on all history up to D (``bootstrap_epochs``).
+(b) ``query``: grouped query of the users with behaviour on D, written to the knowledge store
+    as of D; every other user's vectors are carried over from the previous partition
+    (``full_refresh: true`` re-queries everyone). The report says how many were refreshed.
+(c) ``rank``: train the DLRM on D's impressions; each sample reads the knowledge as of D-1
+    (point-in-time); warm-started from D-1's DLRM (the first day: ``rank_warm_start``, e.g. the
+    company's existing model, or from scratch).
+(d) ``eval``: next-day AUC, NE and calibration of D's DLRM on D+1's impressions (which read
+    the knowledge as of D); ``report.json`` of the day and a line per day in ``OUT/report.tsv``.
+    Without D+1's impressions the day waits (incomplete) and a later run finishes it.
+
+Exactly once: a stage runs only when its manifest is absent. Its work resumes from its own
+checkpoints (pre-training and ranking resume exactly, mid-epoch included), the knowledge
+partition and the reports are replaced atomically, so a job killed anywhere and rerun ends with
+the same checkpoints and metrics as an uninterrupted one (``tests/test_daily.py`` kills each
+stage with ``lumrec.faults`` failpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lumrec.config import load_config
+from lumrec.pipelines.pretrain import PretrainConfig
+from lumrec.pipelines.query import QueryConfig
+from lumrec.pipelines.rank import RankConfig
+from lumrec.modules.warm_start_config import WarmStartConfig
+
+log = logging.getLogger("lumrec.daily")
+
+__all__ = ["DailyConfig", "DailyJob", "STAGES", "main", "report_table", "run_daily"]
+
+STAGES = ("pretrain", "query", "rank", "eval")
+
+
+@dataclass
+class DailyConfig:
+    """Which days, where, and the templates of the three jobs (day-specific keys are set per day)."""
+
+    data: str = "out/demo/data"  # a lumrec dataset with daily behaviours and impressions
+    out: str = "out/daily"
+    ds: str | None = None  # one day; or a range:
+    start: str | None = None
+    end: str | None = None
+    with_lum: bool = True  # False: the DLRM alone (stages a and b are skipped): the daily baseline
+    # (a) LUM pre-training. Per day: out, data.path, data.end, data.target_start, train.init_from, epochs.
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(model="lum"))
+    epochs_per_day: int = 1
+    bootstrap_epochs: int = 5  # the first day without lum_init: all history up to it, this many epochs
+    lum_init: str | None = None  # the first day continues this LUM (a pretrain run's checkpoints/ folder) instead
+    # (b) knowledge query. Per day: checkpoint, as_of_ds, store, users, carry_over_from.
+    query: QueryConfig = field(default_factory=QueryConfig)
+    full_refresh: bool = False
+    # (c)+(d) ranking. Per day: data, out, the samples' days and split, lum.store, warm_start.
+    rank: RankConfig = field(default_factory=RankConfig)
+    rank_warm_start: WarmStartConfig | None = None  # the first day's DLRM (later days: D-1's)
+
+
+class DailyJob:
+    """Runs the stages of a range of days over one output folder."""
+
+    def __init__(self, cfg: DailyConfig) -> None:
+        from lumrec.data.dataset import Dataset
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.data = Dataset(cfg.data)
+        self.store = self.out / "knowledge"
+        self.behaviour_days = self.data.days("behaviours")
+        self.impression_days = self.data.days("impressions")
+        if not self.impression_days:
+            raise ValueError(f"{self.data.root}: no impressions partitions; the daily DLRM trains on impressions")
+        # Under torchrun (N ranks) every rank runs every stage: training stages shard their models over
+        # the ranks; single-writer work (the knowledge partition, manifests, reports) is rank 0's.
+        self.ctx = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from lumrec.distributed import init_distributed
+
+            self.ctx = init_distributed()
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
+
+    def _barrier(self) -> None:
+        if self.ctx is not None:
+            self.ctx.barrier()
+
+    def _from_main(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.ctx is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # -- days and stages ---------------------------------------------------------------------
+    def days(self) -> list[str]:
+        """The days to process, in order: `ds`, or the impression days in [start, end]."""
+        c = self.cfg
+        if c.ds is not None:
+            if c.start is not None or c.end is not None:
+                raise ValueError("daily: give ds or start/end, not both")
+            wanted = [c.ds]
+        elif c.start is not None and c.end is not None:
+            if c.start > c.end:
+                raise ValueError(f"daily: start {c.start} is after end {c.end}")
+            wanted = [d for d in self.impression_days if c.start <= d <= c.end]
+        else:
+            raise ValueError("daily: give ds=YYYY-MM-DD or start=... end=...")
+        missing = [d for d in wanted if d not in self.impression_days]
+        if missing or not wanted:
+            raise ValueError(f"daily: {self.data.root}/impressions has no partition for {missing or [c.start, c.end]}; "
+                             f"it has {self.impression_days[0]}..{self.impression_days[-1]}")
+        return wanted
+
+    def day_dir(self, ds: str) -> Path:
+        return self.out / "days" / f"ds={ds}"
+
+    def stage_file(self, ds: str, stage: str) -> Path:
+        return self.day_dir(ds) / "stages" / f"{stage}.json"
+
+    def stage_done(self, ds: str, stage: str) -> dict[str, Any] | None:
+        """The manifest of a complete stage, or None."""
+        path = self.stage_file(ds, stage)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: corrupt stage manifest ({err}); delete it to rerun the stage") from None
+
+    def _finish_stage(self, ds: str, stage: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Write the stage's manifest last (atomically): from now on the stage is complete."""
+        from lumrec.data.dataset import write_text_atomic
+        from lumrec.faults import failpoint
+
+        failpoint(f"daily.{stage}.before_manifest")
+        manifest = self._from_main({"ds": ds, "stage": stage, **result})
+        if self.is_main:
+            write_text_atomic(self.stage_file(ds, stage), json.dumps(manifest, indent=2, sort_keys=True))
+        self._barrier()  # no rank reads the stage as incomplete after this
+        return manifest  # what a later run reads back for a complete stage: the report is the same either way
+
+    def previous_day(self, ds: str) -> str | None:
+        """The impression day before `ds` (the day whose models D continues from), or None for the first."""
+        earlier = [d for d in self.impression_days if d < ds]
+        return earlier[-1] if earlier else None
+
+    def _require(self, ds: str, stage: str) -> dict[str, Any]:
+        done = self.stage_done(ds, stage)
+        if done is None:
+            raise RuntimeError(f"daily: stage {stage} of {ds} is not complete ({self.stage_file(ds, stage)} missing); run that day first")
+        return done
+
+    def _continues(self, ds: str, stage: str) -> str | None:
+        """The previous day if its `stage` is complete; None if no earlier day was ever processed; else an error."""
+        prev = self.previous_day(ds)
+        if prev is None or not self.day_dir(prev).exists():
+            return None
+        self._require(prev, stage)
+        return prev
+
+    # -- (a) pre-training -------------------------------------------------------------------
+    def pretrain(self, ds: str) -> dict[str, Any]:
+        from lumrec.pipelines.pretrain import Pretrainer
+
+        prev = self._continues(ds, "pretrain")
+        source = str(self.day_dir(prev) / "lum" / "checkpoints") if prev is not None else self.cfg.lum_init
+        cfg: PretrainConfig = copy.deepcopy(self.cfg.pretrain)
+        cfg.out = str(self.day_dir(ds) / "lum")
+        cfg.data.path = str(self.data.root)
+        cfg.data.end = ds
+        cfg.data.train_excludes_last = 0  # the next day tests it (stage d)
+        cfg.data.target_start = ds if source is not None else None
+        cfg.train.init_from = source
+        cfg.train.epochs = self.cfg.epochs_per_day if source is not None else self.cfg.bootstrap_epochs
+        result = Pretrainer(cfg).run()
+        return {"continued_from": prev or (source and "lum_init"), "steps": result["steps"], "train_users": result["train_users"],
+                "epochs": cfg.train.epochs, "train_minutes": result["train_minutes"]}
+
+    # -- (b) knowledge query ----------------------------------------------------------------
+    def query(self, ds: str) -> dict[str, Any]:
+        from lumrec.data.knowledge import latest_as_of
+        from lumrec.pipelines.query import run_query
+
+        self._require(ds, "pretrain")
+        cfg: QueryConfig = copy.deepcopy(self.cfg.query)
+        cfg.checkpoint = str(self.day_dir(ds) / "lum")
+        cfg.checkpoint_kind = "latest"
+        cfg.data = str(self.data.root)
+        cfg.as_of_ds = ds
+        cfg.store = str(self.store)
+        previous = latest_as_of(self.store, ds)
+        incremental = previous is not None and not self.cfg.full_refresh and ds in self.behaviour_days
+        cfg.users = "active" if incremental else "all"
+        cfg.carry_over_from = previous if incremental else None
+        # Inference only: rank 0 answers every user and writes the partition (one writer) while the others wait.
+        result = self._from_main(run_query(cfg) if self.is_main else None)
+        refreshed = result["users"]
+        return {"refresh": "incremental" if incremental else "full", "refreshed_users": refreshed,
+                "carried_over_users": result["carried_over"], "carry_over_from": cfg.carry_over_from,
+                "total_users": refreshed + result["carried_over"], "conditions": result["conditions"],
+                "model_version": result["model_version"], "seconds": result["seconds"]}
+
+    # -- (c) ranking ------------------------------------------------------------------------
+    def rank_config(self, ds: str, eval_day: str | None = None) -> RankConfig:
+        """The DLRM job of day `ds` (train on its impressions), or its evaluation on `eval_day`."""
+        cfg: RankConfig = copy.deepcopy(self.cfg.rank)
+        cfg.data = str(self.data.root)
+        day = eval_day or ds
+        cfg.samples.protocol = "impressions"
+        cfg.samples.first_day = cfg.samples.last_day = day
+        cfg.samples.split_mode = "all_test" if eval_day else "all_train"
+        cfg.samples.test_start = cfg.samples.valid_start = None
+        if self.cfg.with_lum:
+            if cfg.lum is None:
+                raise ValueError("daily: with_lum is true but rank.lum is not set (which conditions and features the DLRM gets)")
+            cfg.lum.store = str(self.store)
+            cfg.lum.as_of_ds = None  # per sample of day X: the newest partition before X
+        else:
+            cfg.lum = None
+        cfg.out = str(self.day_dir(ds) / ("eval" if eval_day else "rank"))
+        return cfg
+
+    def rank(self, ds: str) -> dict[str, Any]:
+        from lumrec.pipelines.rank import run_rank
+
+        if self.cfg.with_lum:
+            self._require(ds, "query")  # D's samples read D-1's knowledge; the order keeps days in sequence
+        prev = self._continues(ds, "rank")
+        cfg = self.rank_config(ds)
+        if prev is not None:
+            cfg.warm_start = WarmStartConfig(source=str(self.day_dir(prev) / "rank" / "checkpoints"))
+        else:
+            cfg.warm_start = copy.deepcopy(self.cfg.rank_warm_start)
+        result = run_rank(cfg)
+        last = result["history"][-1]
+        return {"warm_start": result.get("warm_start"), "train_samples": result["samples"]["train"]["samples"],
+                "train_loss": last["train_loss"], "epochs": result["epochs_run"], "steps": result["steps"],
+                "train_minutes": result["train_minutes"]}
+
+    # -- (d) next-day evaluation and the report ----------------------------------------------
+    def next_day(self, ds: str) -> str | None:
+        later = [d for d in self.impression_days if d > ds]
+        return later[0] if later else None
+
+    def evaluate(self, ds: str) -> dict[str, Any] | None:
+        """Next-day metrics of D's DLRM, or None when D+1's impressions are not there yet."""
+        from lumrec.checkpoint import CheckpointManager
+        from lumrec.pipelines.rank import Ranker
+
+        self._require(ds, "rank")
+        nxt = self.next_day(ds)
+        if nxt is None:
+            return None
+        ranker = Ranker(self.rank_config(ds, eval_day=nxt))
+        ckpt = CheckpointManager(self.day_dir(ds) / "rank" / "checkpoints", keep=0)
+        step = ckpt.latest()
+        if step is None:
+            raise RuntimeError(f"{ckpt.root}: no complete checkpoint of day {ds}'s DLRM")
+        # DCP loads in place: into plain tensors on one process, into each rank's shards on N (resharding if needed).
+        state = {"model": ranker.model.state_dict()}
+        ckpt.load(state, step)
+        ranker.model.load_state_dict(state["model"])
+        metrics = ranker.evaluate("test")
+        return {"eval_day": nxt, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+
+    def write_report(self, ds: str, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The day's report.json, then OUT/report.tsv rebuilt from every complete day's report (both atomic)."""
+        from lumrec.data.dataset import write_text_atomic
+        from lumrec.faults import failpoint
+
+        report = {"ds": ds, **stages}
+        if self.is_main:
+            write_text_atomic(self.day_dir(ds) / "report.json", json.dumps(report, indent=2, sort_keys=True))
+            failpoint("daily.report.written")
+            reports = []
+            for folder in sorted((self.out / "days").glob("ds=*")):
+                path = folder / "report.json"
+                if path.exists():
+                    reports.append(json.loads(path.read_text()))
+            write_text_atomic(self.out / "report.tsv", report_table(reports))
+        self._barrier()
+        return report
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run_day(self, ds: str) -> dict[str, Any]:
+        """All stages of day `ds` that are not complete yet; returns the stage results and the day's status."""
+        order = [("pretrain", self.pretrain), ("query", self.query)] if self.cfg.with_lum else []
+        order += [("rank", self.rank)]
+        results: dict[str, dict[str, Any]] = {}
+        for stage, run in order:
+            done = self.stage_done(ds, stage)
+            if done is not None:
+                log.info("%s %s: complete, skipped", ds, stage)
+                results[stage] = done
+                continue
+            t0 = time.perf_counter()
+            log.info("%s %s: running", ds, stage)
+            results[stage] = self._finish_stage(ds, stage, run(ds))
+            log.info("%s %s: done in %.1f s", ds, stage, time.perf_counter() - t0)
+        done = self.stage_done(ds, "eval")
+        if done is None:
+            metrics = self.evaluate(ds)
+            if metrics is None:
+                log.info("%s eval: waiting for the next day's impressions", ds)
+                return {"ds": ds, "status": "waiting for next day", **results}
+            self.write_report(ds, {**results, "eval": metrics})
+            done = self._finish_stage(ds, "eval", metrics)
+        results["eval"] = done
+        return {"ds": ds, "status": "complete", **results}
+
+    def run(self) -> list[dict[str, Any]]:
+        days = self.days()
+        out = []
+        for ds in days:
+            if all(self.stage_done(ds, s) is not None for s in self.stages()):
+                log.info("%s: complete, skipped", ds)
+                out.append({"ds": ds, "status": "skipped (complete)"})
+                continue
+            out.append(self.run_day(ds))
+        return out
+
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.cfg.with_lum else ("rank", "eval")
+
+
+TABLE_COLUMNS = (
+    ("ds", lambda r: r["ds"]),
+    ("lum_steps", lambda r: r.get("pretrain", {}).get("steps", "-")),
+    ("lum_users", lambda r: r.get("pretrain", {}).get("train_users", "-")),
+    ("refresh", lambda r: r.get("query", {}).get("refresh", "-")),
+    ("refreshed", lambda r: r.get("query", {}).get("refreshed_users", "-")),
+    ("carried", lambda r: r.get("query", {}).get("carried_over_users", "-")),
+    ("rank_samples", lambda r: r["rank"]["train_samples"]),
+    ("warm_start", lambda r: "yes" if r["rank"].get("warm_start") else "no"),
+    ("train_loss", lambda r: f"{r['rank']['train_loss']:.4f}"),
+    ("eval_day", lambda r: r["eval"]["eval_day"]),
+    ("next_day_auc", lambda r: f"{r['eval']['auc']:.4f}"),
+    ("ne", lambda r: f"{r['eval']['ne']:.4f}"),
+    ("calibration", lambda r: f"{r['eval']['calibration']:.4f}"),
+)
+
+
+def report_table(reports: list[dict[str, Any]]) -> str:
+    """The cumulative per-day table (tab-separated, one line per complete day)."""
+    lines = ["\t".join(name for name, _ in TABLE_COLUMNS)]
+    for r in sorted(reports, key=lambda r: r["ds"]):
+        lines.append("\t".join(str(get(r)) for _, get in TABLE_COLUMNS))
+    return "\n".join(lines) + "\n"
+
+
+def run_daily(cfg: DailyConfig) -> list[dict[str, Any]]:
+    """Process `cfg`'s days in order (complete days skipped); returns one status per day."""
+    return DailyJob(cfg).run()
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lumrec daily CONFIG [ds=... | start=... end=...] [key=value ...]`."""
+    cfg = load_config(DailyConfig, args.config, overrides=args.overrides)
+    statuses = run_daily(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 prints
+    table = Path(cfg.out) / "report.tsv"
+    if table.exists():
+        print(table.read_text().rstrip())
+    print(json.dumps([{"ds": s["ds"], "status": s["status"]} for s in statuses]))
+    return 0

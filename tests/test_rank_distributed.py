@@ -1,0 +1,239 @@
+"""`lumrec rank` sharded over 2 gloo ranks (TorchRec DMP) trains like 1 process; its checkpoints load unsharded; resume is exact.
+
+One module-scoped fixture spawns the two ranks once (torch + torchrec imports cost seconds per
+process) and runs every 2-rank job there; meanwhile the 1-process references run in this
+process, through the job's plain path (no WORLD_SIZE: no process group, no DMP). Scenarios:
+DIN without LUM features and SIM with a LUM knowledge store (both have sharded pooled tables and
+unsharded, DDP-replicated sequence tables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lumrec.checkpoint import CheckpointManager, load_model_weights
+from lumrec.data.knowledge import write_knowledge
+from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.modules.warm_start import load_source_state
+from lumrec.pipelines.rank import RankConfig, Ranker, RankLUMConfig, RankModelConfig, RankTrainConfig, run_rank
+
+DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
+CONDITIONS = ["scenario=1", "scenario=2"] + [f"category_id={c}" for c in range(1, 5)]
+SCENARIOS = {"din": ("din", False), "sim_lum": ("sim", True)}
+# 173 is odd: every global batch splits 86 / 87, so the loss rescale for unequal slices is always
+# in use; the train split has 3 * 173 + 1 samples (checked below), so every epoch ends with a
+# 1-sample batch and rank 0 gets a zero-weight stand-in (`padding`). Likewise in evaluation: the
+# test split has 2 * 247 + 1 samples, valid 2 * 247 + 141 (70 / 71).
+BATCH, EVAL_BATCH, EPOCHS, KILL_AT = 173, 247, 2, 6
+# 1 process and 2 ranks sum in other orders (DDP / all-to-all gradient averages, half-batch means),
+# so they agree to float32 rounding only. Observed after 8 steps: epoch train losses <= 3e-8 apart,
+# AUC / NE / log loss <= 3e-9, weights <= 8e-8, optimizer moments <= 4e-9. 1e-5 leaves >100x
+# headroom and still has power (tried): without the loss rescale the epoch losses moved by 0.09;
+# without the row-wise table state in checkpoints a resumed run's AUC moved by 1e-4.
+ATOL = 1e-5
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ----------------------------------------------------------------------------- data & configs
+
+
+def _make_world(root: Path) -> tuple[str, str]:
+    """Tiny synthetic logs (60 users, 50 items, 4 days) and a knowledge store for days 1-3."""
+    data = root / "data"
+    generate(data, SynthConfig(seed=3, num_users=60, num_items=50, num_categories=4, num_queries=8, num_days=4,
+                               impressions_per_user_day=10))
+    store = root / "store"
+    for i, day in enumerate(DAYS[:-1]):
+        g = torch.Generator().manual_seed(i)
+        write_knowledge(store, day, f"test-{day}", torch.arange(1, 61), CONDITIONS, torch.randn(60, len(CONDITIONS), 4, generator=g),
+                        torch.arange(1, 51), torch.randn(50, 4, generator=g))
+    return str(data), str(store)
+
+
+def _config(data: str, store: str, out: Path, scenario: str) -> RankConfig:
+    model, with_lum = SCENARIOS[scenario]
+    lum = RankLUMConfig(store=store, conditions=["scenario=1", "scenario=2"], candidate_condition_feature="category_id") if with_lum else None
+    return RankConfig(
+        data=data, out=str(out), model=model,
+        samples=RankingSampleConfig(protocol="impressions", first_day=DAYS[1], test_fraction=0.3, valid_fraction=0.3),
+        sizes=RankModelConfig(embedding_dim=8, mlp=[16], attention_mlp=[8], max_search_len=8, short_len=4, item_stats=["f_ctr_7d"]),
+        lum=lum,
+        train=RankTrainConfig(epochs=EPOCHS, batch_size=BATCH, eval_batch_size=EVAL_BATCH, max_history=20, progress=False,
+                              checkpoint_every_steps=4, keep_checkpoints=10),
+    )
+
+
+# ------------------------------------------------------------------------------- the 2 ranks
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, data: str, store: str) -> None:
+    """One spawned rank: torchrun-style env vars, then per scenario a straight run and a killed + resumed one."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    out = Path(root)
+    returned: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        returned[scenario] = run_rank(_config(data, store, out / f"{scenario}-2", scenario))
+        killed = _config(data, store, out / f"{scenario}-2-resumed", scenario)
+        returned[f"{scenario}-killed"] = run_rank(killed, max_steps=KILL_AT)
+        returned[f"{scenario}-resumed"] = run_rank(killed)  # a new job: resumes from the step-KILL_AT checkpoint
+    (out / f"returned-rank{rank}.json").write_text(json.dumps(returned))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The 2-rank jobs (spawned) and the 1-process references (here, meanwhile)."""
+    root = tmp_path_factory.mktemp("rank_dist")
+    data, store = _make_world(root)
+    start = time.monotonic()
+    # spawn, not fork: a forked child can deadlock on the parent's thread pools.
+    procs = mp.start_processes(_rank_main, args=(2, _free_port(), str(root), data, store), nprocs=2, join=False,
+                               start_method="spawn")
+    saved = {v: os.environ.pop(v) for v in ENV_VARS if v in os.environ}
+    try:
+        one = {s: run_rank(_config(data, store, root / f"{s}-1", s)) for s in SCENARIOS}
+    finally:
+        os.environ.update(saved)
+    assert not dist.is_initialized(), "the 1-process path must not create a process group"
+    while not procs.join(timeout=1.0):  # raises if a rank failed
+        if time.monotonic() > start + 240:
+            for p in procs.processes:
+                p.terminate()
+            pytest.fail("2-rank jobs did not finish in 240 s")
+    returned = [json.loads((root / f"returned-rank{r}.json").read_text()) for r in range(2)]
+    return {"root": root, "data": data, "store": store, "one": one, "two": returned, "seconds": time.monotonic() - start}
+
+
+def _strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "train_minutes"}
+
+
+def _unsharded_model(runs: dict, scenario: str) -> Ranker:
+    """A fresh 1-process job of `scenario` (its model unsharded), as pipelines/daily.py builds one to evaluate."""
+    return Ranker(_config(runs["data"], runs["store"], runs["root"] / f"{scenario}-fresh", scenario))
+
+
+def _latest(folder: Path) -> Path:
+    manager = CheckpointManager(folder, keep=0)
+    return manager.step_dir(manager.latest())
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_batches_cover_the_slicing_cases(runs):
+    """The data is what the constants promise: unequal slices every step, a 1-sample last batch (padding)."""
+    ranker = _unsharded_model(runs, "din")
+    n = ranker.counts["train"]["samples"]
+    assert n % BATCH == 1 and n // BATCH == 3, f"{n} train samples; adjust BATCH"
+    assert ranker.counts["test"]["samples"] % EVAL_BATCH == 1
+    from lumrec.data.ranking.samples import rank_slice
+
+    assert rank_slice(BATCH, 0, 2) == (0, 86) and rank_slice(BATCH, 1, 2) == (86, 173) and rank_slice(1, 0, 2) == (0, 0)
+    parts = [list(ranker.samples.iter_batches("train", BATCH, 0, 20, part=(r, 2))) for r in range(2)]
+    whole = list(ranker.samples.iter_batches("train", BATCH, 0, 20))
+    for k, batch in enumerate(whole):
+        mine = [p[k] for p in parts if not p[k].padding]
+        assert torch.equal(torch.cat([b.sample_index for b in mine]), batch.sample_index)
+        assert all(p[k].global_batch_size == len(batch) for p in parts)
+    assert [p[-1].padding for p in parts] == [True, False] and len(parts[0][-1]) == 1  # rank_slice(1, 0, 2) is empty
+    with pytest.raises(ValueError, match=r"part must be \(rank, world\)"):
+        next(ranker.samples.iter_batches("train", BATCH, part=(2, 2)))
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks_match_one_process(runs, scenario):
+    one, two = runs["one"][scenario], runs["two"][0][scenario]
+    assert _strip(runs["two"][1][scenario]) == _strip(two), "ranks disagree on the results"
+    assert json.loads((runs["root"] / f"{scenario}-2" / "results.json").read_text())["test"] == two["test"]
+    assert (two["steps"], two["best_epoch"], two["epochs_run"], two["samples"]) == (one["steps"], one["best_epoch"], one["epochs_run"], one["samples"])
+    for h1, h2 in zip(one["history"], two["history"], strict=True):
+        assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL, (h1["train_loss"], h2["train_loss"])
+        for split in ("valid", "test"):
+            assert h1[split]["count"] == h2[split]["count"]
+            for key in ("auc", "ne", "log_loss"):
+                assert abs(h1[split][key] - h2[split][key]) <= ATOL, (split, key, h1[split][key], h2[split][key])
+    assert abs(one["test"]["auc"] - two["test"]["auc"]) <= ATOL
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_rank_checkpoint_loads_unsharded_and_matches_one_process_weights(runs, scenario):
+    root = runs["root"]
+    two = _unsharded_model(runs, scenario)
+    initial = {k: v.clone() for k, v in two.model.state_dict().items()}
+    load_model_weights(_latest(root / f"{scenario}-2" / "checkpoints"), two.model)  # DCP: 2 ranks' shards -> one model
+    one = _unsharded_model(runs, scenario)
+    load_model_weights(_latest(root / f"{scenario}-1" / "checkpoints"), one.model)
+    source = load_source_state(root / f"{scenario}-2" / "checkpoints")  # what warm start (pipelines/daily.py) reads
+    assert sorted(source) == sorted(two.model.state_dict())
+    for key, value in two.model.state_dict().items():
+        assert torch.equal(source[key], value), key
+        assert not torch.equal(value, initial[key]), f"{key}: not trained or not restored"
+        torch.testing.assert_close(value, one.model.state_dict()[key], rtol=0, atol=ATOL, msg=key)
+    # The 2-rank weights evaluated by one process give the 2-rank run's last test metrics.
+    last = runs["two"][0][scenario]["history"][-1]["test"]
+    assert abs(two.evaluate("test")["auc"] - last["auc"]) <= ATOL
+    best = CheckpointManager(root / f"{scenario}-2" / "best", keep=0)
+    assert best.latest() is not None
+    load_model_weights(best.step_dir(best.latest()), one.model)  # the best-model checkpoint too
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_killed_two_rank_run_resumes_exactly(runs, scenario):
+    root = runs["root"]
+    killed = runs["two"][0][f"{scenario}-killed"]
+    assert killed == {"stopped": "max_steps", "epoch": 1, "step": KILL_AT}
+    straight, resumed = runs["two"][0][scenario], runs["two"][0][f"{scenario}-resumed"]
+    assert _strip(resumed) == _strip(straight)
+    assert _strip(runs["two"][1][f"{scenario}-resumed"]) == _strip(straight)
+    # Final weights, dense optimizer moments and the row-wise table state are all equal: the
+    # checkpoint carried every piece (a missing one would change the steps after the resume).
+    for key in ("model", "optim"):
+        left = load_source_state(_latest(root / f"{scenario}-2" / "checkpoints"), checkpoint_key=key)
+        right = load_source_state(_latest(root / f"{scenario}-2-resumed" / "checkpoints"), checkpoint_key=key)
+        assert sorted(left) == sorted(right)
+        for name in left:
+            assert torch.equal(left[name], right[name]), f"{key}: {name}"
+    tables = [n for n in load_source_state(_latest(root / f"{scenario}-2" / "checkpoints"), checkpoint_key="optim")
+              if "embedding_bags" in n and n.endswith("exp_avg_sq_row")]
+    assert tables, "the sharded tables' RowwiseAdamW state is not in the checkpoint"
+    print(f"2-rank jobs took {runs['seconds']:.1f} s")
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_rank_checkpoint_resumes_on_one_process(runs, scenario, tmp_path):
+    """Checkpoints name every tensor as the unsharded job does, so DCP reshards a 2-rank one onto 1 process."""
+    import shutil
+
+    root = runs["root"]
+    src = root / f"{scenario}-2-resumed"
+    out = tmp_path / "elastic"
+    shutil.copytree(src / "checkpoints" / f"step-{KILL_AT:08d}", out / "checkpoints" / f"step-{KILL_AT:08d}")
+    shutil.copy(src / "config.json", out / "config.json")
+    resumed = run_rank(_config(runs["data"], runs["store"], out, scenario))
+    one = runs["one"][scenario]
+    assert (resumed["steps"], resumed["best_epoch"]) == (one["steps"], one["best_epoch"])
+    for h1, h2 in zip(one["history"], resumed["history"], strict=True):
+        assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL
+        assert abs(h1["test"]["auc"] - h2["test"]["auc"]) <= ATOL
