@@ -67,7 +67,7 @@ def synthetic_setup(tiny: bool) -> dict[str, Any]:
                 epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2)
 
 
-def rank_template(setup: dict[str, Any], threads: int) -> dict[str, Any]:
+def rank_template(setup: dict[str, Any], threads: int, seed: int = 0) -> dict[str, Any]:
     """RankConfig keys shared by every row (SIM, the demo's features)."""
     dim = setup["embedding_dim"]
     return {
@@ -75,30 +75,30 @@ def rank_template(setup: dict[str, Any], threads: int) -> dict[str, Any]:
         "sizes": {"embedding_dim": dim, "mlp": [64, 32], "attention_mlp": [32], "context_keys": ["scenario", "query_id"],
                   "item_stats": ["f_ctr_7d", "f_log_impressions_7d", "f_popularity"]},
         "lum": {"conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id", "features": ["sim", "missing"]},
-        "train": {"seed": 0, "epochs": setup["rank_epochs"], "batch_size": 256, "lr": 0.002, "max_history": 50, "threads": threads,
+        "train": {"seed": seed, "epochs": setup["rank_epochs"], "batch_size": 256, "lr": 0.002, "max_history": 50, "threads": threads,
                   "progress": False},
     }
 
 
-def pretrain_template(setup: dict[str, Any], threads: int) -> dict[str, Any]:
+def pretrain_template(setup: dict[str, Any], threads: int, seed: int = 0) -> dict[str, Any]:
     """PretrainConfig keys of the LUM rows; the token encoder's tables have the DLRM's width so features can warm up."""
     d = setup["d_model"]
     return {
         "model": "lum",
         "data": {"max_len": 64, "condition_features": ["scenario", "query_id"], "item_features": ["item_id"]},
-        "train": {"seed": 0, "rows_per_batch": 32, "lr": 0.002, "num_negatives": -1, "threads": threads, "eval_every_epochs": 10000,
+        "train": {"seed": seed, "rows_per_batch": 32, "lr": 0.002, "num_negatives": -1, "threads": threads, "eval_every_epochs": 10000,
                   "checkpoint_every_steps": 500, "log_every_steps": 50, "keep_checkpoints": 1},
         "model_config": {"d_model": d, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * d, "embedding_dim": setup["embedding_dim"]},
     }
 
 
-def train_existing_dlrm(data: Path, out: Path, setup: dict[str, Any], threads: int) -> Path:
+def train_existing_dlrm(data: Path, out: Path, setup: dict[str, Any], threads: int, seed: int) -> Path:
     """The company's DLRM: the backbone without LUM, trained on the existing days; returns its checkpoints folder."""
     from lumrec.config import from_dict
     from lumrec.pipelines.rank import RankConfig, run_rank
 
     first, last = setup["existing"]
-    keys = rank_template(setup, threads)
+    keys = rank_template(setup, threads, seed)
     keys.update(data=str(data), out=str(out), lum=None,
                 samples={"protocol": "impressions", "first_day": first, "last_day": last, "split_mode": "all_train"})
     if not (out / "results.json").exists():
@@ -115,13 +115,13 @@ def table_name_map() -> dict[str, str]:
     }
 
 
-def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str, Any], threads: int):
+def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str, Any], threads: int, seed: int):
     """The DailyConfig of one row."""
     from lumrec.config import from_dict
     from lumrec.pipelines.daily import DailyConfig
 
     lum = row.startswith("lum")
-    pretrain = pretrain_template(setup, threads)
+    pretrain = pretrain_template(setup, threads, seed)
     if "feature" in row and lum:
         pretrain["train"]["table_init"] = {"source": str(existing), "name_map": table_name_map()}
     keys: dict[str, Any] = {
@@ -129,47 +129,69 @@ def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str,
         "epochs_per_day": setup["epochs_per_day"], "bootstrap_epochs": setup["bootstrap_epochs"], "pretrain": pretrain,
         "query": {"conditions": [{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
                   "threads": threads, "progress": False},
-        "rank": rank_template(setup, threads),
+        "rank": rank_template(setup, threads, seed),
     }
     if row in ("dlrm-param-feature", "lum-param", "lum-feature-param"):
         keys["rank_warm_start"] = {"source": str(existing)}
     return from_dict(DailyConfig, keys, source=f"warm_start row {row}")
 
 
-def run_row(row: str, data: Path, work: Path, existing: Path, setup: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One row's daily run (resumes if interrupted); its per-day next-day AUCs."""
+def run_row(row: str, data: Path, work: Path, existing: Path, setup: dict[str, Any], threads: int, seed: int) -> dict[str, Any]:
+    """One row's daily run for one seed (resumes if interrupted); its per-day next-day AUCs."""
     from lumrec.pipelines.daily import run_daily
 
-    cfg = row_config(row, data, work / row, existing, setup, threads)
+    cfg = row_config(row, data, work / row, existing, setup, threads, seed)
     t0 = time.perf_counter()
     run_daily(cfg)
     reports = []
     for folder in sorted((work / row / "days").glob("ds=*")):
         reports.append(json.loads((folder / "report.json").read_text()))
-    days = [r["ds"] for r in reports]
     auc = [r["eval"]["auc"] for r in reports]
-    after_warmup = auc[1:] if len(auc) > 1 else auc
-    return {"label": ROWS[row], "days": days, "eval_days": [r["eval"]["eval_day"] for r in reports], "next_day_auc": auc,
-            "ne": [r["eval"]["ne"] for r in reports], "mean_auc_after_warmup": statistics.fmean(after_warmup),
+    return {"seed": seed, "days": [r["ds"] for r in reports], "eval_days": [r["eval"]["eval_day"] for r in reports],
+            "next_day_auc": auc, "ne": [r["eval"]["ne"] for r in reports],
+            "mean_auc_after_warmup": statistics.fmean(auc[1:] if len(auc) > 1 else auc),
             "warm_start": [bool(r["rank"].get("warm_start")) for r in reports], "wall_minutes": round((time.perf_counter() - t0) / 60, 2)}
 
 
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per row over seeds: per-day AUC means, the mean after the warm-up (mean, std), paired delta vs DLRM(scratch)."""
+    def mean_std(xs: list[float]) -> tuple[float, float]:
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    base = {r["seed"]: r["mean_auc_after_warmup"] for r in runs.get("dlrm-scratch", [])}
+    out: dict[str, dict[str, Any]] = {}
+    for row, seeds in runs.items():
+        if not seeds:
+            continue
+        days = seeds[0]["eval_days"]
+        entry: dict[str, Any] = {"label": ROWS[row], "seeds": [r["seed"] for r in seeds], "eval_days": days,
+                                 "next_day_auc": [statistics.fmean(r["next_day_auc"][i] for r in seeds) for i in range(len(days))],
+                                 "per_seed": seeds}
+        entry["mean_auc_after_warmup"], entry["std_auc_after_warmup"] = mean_std([r["mean_auc_after_warmup"] for r in seeds])
+        paired = [r["mean_auc_after_warmup"] - base[r["seed"]] for r in seeds if r["seed"] in base]
+        if paired and row != "dlrm-scratch":
+            entry["delta_mean"], entry["delta_std"] = mean_std(paired)
+        out[row] = entry
+    return out
+
+
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
-    """Rows x days: next-day AUC; the mean after the warm-up day and its difference to DLRM(scratch)."""
+    """Rows x days: next-day AUC (mean over seeds); the mean after the warm-up day and the paired delta to DLRM(scratch)."""
     days = next((r["eval_days"] for r in rows.values() if "eval_days" in r), [])
-    base = rows.get("dlrm-scratch", {}).get("mean_auc_after_warmup")
-    head = f"{'row':<22}" + "".join(f"{'AUC ' + d[5:]:>12}" for d in days) + f"{'mean*':>9}{'Δ vs DLRM(scratch)':>20}"
+    head = f"{'row':<22}" + "".join(f"{'AUC ' + d[5:]:>11}" for d in days) + f"{'mean* ± std':>18}{'Δ vs DLRM(scratch)':>22}{'seeds':>7}"
     print(head)
     print("-" * len(head))
     for key, label in ROWS.items():
         r = rows.get(key)
         if r is None or "next_day_auc" not in r:
             reason = (r or {}).get("status", "not run")
-            print(f"{label:<22}{reason:>{len(head) - 22}}")
+            print(f"{label:<22}  {reason}")
             continue
-        delta = "" if base is None or key == "dlrm-scratch" else f"{r['mean_auc_after_warmup'] - base:+.4f}"
-        print(f"{label:<22}" + "".join(f"{a:>12.4f}" for a in r["next_day_auc"]) + f"{r['mean_auc_after_warmup']:>9.4f}{delta:>20}")
-    print("(* mean over the days after the first, warm-up, day; AUC DAY = next-day AUC of the model trained on DAY-1)")
+        delta = f"{r['delta_mean']:+.4f} ± {r['delta_std']:.4f}" if "delta_mean" in r else ""
+        mean = f"{r['mean_auc_after_warmup']:.4f} ± {r['std_auc_after_warmup']:.4f}"
+        print(f"{label:<22}" + "".join(f"{a:>11.4f}" for a in r["next_day_auc"]) + f"{mean:>18}{delta:>22}{len(r['seeds']):>7}")
+    print("(* mean over the days after the first (warm-up) day; AUC DAY = next-day AUC on DAY of the model trained the day before;"
+          " Δ: paired by seed)")
 
 
 def main() -> int:
@@ -179,6 +201,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench/warm_start")
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs of the chosen rows first")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (LUM and DLRM init, batch order)")
     parser.add_argument("--tiny", action="store_true", help="tiny synthetic logs: a smoke run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -194,28 +217,33 @@ def main() -> int:
     if not Dataset(data).manifest_path.exists():
         generate(data, SynthConfig(**setup["synth"]), progress=False)
     rows = [r for r in ROWS if r not in NOT_RUN] if args.row == "all" else [args.row]
-    if args.fresh:
-        for row in rows:
-            shutil.rmtree(work / row, ignore_errors=True)
-    existing = train_existing_dlrm(data, work / "existing_dlrm", setup, args.threads)
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     previous = json.loads(RESULTS.read_text()).get(name, {}) if RESULTS.exists() and not args.tiny else {}
-    results.update(previous.get("rows", {}))
-    for row in rows:
-        if row in NOT_RUN:
-            results[row] = {"label": ROWS[row], "status": "not run: " + NOT_RUN[row]}
-            continue
-        log.info("row %s", row)
-        results[row] = run_row(row, data, work, existing, setup, args.threads)
-        log.info("row %s: next-day AUC %s", row, [round(a, 4) for a in results[row]["next_day_auc"]])
+    for row, entry in previous.get("rows", {}).items():
+        if row not in rows and "per_seed" in entry:
+            runs[row] = entry["per_seed"]  # rows measured by earlier invocations stay in the table
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        seed_dir = work / f"seed{seed}"
+        if args.fresh:
+            for row in rows:
+                shutil.rmtree(seed_dir / row, ignore_errors=True)
+        existing = train_existing_dlrm(data, seed_dir / "existing_dlrm", setup, args.threads, seed)
+        for row in rows:
+            log.info("seed %d row %s", seed, row)
+            result = run_row(row, data, seed_dir, existing, setup, args.threads, seed)
+            runs.setdefault(row, []).append(result)
+            log.info("seed %d row %s: next-day AUC %s", seed, row, [round(a, 4) for a in result["next_day_auc"]])
+    summary = summarize(runs)
     for row, reason in NOT_RUN.items():
-        results.setdefault(row, {"label": ROWS[row], "status": "not run: " + reason})
-    print_table(results)
-    summary = {"dataset": name, "existing_days": setup["existing"], "daily_days": setup["daily"], "threads": args.threads,
-               "rows": results}
+        summary[row] = {"label": ROWS[row], "status": "not run: " + reason}
+    print_table(summary)
+    record = {"dataset": name, "existing_days": setup["existing"], "daily_days": setup["daily"], "threads": args.threads,
+              "wall_minutes": round((time.perf_counter() - t0) / 60, 1), "rows": summary}
     if not args.tiny:
-        merge_row(RESULTS, name, summary)
-    print(json.dumps({"dataset": name, **{k: round(r["mean_auc_after_warmup"], 4) for k, r in results.items() if "mean_auc_after_warmup" in r}}))
+        merge_row(RESULTS, name, record)
+    figures = {k: round(r["mean_auc_after_warmup"], 4) for k, r in summary.items() if "mean_auc_after_warmup" in r}
+    print(json.dumps({"dataset": name, "seeds": args.seeds, **figures}))
     return 0
 
 

@@ -181,5 +181,16 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, prefix: 
         raise CheckpointError(f"{folder}: not a checkpoint folder (expected step-NNNNNNNN)")
     CheckpointManager(folder.parent).verify(int(step_match.group(1)))
     state = {prefix: model.state_dict()}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    # A plain (unsharded) model is loaded by this process alone, even inside a process group: the
+    # other ranks may be doing something else (e.g. rank 0 querying a LUM while the others wait).
+    local = not dist.is_initialized() or not any(_is_sharded(v) for v in state[prefix].values())
+    dcp.load(state, checkpoint_id=str(folder), no_dist=local)
     model.load_state_dict(state[prefix])
+
+
+def _is_sharded(value: Any) -> bool:
+    """Whether a state-dict value is spread over ranks (ShardedTensor or DTensor)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, (ShardedTensor, DTensor))

@@ -153,6 +153,38 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
     return ctx
 
 
+# ------------------------------------------------------------------ one process or N ranks
+
+
+def is_main(ctx: Optional[DistContext]) -> bool:
+    """True on rank 0, or in a process that is not part of a group (`ctx` None)."""
+    return ctx is None or ctx.is_main
+
+
+def barrier(ctx: Optional[DistContext]) -> None:
+    """Wait for every rank; nothing in a single process."""
+    if ctx is not None:
+        ctx.barrier()
+
+
+def from_rank0(ctx: Optional[DistContext], value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself in a single process."""
+    if ctx is None or ctx.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(ctx: Optional[DistContext], flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (ranks must take the same decisions)."""
+    if ctx is None or ctx.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 # ---------------------------------------------------------------------------------- sharding
 
 

@@ -97,21 +97,20 @@ class DailyJob:
 
     @property
     def is_main(self) -> bool:
-        return self.ctx is None or self.ctx.is_main
+        from lumrec.distributed import is_main
+
+        return is_main(self.ctx)
 
     def _barrier(self) -> None:
-        if self.ctx is not None:
-            self.ctx.barrier()
+        from lumrec.distributed import barrier
+
+        barrier(self.ctx)
 
     def _from_main(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
-        if self.ctx is None:
-            return value
-        import torch.distributed as dist
+        from lumrec.distributed import from_rank0
 
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return from_rank0(self.ctx, value)
 
     # -- days and stages ---------------------------------------------------------------------
     def days(self) -> list[str]:

@@ -522,11 +522,9 @@ class Pretrainer:
 
     def _rank0(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (decisions such as the time budget must agree); itself in one process."""
-        if self.ctx is None:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        from lumrec.distributed import from_rank0
+
+        return from_rank0(self.ctx, value)
 
     def _seconds(self, t0: float) -> float:
         """Training seconds so far; on N ranks rank 0's clock, so that lr and time budget agree everywhere."""

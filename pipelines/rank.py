@@ -508,22 +508,20 @@ class EpochJob:
     @property
     def is_main(self) -> bool:
         """True where single-writer files are written and progress is shown: rank 0, or the only process."""
-        return self.ctx is None or self.ctx.is_main
+        from lumrec.distributed import is_main
+
+        return is_main(self.ctx)
 
     def _barrier(self) -> None:
-        if self.ctx is not None:
-            self.ctx.barrier()
+        from lumrec.distributed import barrier
+
+        barrier(self.ctx)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (ranks must stop at the same step)."""
-        if self.ctx is None or self.ctx.world_size == 1:
-            return flag
-        import torch
-        import torch.distributed as dist
+        from lumrec.distributed import any_rank
 
-        value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        return any_rank(self.ctx, flag)
 
     def _init_job(self) -> None:
         from lumrec.checkpoint import CheckpointManager

@@ -185,3 +185,56 @@ def test_lr_decay_run_resumes_identically(synth_path, tmp_path):
     resumed.run()
     for name, tensor in _weights(straight).items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_target_start_trains_only_on_new_days_targets(synth_path, tmp_path):
+    """Continued training: events before target_start are context, never targets; inactive users are skipped."""
+    from lumrec.data.dataset import Dataset, day_bounds
+    from lumrec.data.sequences import sequences_from_dataset
+    from lumrec.modules.sequence_model import next_item_queries
+
+    last_day = Dataset(synth_path).days("behaviours")[-1]
+    cfg = _config(synth_path, tmp_path / "ts", epochs=1)
+    cfg.data.train_excludes_last, cfg.data.target_start = 0, last_day
+    trainer = Pretrainer(cfg)
+    start = day_bounds(last_day)[0]
+    seqs = sequences_from_dataset(Dataset(synth_path))
+    assert trainer.num_train_users == int((seqs.last_event_ts() >= start).sum()) < len(seqs)
+    seen = []
+    real = trainer.trainer.loss.forward
+
+    def spy(hidden, targets, *args, **kwargs):
+        seen.append(len(targets))
+        return real(hidden, targets, *args, **kwargs)
+
+    trainer.trainer.loss.forward = spy
+    for batch in trainer.loader:
+        index, _ = next_item_queries(batch, trainer.model.predicts_from)
+        new = int((batch.ts[index + 1] >= start).sum())
+        before = len(seen)
+        trainer.train_step(batch)
+        assert (seen[before:] or [0])[0] == new  # exactly the targets on or after target_start
+    assert sum(seen) > 0
+
+
+def test_table_init_copies_an_existing_models_tables(synth_path, tmp_path):
+    """Feature warm-up: a fresh run starts with the tables of another model's checkpoint (names mapped)."""
+    cfg = _config(synth_path, tmp_path / "src")
+    source = Pretrainer(cfg).model
+    with torch.no_grad():
+        source.ebc.embedding_bags["item"].weight.normal_()
+    # Only table tensors (".embedding_bags." / ".embeddings." in the name) travel; the MLP is ignored.
+    torch.save({"dlrm.x.embedding_bags.item.weight": source.ebc.embedding_bags["item"].weight.detach().clone(),
+                "dlrm.mlp.weight": torch.ones(3, 3)}, tmp_path / "dlrm.pt")
+    from lumrec.modules.warm_start_config import WarmStartConfig
+
+    target_cfg = _config(synth_path, tmp_path / "dst")
+    target_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"), name_map={r"^dlrm\.x\.": "ebc."})
+    target = Pretrainer(target_cfg)
+    target.maybe_resume()
+    assert torch.equal(target.model.ebc.embedding_bags["item"].weight, source.ebc.embedding_bags["item"].weight)
+    assert target.table_init_report["tables"] == ["ebc.embedding_bags.item.weight"]
+    bad_cfg = _config(synth_path, tmp_path / "bad")
+    bad_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"))
+    with pytest.raises(ValueError, match="no embedding table of .*dlrm.pt matched"):
+        Pretrainer(bad_cfg).maybe_resume()

@@ -400,6 +400,24 @@ def test_synthetic_logs(tmp_path):
         assert int(nxt.item_id[i]) not in seen and 1 <= nxt.item_id[i] <= cfg.num_items
 
 
+def test_whole_split_modes_put_one_day_in_one_split(tmp_path):
+    """Daily jobs: all of day D is training data, all of day D+1 is test data (same histories as a time split)."""
+    generate(tmp_path / "syn", SynthConfig(num_users=30, num_items=20, num_categories=3, num_queries=4, num_days=3,
+                                           impressions_per_user_day=5), progress=False)
+    data = Dataset(tmp_path / "syn")
+    both = build_ranking_samples(data, RankingSampleConfig(protocol="impressions", first_day="2026-01-02", last_day="2026-01-03",
+                                                           test_start="2026-01-03", valid_fraction=0.0))
+    train = build_ranking_samples(data, RankingSampleConfig(protocol="impressions", first_day="2026-01-02", last_day="2026-01-02",
+                                                            split_mode="all_train"))
+    test = build_ranking_samples(data, RankingSampleConfig(protocol="impressions", first_day="2026-01-03", last_day="2026-01-03",
+                                                           split_mode="all_test"))
+    assert train.counts()["valid"]["samples"] == train.counts()["test"]["samples"] == 0
+    assert test.counts()["train"]["samples"] == test.counts()["valid"]["samples"] == 0
+    assert train.counts()["train"] == both.counts()["train"] and test.counts()["test"] == both.counts()["test"]
+    first = int(np.flatnonzero(both.split == TEST)[0])
+    assert test.history_of(0)["item_id"].tolist() == both.history_of(first)["item_id"].tolist()
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
