@@ -11,7 +11,8 @@ rows differ only in how their models start:
 - ``LUM(param)``: as LUM(scratch), but the DLRM + LUM starts from the existing DLRM's parameters
   (LUM inputs at zero: its first predictions are the old model's).
 - ``LUM(feature+param)``: both.
-- ``HSTU(scratch)``: HSTU trained end to end for ranking: not implemented yet, its row says "not run".
+- ``HSTU(scratch)``: the generative baseline: HSTU trained end to end for ranking (``model: hstu``:
+  the candidate appended to the behaviour sequence, its HSTU state -> MLP), no LUM, from scratch.
 
 The "existing DLRM" is the same backbone trained without LUM on the ``--existing-days`` days
 before the first daily day. The first daily day is a warm-up (LUM rows have no knowledge before
@@ -51,7 +52,7 @@ ROWS = {
     "lum-param": "LUM(param)",
     "lum-feature-param": "LUM(feature+param)",
 }
-NOT_RUN = {"hstu-scratch": "HSTU end-to-end ranking is not implemented yet"}
+NOT_RUN: dict[str, str] = {}
 
 log = logging.getLogger("lumrec.bench.warm_start")
 
@@ -121,6 +122,9 @@ def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str,
     from lumrec.pipelines.daily import DailyConfig
 
     lum = row.startswith("lum")
+    rank = rank_template(setup, threads, seed)
+    if row == "hstu-scratch":
+        rank["model"] = "hstu"
     pretrain = pretrain_template(setup, threads, seed)
     if "feature" in row and lum:
         pretrain["train"]["table_init"] = {"source": str(existing), "name_map": table_name_map()}
@@ -129,7 +133,7 @@ def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str,
         "epochs_per_day": setup["epochs_per_day"], "bootstrap_epochs": setup["bootstrap_epochs"], "pretrain": pretrain,
         "query": {"conditions": [{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
                   "threads": threads, "progress": False},
-        "rank": rank_template(setup, threads, seed),
+        "rank": rank,
     }
     if row in ("dlrm-param-feature", "lum-param", "lum-feature-param"):
         keys["rank_warm_start"] = {"source": str(existing)}

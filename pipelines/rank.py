@@ -1,4 +1,4 @@
-"""Step 3: train a ranking model (Embedding+MLP, DIN or SIM) with or without LUM features, with exact resume.
+"""Step 3: train a ranking model (Embedding+MLP, DIN, SIM, or HSTU end to end) with or without LUM features, with exact resume.
 
     lumrec rank CONFIG [key=value ...]
 
@@ -86,7 +86,7 @@ __all__ = [
     "vocab_size",
 ]
 
-MODELS = ("mlp", "din", "sim")
+MODELS = ("mlp", "din", "sim", "hstu")
 # Sample columns a candidate condition can be read from (RankingSampleBatch fields).
 CANDIDATE_FEATURES = ("category_id", "scenario", "query_id")
 
@@ -120,6 +120,12 @@ class RankModelConfig:
     context_keys: list[str] | None = None
     history_keys: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category_id"])
     item_stats: list[str] = field(default_factory=list)  # dense: columns of `item_stats` of the sample's day (point-in-time)
+    hstu_layers: int = 2  # hstu: HSTU layers over [history, candidate]
+    hstu_heads: int = 2  # hstu: attention heads (d_model: the concatenated item/category width)
+    hstu_dropout: float = 0.0  # hstu: input and layer dropout (0 keeps runs exactly resumable)
+    hstu_max_len: int = 256  # hstu: span of the relative position bias and HSTU's normaliser n
+    hstu_position_bias: bool = True  # hstu: relative bias over positions
+    hstu_time_bias: bool = True  # hstu: relative bias over time gaps (history times and the sample's time)
 
 
 @dataclass
@@ -149,7 +155,7 @@ class RankConfig:
     data: str = "out/data"  # a lumrec dataset folder
     out: str = "runs/rank"  # results.json, checkpoints/ and best/ go here
     samples: RankingSampleConfig = field(default_factory=RankingSampleConfig)
-    model: str = "sim"  # mlp | din | sim
+    model: str = "sim"  # mlp | din | sim | hstu (HSTU end to end: the candidate appended to the behaviour sequence)
     sizes: RankModelConfig = field(default_factory=RankModelConfig)
     lum: RankLUMConfig | None = None  # None: the base model without LUM features
     train: RankTrainConfig = field(default_factory=RankTrainConfig)
@@ -417,6 +423,7 @@ def vocab_size(vocab: dict[str, int], key: str) -> int:
 def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dense_dim: int = 0, lum_dim: int = 0):
     """(model, its RankingTrain) of kind `model` with tables sized from the manifest vocabularies `vocab`."""
     from lumrec.modules.din import DIN, DINConfig
+    from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig
     from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, RankingTrain, TableConfig
     from lumrec.modules.sim import SIM, SIMConfig
 
@@ -451,6 +458,10 @@ def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dens
     )
     if model == "din":
         m = DIN(DINConfig(**common))
+    elif model == "hstu":
+        m = HSTURanker(HSTURankerConfig(
+            **common, num_layers=sizes.hstu_layers, num_heads=sizes.hstu_heads, dropout=sizes.hstu_dropout,
+            max_len=sizes.hstu_max_len, use_position_bias=sizes.hstu_position_bias, use_time_bias=sizes.hstu_time_bias))
     else:
         if "hist_category_id" not in hist:
             raise ValueError("model sim: hard search needs 'hist_category_id' in sizes.history_keys")
@@ -867,7 +878,12 @@ class Ranker(EpochJob):
 
         dense = self.stats(batch) if self.stats is not None else None
         lum = self.lum(batch) if self.lum is not None else None
-        return RankingBatch(batch.sparse_features, batch.labels, dense, lum)
+        sparse = batch.sparse_features
+        if self.cfg.model == "hstu":  # its time bias reads the sample's and the behaviours' times from the KJT
+            from lumrec.modules.hstu_ranking import with_timestamps
+
+            sparse = with_timestamps(sparse, batch.ts, batch.hist_ts, batch.hist_lengths)
+        return RankingBatch(sparse, batch.labels, dense, lum)
 
     def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
         """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
@@ -1077,7 +1093,7 @@ def main(args: argparse.Namespace) -> int:
 
 def register_rank(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec rank`."""
-    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim) with or without LUM features (resumes automatically)")
+    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim, hstu) with or without LUM features (resumes automatically)")
     p.add_argument("config", help="YAML file with RankConfig keys")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
     p.set_defaults(func=main)
