@@ -591,7 +591,9 @@ class Pretrainer:
         while not self.state.done and self.loader.epoch < t.epochs:
             epoch = self.loader.epoch
             bar = tqdm(total=len(self.loader), initial=self.loader.batch, desc=f"epoch {epoch}", unit="batch",
-                       mininterval=2.0, dynamic_ncols=True, disable=not self.is_main)
+                       mininterval=2.0, dynamic_ncols=True,
+                       # Only rank 0 shows a bar; TQDM_DISABLE=1 (the demo sets it) silences it too.
+                       disable=not self.is_main or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
             t0, tok0 = time.perf_counter(), self.state.tokens
             for batch in self.loader:
                 if t.lr_decay_fraction > 0:
