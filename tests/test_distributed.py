@@ -9,7 +9,6 @@ of the same global batch of `GLOBAL_B` samples.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +16,6 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lumrec.distributed import (
@@ -29,6 +27,7 @@ from lumrec.distributed import (
     shard_model,
 )
 from lumrec.optim import fused_params_for
+from rank_spawn import ENV_VARS, become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 GLOBAL_B, STEPS = 8, 5
 # Per-step global losses of 1 and 2 ranks agree to float32 rounding: the 2-rank run pools,
@@ -36,7 +35,6 @@ GLOBAL_B, STEPS = 8, 5
 # after 5 steps). atol 1e-5 leaves >100x headroom and still catches a gradient-scale error: with
 # table gradients off by the world size, rows were 3e-3 off after one SGD step.
 ATOL = 1e-5
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # ------------------------------------------------------------------------------- models & data
 
@@ -295,11 +293,7 @@ def _run_pipeline(ctx: DistContext) -> dict[str, list[float]]:
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     """One spawned rank: torchrun-style env vars, then every scenario."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     with init_distributed() as ctx:
         assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device.type) == (rank, world, "gloo", "cpu")
         results = _run_scenarios(ctx, out_dir)
@@ -307,25 +301,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"results_rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
     """Run all scenarios once on 2 spawned gloo ranks; (output folder, wall seconds)."""
     out = str(tmp_path_factory.mktemp("dist2"))
     start = time.monotonic()
-    # spawn, not fork: a forked child can deadlock on the parent's thread pools / gloo state.
-    procs = mp.start_processes(_rank_main, args=(2, _free_port(), out), nprocs=2, join=False, start_method="spawn")
-    deadline = start + 180
-    while not procs.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("2-rank run did not finish in 180 s")
+    join_ranks(spawn_ranks(_rank_main, (2, free_port(), out)), start, 180, "2-rank run")
     return out, time.monotonic() - start
 
 
@@ -333,12 +314,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, float]:
 def one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     """The same scenarios on 1 rank in this process, without any env vars."""
     out = str(tmp_path_factory.mktemp("dist1"))
-    saved = {v: os.environ.pop(v) for v in ENV_VARS if v in os.environ}
-    try:
-        with init_distributed() as ctx:
-            results = _run_scenarios(ctx, out)
-    finally:
-        os.environ.update(saved)
+    with without_rank_env(), init_distributed() as ctx:
+        results = _run_scenarios(ctx, out)
     assert not dist.is_initialized()
     return out, results
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,19 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 # 1 and 2 ranks differ only in float32 summation order (pooling, gradient averaging, the loss
 # rescale). Measured here: per-step losses (~10) <= 2e-6 apart, weights <= 3e-8 (but see the key
 # bias below), AdamW / RowwiseAdamW moments <= 4e-6 relative. 1e-5 still catches the errors that
 # matter: without the loss rescale, or with in-batch negatives left local, losses move by >1e-2.
 ATOL = 1e-5
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 _LUM = {"d_model": 8, "num_layers": 1, "num_heads": 2, "ffn_dim": 16}
 _LUM_DATA = dict(condition_features=["scenario", "category_id"], item_features=["item_id", "category_id"])
@@ -117,11 +114,7 @@ def _train(data: str, out: str | Path, name: str, max_steps: int | None = None, 
 def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_checkpoint: str) -> None:
     """One spawned rank: torchrun's env vars, then every scenario, the interrupted + resumed run, and a
     start from a 1-process checkpoint saved straight back (step 0)."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     results: dict[str, Any] = {}
     try:
         for i, (name, (*_, max_steps)) in enumerate(SCENARIOS.items()):
@@ -142,12 +135,6 @@ def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_c
     torch.save(results, Path(out) / f"results_rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("synth") / "data"
@@ -161,15 +148,7 @@ def two_ranks(data, one_rank, tmp_path_factory) -> tuple[Path, list[dict[str, An
     out = tmp_path_factory.mktemp("pretrain2")
     source = str(_final_checkpoint(one_rank[0] / "lum"))
     start = time.monotonic()
-    # spawn, not fork: a forked child can deadlock on the parent's thread pools / gloo state.
-    procs = mp.start_processes(_rank_main, args=(2, _free_port(), data, str(out), source), nprocs=2, join=False,
-                               start_method="spawn")
-    deadline = start + 300
-    while not procs.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("2-rank pre-training did not finish in 300 s")
+    join_ranks(spawn_ranks(_rank_main, (2, free_port(), data, str(out), source)), start, 300, "2-rank pre-training")
     return out, [torch.load(out / f"results_rank{r}.pt") for r in range(2)], time.monotonic() - start
 
 
@@ -177,12 +156,11 @@ def two_ranks(data, one_rank, tmp_path_factory) -> tuple[Path, list[dict[str, An
 def one_rank(data, tmp_path_factory) -> tuple[Path, dict[str, tuple[Pretrainer, dict[str, Any]]]]:
     """The same scenarios in this process (no env vars: the plain path)."""
     out = tmp_path_factory.mktemp("pretrain1")
-    saved = {v: os.environ.pop(v) for v in ENV_VARS if v in os.environ}
     threads = torch.get_num_threads()
     try:
-        runs = {name: _train(data, out / name, name, max_steps) for name, (*_, max_steps) in SCENARIOS.items()}
+        with without_rank_env():
+            runs = {name: _train(data, out / name, name, max_steps) for name, (*_, max_steps) in SCENARIOS.items()}
     finally:
-        os.environ.update(saved)
         torch.set_num_threads(threads)
     assert all(trainer.dmp is None for trainer, _ in runs.values()) and not dist.is_initialized()
     return out, runs

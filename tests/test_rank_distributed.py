@@ -10,8 +10,6 @@ unsharded, DDP-replicated sequence tables).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
 from lumrec.data.knowledge import write_knowledge
@@ -27,6 +24,7 @@ from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.warm_start import load_source_state
 from lumrec.pipelines.rank import RankConfig, Ranker, RankLUMConfig, RankModelConfig, RankTrainConfig, run_rank
+from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 CONDITIONS = ["scenario=1", "scenario=2"] + [f"category_id={c}" for c in range(1, 5)]
@@ -42,7 +40,6 @@ BATCH, EVAL_BATCH, EPOCHS, KILL_AT = 173, 247, 2, 6
 # headroom and still has power (tried): without the loss rescale the epoch losses moved by 0.09;
 # without the row-wise table state in checkpoints a resumed run's AUC moved by 1e-4.
 ATOL = 1e-5
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------- data & configs
@@ -79,11 +76,7 @@ def _config(data: str, store: str, out: Path, scenario: str) -> RankConfig:
 
 def _rank_main(rank: int, world: int, port: int, root: str, data: str, store: str) -> None:
     """One spawned rank: torchrun-style env vars, then per scenario a straight run and a killed + resumed one."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     out = Path(root)
     returned: dict[str, Any] = {}
     for scenario in SCENARIOS:
@@ -95,32 +88,17 @@ def _rank_main(rank: int, world: int, port: int, root: str, data: str, store: st
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The 2-rank jobs (spawned) and the 1-process references (here, meanwhile)."""
     root = tmp_path_factory.mktemp("rank_dist")
     data, store = _make_world(root)
     start = time.monotonic()
-    # spawn, not fork: a forked child can deadlock on the parent's thread pools.
-    procs = mp.start_processes(_rank_main, args=(2, _free_port(), str(root), data, store), nprocs=2, join=False,
-                               start_method="spawn")
-    saved = {v: os.environ.pop(v) for v in ENV_VARS if v in os.environ}
-    try:
+    procs = spawn_ranks(_rank_main, (2, free_port(), str(root), data, store))
+    with without_rank_env():
         one = {s: run_rank(_config(data, store, root / f"{s}-1", s)) for s in SCENARIOS}
-    finally:
-        os.environ.update(saved)
     assert not dist.is_initialized(), "the 1-process path must not create a process group"
-    while not procs.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > start + 240:
-            for p in procs.processes:
-                p.terminate()
-            pytest.fail("2-rank jobs did not finish in 240 s")
+    join_ranks(procs, start, 240, "2-rank jobs")
     returned = [json.loads((root / f"returned-rank{r}.json").read_text()) for r in range(2)]
     return {"root": root, "data": data, "store": store, "one": one, "two": returned, "seconds": time.monotonic() - start}
 
