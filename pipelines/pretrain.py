@@ -482,7 +482,10 @@ class Pretrainer:
                               checkpoint_key=cfg.checkpoint_key)
         tables = {name for name, _ in self.model.named_parameters() if "embedding_bags" in name}
         # Only tables travel: a DLRM's dense layers mean nothing to the LUM.
-        source = {k: v for k, v in load_source_state(cfg.source, cfg.checkpoint_key).items() if "embedding_bags" in k}
+        # DLRMs hold tables in EmbeddingBagCollections (".embedding_bags.") and, for behaviour
+        # sequences (DIN/SIM), EmbeddingCollections (".embeddings.").
+        source = {k: v for k, v in load_source_state(cfg.source, cfg.checkpoint_key).items()
+                  if ".embedding_bags." in k or ".embeddings." in k}
         report = warm_start(self.model, source, cfg)
         copied = sorted(set(report.copied) & tables)
         if not copied:

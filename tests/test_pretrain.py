@@ -224,12 +224,13 @@ def test_table_init_copies_an_existing_models_tables(synth_path, tmp_path):
     with torch.no_grad():
         source.ebc.embedding_bags["item"].weight.normal_()
     # Only table tensors (".embedding_bags." / ".embeddings." in the name) travel; the MLP is ignored.
-    torch.save({"dlrm.x.embedding_bags.item.weight": source.ebc.embedding_bags["item"].weight.detach().clone(),
+    # The item table here sits in an EmbeddingCollection, as DIN/SIM keep their behaviour tables.
+    torch.save({"dlrm.x.embeddings.item.weight": source.ebc.embedding_bags["item"].weight.detach().clone(),
                 "dlrm.mlp.weight": torch.ones(3, 3)}, tmp_path / "dlrm.pt")
     from lumrec.modules.warm_start_config import WarmStartConfig
 
     target_cfg = _config(synth_path, tmp_path / "dst")
-    target_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"), name_map={r"^dlrm\.x\.": "ebc."})
+    target_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"), name_map={r"^dlrm\.x\.embeddings\.": "ebc.embedding_bags."})
     target = Pretrainer(target_cfg)
     target.maybe_resume()
     assert torch.equal(target.model.ebc.embedding_bags["item"].weight, source.ebc.embedding_bags["item"].weight)
