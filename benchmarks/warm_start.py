@@ -28,7 +28,6 @@ One row per invocation works too (``--row lum-param``); rows merge into
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import shutil

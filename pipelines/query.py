@@ -179,7 +179,7 @@ def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs) -> "np.ndarray":
     from lumrec.data.dataset import day_bounds
 
     if cfg.users == "active":
-        return seqs.user_ids[seqs.last_event_ts() >= day_bounds(cfg.as_of_ds)[0]]
+        return seqs.active_since(day_bounds(cfg.as_of_ds)[0]).user_ids
     if cfg.users == "all":
         ids = [seqs.user_ids]
         if loaded.data.has_table("users"):
@@ -212,8 +212,6 @@ def _carry_over(writer, cfg: QueryConfig, conditions: list["Condition"], queried
 
     from lumrec.data.knowledge import load_knowledge
 
-    if cfg.carry_over_from >= cfg.as_of_ds:
-        raise ValueError(f"query: carry_over_from={cfg.carry_over_from} must be a day before as_of_ds={cfg.as_of_ds}")
     old = load_knowledge(cfg.store, cfg.carry_over_from)
     if old.dim != writer.dim:
         raise ValueError(f"query: carry_over_from={cfg.carry_over_from} has dim {old.dim}, the model {writer.dim}; refresh all users")
@@ -243,6 +241,8 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
 
     if not cfg.as_of_ds:
         raise ValueError("query: as_of_ds is required (the day the knowledge is as of)")
+    if cfg.carry_over_from is not None and cfg.carry_over_from >= cfg.as_of_ds:
+        raise ValueError(f"query: carry_over_from={cfg.carry_over_from} must be a day before as_of_ds={cfg.as_of_ds}")
     if cfg.rows_per_batch < 1:
         raise ValueError(f"query: rows_per_batch must be >= 1, got {cfg.rows_per_batch}")
     # The queries happen "at the end of as_of_ds": HSTU's time bias sees them as the next event.
