@@ -37,16 +37,22 @@ def build_model(
     return MODEL_BUILDERS[name](model_config, meta, data, token_config, max_len)
 
 
+def named_table_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable parameter of `module`'s EmbeddingBagCollections and EmbeddingCollections."""
+    found, seen = [], set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
+            for name, p in sub.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    found.append((f"{prefix}.{name}" if prefix else name, p))
+    return found
+
+
 def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(embedding-table parameters, dense parameters): tables get the rowwise optimizer."""
-    table_ids = set()
-    tables = []
-    for module in model.modules():
-        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
-            for p in module.parameters():
-                if id(p) not in table_ids:
-                    table_ids.add(id(p))
-                    tables.append(p)
+    tables = [p for _, p in named_table_parameters(model)]
+    table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad]
     return tables, dense
 

@@ -980,14 +980,10 @@ def _rank_context() -> "DistContext | None":
 
 
 def _table_parameters(module: "torch.nn.Module") -> list[str]:
-    """Names of the parameters of `module`'s (unsharded) EmbeddingBagCollections and EmbeddingCollections."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+    """Names of the trainable parameters of `module`'s (unsharded) EmbeddingBagCollections and EmbeddingCollections."""
+    from lumrec.pipelines.model_factory import named_table_parameters
 
-    names = []
-    for prefix, sub in module.named_modules():
-        if isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
-            names += [f"{prefix}.{n}" if prefix else n for n, p in sub.named_parameters() if p.requires_grad]
-    return names
+    return [name for name, _ in named_table_parameters(module)]
 
 
 def check_train_config(t: RankTrainConfig) -> None:
