@@ -14,26 +14,33 @@ rows differ only in how their models start:
 - ``HSTU(scratch)``: the generative baseline: HSTU trained end to end for ranking (``model: hstu``:
   the candidate appended to the behaviour sequence, its HSTU state -> MLP), no LUM, from scratch.
 
-The "existing DLRM" is the same backbone trained without LUM on the ``--existing-days`` days
-before the first daily day. The first daily day is a warm-up (LUM rows have no knowledge before
+The "existing DLRM" is the same backbone (SIM) trained without LUM on the days before the first
+daily day (``Setup.existing``). The first daily day is a warm-up (LUM rows have no knowledge before
 it); the table shows each day's next-day AUC and the mean over the days after the warm-up.
 
+Data sets: ``synthetic`` (lumrec's logs, conditions scenario and query, days 7-10) and
+``ml1m-ratings`` (``--data``/ml-1m/ratings_partial_first487650.dat.gz by real day: each rating is an
+impression labelled rating >= 4, conditions the genres, days 2000-11-24..30).
+
     .venv/bin/python benchmarks/warm_start.py --dataset synthetic [--row all] [--threads 2] [--fresh]
+    .venv/bin/python benchmarks/warm_start.py --dataset ml1m-ratings [--data ../shared/data] [--seeds 3]
     .venv/bin/python benchmarks/warm_start.py --tiny      # < 2 min smoke run on tiny synthetic logs
 
-One row per invocation works too (``--row lum-param``); rows merge into
+One row or seed per invocation works too (``--row lum-param``, ``--first-seed 2``); runs merge into
 ``benchmarks/results/warm_start.json`` under the data set's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,48 +63,130 @@ NOT_RUN: dict[str, str] = {}
 log = logging.getLogger("lumrec.bench.warm_start")
 
 
-def synthetic_setup(tiny: bool) -> dict[str, Any]:
-    """Data, days and job templates of the synthetic logs (the demo's settings)."""
+@dataclass
+class Setup:
+    """One data set's days, sizes and LUM settings (the same for every row)."""
+
+    existing: tuple[str, str]  # the existing DLRM's training days
+    daily: tuple[str, str]  # the daily pipeline's days (the first is the warm-up)
+    bootstrap_epochs: int  # the LUM's first day: epochs over all history up to it
+    epochs_per_day: int
+    d_model: int
+    embedding_dim: int  # DLRM tables, and the LUM token encoder's (so features can warm up)
+    rank_epochs: int
+    max_len: int  # LUM tokens per user ([c, i] pairs: max_len / 2 events)
+    condition_features: list[str]
+    pretrain_train: dict[str, Any]  # PretrainConfig.train keys
+    query_conditions: list[dict[str, Any]]
+    lum: dict[str, Any]  # RankLUMConfig keys: which conditions and features the DLRM gets
+    context_keys: list[str] | None
+    item_stats: list[str]
+    max_history: int
+    name_map: dict[str, str]  # the DLRM's table names -> the LUM token encoder's ("feature" warm-up)
+    synth: dict[str, Any] = field(default_factory=dict)  # synthetic logs: SynthConfig keys
+    source: dict[str, str] = field(default_factory=dict)  # real data: importer kind, file and options (relative to --data)
+
+
+SIM_ITEM_TABLE = r"^sequence_arch\.embedding_collection\.embeddings\.t_item\.weight$"
+LUM_ITEM_TABLE = "encoder.embedding_bag_collection.embedding_bags.t_item_id.weight"
+
+
+def synthetic_setup(tiny: bool) -> Setup:
+    """The synthetic logs (the demo's settings): conditions scenario and query."""
+    common: dict[str, Any] = dict(
+        condition_features=["scenario", "query_id"], max_len=64,
+        pretrain_train={"rows_per_batch": 32, "lr": 0.002, "num_negatives": -1},
+        query_conditions=[{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
+        lum={"conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id", "features": ["sim", "missing"]},
+        context_keys=["scenario", "query_id"], item_stats=["f_ctr_7d", "f_log_impressions_7d", "f_popularity"], max_history=50,
+        # SIM's item table and its request tables -> LUM's item table and condition tables
+        name_map={SIM_ITEM_TABLE: LUM_ITEM_TABLE,
+                  r"^context_arch\.embedding_bag_collection\.embedding_bags\.t_(scenario|query_id)\.weight$":
+                      r"encoder.embedding_bag_collection.embedding_bags.t_\1.weight"},
+    )
     if tiny:
         synth = dict(seed=0, num_users=150, num_items=60, num_categories=5, num_queries=10, num_days=7, impressions_per_user_day=10)
-        return dict(synth=synth, existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
-                    epochs_per_day=1, d_model=16, embedding_dim=8, rank_epochs=1)
-    synth = dict(seed=0, num_days=11)
-    return dict(synth=synth, existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"), bootstrap_epochs=10,
-                epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2)
+        return Setup(synth=synth, existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
+                     epochs_per_day=1, d_model=16, embedding_dim=8, rank_epochs=1, **common)
+    return Setup(synth=dict(seed=0, num_days=11), existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"),
+                 bootstrap_epochs=10, epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2, **common)
 
 
-def rank_template(setup: dict[str, Any], threads: int, seed: int = 0) -> dict[str, Any]:
-    """RankConfig keys shared by every row (SIM, the demo's features)."""
-    dim = setup["embedding_dim"]
+def ml1m_ratings_setup() -> Setup:
+    """ML-1M ratings by day (users 1-2999, real timestamps): each day's ratings are its impressions (label: rating >= 4).
+
+    The existing DLRM trains on every day up to 2000-11-23 (256,794 ratings); the daily days are
+    2000-11-24..30 (5-12k ratings a day), each evaluated on the next day. Conditions: the 18 genres.
+    """
+    return Setup(
+        source={"kind": "ml-1m-ratings", "src": "ml-1m/ratings_partial_first487650.dat.gz", "movies": "ml-1m/movies.dat",
+                "users": "ml-1m/users.dat"},
+        existing=("2000-10-04", "2000-11-23"), daily=("2000-11-24", "2000-11-30"), bootstrap_epochs=3, epochs_per_day=2,
+        d_model=32, embedding_dim=16, rank_epochs=2, max_len=200, condition_features=["category_id"],
+        # ML-1M's LUM trains with in-batch + 128 sampled negatives (full softmax stalls at popularity early: issue 3)
+        pretrain_train={"rows_per_batch": 16, "lr": 0.001, "num_negatives": 128, "in_batch_negatives": True},
+        query_conditions=[{"feature": "category_id", "values": "all"}],
+        # four frequent genres (Action 1, Comedy 5, Drama 8, Thriller 16) and the candidate's own: as in lum_tables' ml1m-ratings
+        lum={"conditions": ["category_id=1", "category_id=5", "category_id=8", "category_id=16"],
+             "candidate_condition_feature": "category_id"},
+        context_keys=None, item_stats=[], max_history=200,
+        name_map={SIM_ITEM_TABLE: LUM_ITEM_TABLE,
+                  r"^sequence_arch\.embedding_collection\.embeddings\.t_category\.weight$":
+                      "encoder.embedding_bag_collection.embedding_bags.t_category_id.weight"},
+    )
+
+
+def prepare_data(setup: Setup, folder: Path, data_root: Path) -> None:
+    """Generate the synthetic logs or import the real data set into `folder`, once."""
+    from lumrec.data.dataset import Dataset
+
+    if Dataset(folder).manifest_path.exists():
+        return
+    if setup.synth:
+        from lumrec.data.synthetic import SynthConfig, generate
+
+        generate(folder, SynthConfig(**setup.synth), progress=False)
+        return
+    from lumrec.data.importers import run_import
+
+    kind, src = setup.source["kind"], setup.source["src"]
+    options = {k: str(data_root / v) for k, v in setup.source.items() if k not in ("kind", "src")}
+    if not (data_root / src).exists():
+        raise FileNotFoundError(f"{data_root / src}: not found; pass --data (the folder that holds ml-1m/)")
+    run_import(kind, data_root / src, folder, overwrite=True, **options)
+
+
+def rank_template(setup: Setup, threads: int, seed: int = 0) -> dict[str, Any]:
+    """RankConfig keys shared by every row (SIM)."""
+    dim = setup.embedding_dim
     return {
         "model": "sim",
-        "sizes": {"embedding_dim": dim, "mlp": [64, 32], "attention_mlp": [32], "context_keys": ["scenario", "query_id"],
-                  "item_stats": ["f_ctr_7d", "f_log_impressions_7d", "f_popularity"]},
-        "lum": {"conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id", "features": ["sim", "missing"]},
-        "train": {"seed": seed, "epochs": setup["rank_epochs"], "batch_size": 256, "lr": 0.002, "max_history": 50, "threads": threads,
-                  "progress": False},
+        "sizes": {"embedding_dim": dim, "mlp": [64, 32], "attention_mlp": [32], "context_keys": setup.context_keys,
+                  "item_stats": list(setup.item_stats)},
+        "lum": copy.deepcopy(setup.lum),
+        "train": {"seed": seed, "epochs": setup.rank_epochs, "batch_size": 256, "lr": 0.002, "max_history": setup.max_history,
+                  "threads": threads, "progress": False},
     }
 
 
-def pretrain_template(setup: dict[str, Any], threads: int, seed: int = 0) -> dict[str, Any]:
+def pretrain_template(setup: Setup, threads: int, seed: int = 0) -> dict[str, Any]:
     """PretrainConfig keys of the LUM rows; the token encoder's tables have the DLRM's width so features can warm up."""
-    d = setup["d_model"]
+    d = setup.d_model
     return {
         "model": "lum",
-        "data": {"max_len": 64, "condition_features": ["scenario", "query_id"], "item_features": ["item_id"]},
-        "train": {"seed": seed, "rows_per_batch": 32, "lr": 0.002, "num_negatives": -1, "threads": threads, "eval_every_epochs": 10000,
+        "data": {"max_len": setup.max_len, "condition_features": list(setup.condition_features), "item_features": ["item_id"]},
+        "train": {"seed": seed, **setup.pretrain_train, "threads": threads, "eval_every_epochs": 10000,
                   "checkpoint_every_steps": 500, "log_every_steps": 50, "keep_checkpoints": 1},
-        "model_config": {"d_model": d, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * d, "embedding_dim": setup["embedding_dim"]},
+        "model_config": {"d_model": d, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * d, "embedding_dim": setup.embedding_dim},
     }
 
 
-def train_existing_dlrm(data: Path, out: Path, setup: dict[str, Any], threads: int, seed: int) -> Path:
+def train_existing_dlrm(data: Path, out: Path, setup: Setup, threads: int, seed: int) -> Path:
     """The company's DLRM: the backbone without LUM, trained on the existing days; returns its checkpoints folder."""
     from lumrec.config import from_dict
     from lumrec.pipelines.rank import RankConfig, run_rank
 
-    first, last = setup["existing"]
+    first, last = setup.existing
     keys = rank_template(setup, threads, seed)
     keys.update(data=str(data), out=str(out), lum=None,
                 samples={"protocol": "impressions", "first_day": first, "last_day": last, "split_mode": "all_train"})
@@ -106,16 +195,7 @@ def train_existing_dlrm(data: Path, out: Path, setup: dict[str, Any], threads: i
     return out / "checkpoints"
 
 
-def table_name_map() -> dict[str, str]:
-    """SIM's table names -> the LUM token encoder's: its item table, and its request tables as LUM's condition tables."""
-    return {
-        r"^sequence_arch\.embedding_collection\.embeddings\.t_item\.weight$": "encoder.embedding_bag_collection.embedding_bags.t_item_id.weight",
-        r"^context_arch\.embedding_bag_collection\.embedding_bags\.t_(scenario|query_id)\.weight$":
-            r"encoder.embedding_bag_collection.embedding_bags.t_\1.weight",
-    }
-
-
-def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str, Any], threads: int, seed: int):
+def row_config(row: str, data: Path, out: Path, existing: Path, setup: Setup, threads: int, seed: int):
     """The DailyConfig of one row."""
     from lumrec.config import from_dict
     from lumrec.pipelines.daily import DailyConfig
@@ -126,12 +206,11 @@ def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str,
         rank["model"] = "hstu"
     pretrain = pretrain_template(setup, threads, seed)
     if "feature" in row and lum:
-        pretrain["train"]["table_init"] = {"source": str(existing), "name_map": table_name_map()}
+        pretrain["train"]["table_init"] = {"source": str(existing), "name_map": dict(setup.name_map)}
     keys: dict[str, Any] = {
-        "data": str(data), "out": str(out), "start": setup["daily"][0], "end": setup["daily"][1], "with_lum": lum,
-        "epochs_per_day": setup["epochs_per_day"], "bootstrap_epochs": setup["bootstrap_epochs"], "pretrain": pretrain,
-        "query": {"conditions": [{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
-                  "threads": threads, "progress": False},
+        "data": str(data), "out": str(out), "start": setup.daily[0], "end": setup.daily[1], "with_lum": lum,
+        "epochs_per_day": setup.epochs_per_day, "bootstrap_epochs": setup.bootstrap_epochs, "pretrain": pretrain,
+        "query": {"conditions": copy.deepcopy(setup.query_conditions), "threads": threads, "progress": False},
         "rank": rank,
     }
     if row in ("dlrm-param-feature", "lum-param", "lum-feature-param"):
@@ -139,7 +218,7 @@ def row_config(row: str, data: Path, out: Path, existing: Path, setup: dict[str,
     return from_dict(DailyConfig, keys, source=f"warm_start row {row}")
 
 
-def run_row(row: str, data: Path, work: Path, existing: Path, setup: dict[str, Any], threads: int, seed: int) -> dict[str, Any]:
+def run_row(row: str, data: Path, work: Path, existing: Path, setup: Setup, threads: int, seed: int) -> dict[str, Any]:
     """One row's daily run for one seed (resumes if interrupted); its per-day next-day AUCs."""
     from lumrec.pipelines.daily import run_daily
 
@@ -199,34 +278,37 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="synthetic", choices=["synthetic"])
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "ml1m-ratings"])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder (real data sets)")
     parser.add_argument("--row", default="all", choices=["all", *ROWS])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench/warm_start")
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs of the chosen rows first")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (LUM and DLRM init, batch order)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds FIRST..FIRST+N-1 (LUM and DLRM init, batch order)")
+    parser.add_argument("--first-seed", type=int, default=0, help="first seed: runs of other seeds in the results file are kept")
     parser.add_argument("--tiny", action="store_true", help="tiny synthetic logs: a smoke run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
 
-    from lumrec.data.dataset import Dataset
-    from lumrec.data.synthetic import SynthConfig, generate
-
-    setup = synthetic_setup(args.tiny)
+    if args.tiny and args.dataset != "synthetic":
+        parser.error("--tiny is a synthetic smoke run")
+    setup = synthetic_setup(args.tiny) if args.dataset == "synthetic" else ml1m_ratings_setup()
     name = args.dataset + ("-tiny" if args.tiny else "")
     work = Path(args.out) / name
     data = work / "data"
-    if not Dataset(data).manifest_path.exists():
-        generate(data, SynthConfig(**setup["synth"]), progress=False)
+    prepare_data(setup, data, Path(args.data))
     rows = [r for r in ROWS if r not in NOT_RUN] if args.row == "all" else [args.row]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs: dict[str, list[dict[str, Any]]] = {}
     previous = json.loads(RESULTS.read_text()).get(name, {}) if RESULTS.exists() and not args.tiny else {}
     for row, entry in previous.get("rows", {}).items():
-        if row not in rows and "per_seed" in entry:
-            runs[row] = entry["per_seed"]  # rows measured by earlier invocations stay in the table
+        # runs measured by earlier invocations (other rows, other seeds) stay in the table
+        kept = [r for r in entry.get("per_seed", []) if row not in rows or r["seed"] not in seeds]
+        if kept:
+            runs[row] = kept
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in seeds:
         seed_dir = work / f"seed{seed}"
         if args.fresh:
             for row in rows:
@@ -236,17 +318,18 @@ def main() -> int:
             log.info("seed %d row %s", seed, row)
             result = run_row(row, data, seed_dir, existing, setup, args.threads, seed)
             runs.setdefault(row, []).append(result)
+            runs[row].sort(key=lambda r: r["seed"])
             log.info("seed %d row %s: next-day AUC %s", seed, row, [round(a, 4) for a in result["next_day_auc"]])
     summary = summarize(runs)
     for row, reason in NOT_RUN.items():
         summary[row] = {"label": ROWS[row], "status": "not run: " + reason}
     print_table(summary)
-    record = {"dataset": name, "existing_days": setup["existing"], "daily_days": setup["daily"], "threads": args.threads,
+    record = {"dataset": name, "existing_days": setup.existing, "daily_days": setup.daily, "threads": args.threads,
               "wall_minutes": round((time.perf_counter() - t0) / 60, 1), "rows": summary}
     if not args.tiny:
         merge_row(RESULTS, name, record)
     figures = {k: round(r["mean_auc_after_warmup"], 4) for k, r in summary.items() if "mean_auc_after_warmup" in r}
-    print(json.dumps({"dataset": name, "seeds": args.seeds, **figures}))
+    print(json.dumps({"dataset": name, "seeds": seeds, **figures}))
     return 0
 
 

@@ -176,6 +176,15 @@ def from_rank0(ctx: Optional[DistContext], value: Any) -> Any:
     return box[0]
 
 
+def gather_to_rank0(ctx: Optional[DistContext], value: Any) -> Optional[list[Any]]:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others; `[value]` in a single process."""
+    if ctx is None or ctx.world_size == 1:
+        return [value]
+    out: Optional[list[Any]] = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
 def any_rank(ctx: Optional[DistContext], flag: bool) -> bool:
     """True on every rank if `flag` is true on any (ranks must take the same decisions)."""
     if ctx is None or ctx.world_size == 1:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lumrec.config import load_config
+from lumrec.data.synthetic import SynthConfig
 from lumrec.pipelines.pretrain import PretrainConfig
 from lumrec.pipelines.query import QueryConfig
 from lumrec.pipelines.rank import RankConfig
@@ -55,6 +56,9 @@ class DailyConfig:
     """Which days, where, and the templates of the three jobs (day-specific keys are set per day)."""
 
     data: str = "out/demo/data"  # a lumrec dataset with daily behaviours and impressions
+    # Set: `data` is lumrec's synthetic logs of this config, generated there first when missing (so a
+    # fresh clone runs the job with nothing prepared). None: `data` must already hold a dataset.
+    synthetic: SynthConfig | None = None
     out: str = "out/daily"
     ds: str | None = None  # one day; or a range:
     start: str | None = None
@@ -81,19 +85,47 @@ class DailyJob:
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.data = Dataset(cfg.data)
-        self.store = self.out / "knowledge"
-        self.behaviour_days = self.data.days("behaviours")
-        self.impression_days = self.data.days("impressions")
-        if not self.impression_days:
-            raise ValueError(f"{self.data.root}: no impressions partitions; the daily DLRM trains on impressions")
         # Under torchrun (N ranks) every rank runs every stage: training stages shard their models over
-        # the ranks; single-writer work (the knowledge partition, manifests, reports) is rank 0's.
+        # the ranks; single-writer work (the logs, the knowledge partition, manifests, reports) is rank 0's.
         self.ctx = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from lumrec.distributed import init_distributed
 
             self.ctx = init_distributed()
+        if cfg.synthetic is not None:
+            self._ensure_synthetic(cfg.synthetic)
+        self.data = Dataset(cfg.data)
+        if not self.data.manifest_path.exists():
+            raise FileNotFoundError(f"daily: {self.data.manifest_path} not found: `data` is not a lumrec dataset "
+                                    "(import one with `lumrec import`, or set `synthetic` to generate the synthetic logs there)")
+        self.store = self.out / "knowledge"
+        self.behaviour_days = self.data.days("behaviours")
+        self.impression_days = self.data.days("impressions")
+        if not self.impression_days:
+            raise ValueError(f"{self.data.root}: no impressions partitions; the daily DLRM trains on impressions")
+
+    def _ensure_synthetic(self, synth: SynthConfig) -> None:
+        """Rank 0 generates the synthetic logs into `data` unless they are there; the others wait.
+
+        A dataset of another origin at `data` is an error, never replaced: earlier days' outputs were built on it.
+        """
+        from dataclasses import asdict
+
+        from lumrec.data.dataset import Dataset
+        from lumrec.data.synthetic import generate
+
+        problem = None
+        if self.is_main:
+            data = Dataset(self.cfg.data)
+            if not data.manifest_path.exists():
+                log.info("generating the synthetic logs (%s) into %s", synth, data.root)
+                generate(data.root, synth, progress=False)
+            elif data.read_meta().extra.get("config") != asdict(synth):
+                problem = (f"daily: {data.root} holds a dataset that was not generated with `synthetic` = {asdict(synth)}; "
+                           "point `data` at another folder, or set `synthetic: null` to use the dataset as it is")
+        problem = self._from_main(problem)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def is_main(self) -> bool:
@@ -213,8 +245,8 @@ class DailyJob:
         incremental = previous is not None and not self.cfg.full_refresh and ds in self.behaviour_days
         cfg.users = "active" if incremental else "all"
         cfg.carry_over_from = previous if incremental else None
-        # Inference only: rank 0 answers every user and writes the partition (one writer) while the others wait.
-        result = self._from_main(run_query(cfg) if self.is_main else None)
+        # Every rank answers a share of the users; rank 0 writes the partition (one writer).
+        result = self._from_main(run_query(cfg, self.ctx))
         refreshed = result["users"]
         return {"refresh": "incremental" if incremental else "full", "refreshed_users": refreshed,
                 "carried_over_users": result["carried_over"], "carry_over_from": cfg.carry_over_from,

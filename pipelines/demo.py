@@ -39,7 +39,7 @@ from lumrec.data.dataset import Dataset
 from lumrec.data.packing import epoch_plan, padding_waste
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.stats import dataset_stats
-from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.data.synthetic import SynthConfig, ensure_generated
 from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
 
 log = logging.getLogger("lumrec.demo")
@@ -79,13 +79,9 @@ class DemoConfig:
 
 def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
     """Generate the synthetic logs into `root` unless a dataset made with the same config is there."""
-    data = Dataset(root)
-    if data.manifest_path.exists() and data.read_meta().extra.get("config") == dataclasses.asdict(config):
-        log.info("reusing synthetic logs in %s (same config)", root)
-        return data
-    log.info("generating synthetic logs into %s", root)
-    generate(root, config, progress=False)
-    return data
+    log.info("generating synthetic logs into %s (reused if made with the same config)", root)
+    ensure_generated(root, config)
+    return Dataset(root)
 
 
 def describe_batch(batch, dense_names: list[str]) -> str:

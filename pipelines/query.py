@@ -16,9 +16,11 @@ registrar at start-up; torch and the model load when the job runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from lumrec.data.dataset import Dataset, DatasetMeta
     from lumrec.data.knowledge import Condition
     from lumrec.data.tokens import TokenConfig
+    from lumrec.distributed import DistContext
     from lumrec.modules.lum import LUM
 
 log = logging.getLogger("lumrec.query")
@@ -225,8 +228,12 @@ def _carry_over(writer, cfg: QueryConfig, conditions: list["Condition"], queried
     return int(keep.sum())
 
 
-def run_query(cfg: QueryConfig) -> dict[str, Any]:
-    """Write the knowledge store partition of `cfg.as_of_ds`; returns a summary (store, counts, seconds)."""
+def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, Any]:
+    """Write the knowledge store partition of `cfg.as_of_ds`; returns a summary (store, counts, seconds).
+
+    With `ctx` (N ranks) every rank must call it: the users' batches are split over the ranks and rank 0
+    writes the partition; rank 0 returns the summary, the others only what they computed.
+    """
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -237,6 +244,7 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
     from lumrec.data.packing import pack_sequences
     from lumrec.data.sequences import sequences_from_dataset
     from lumrec.data.tokens import build_lum_tokens
+    from lumrec.distributed import gather_to_rank0
     from lumrec.modules.grouped_query import default_max_history, grouped_query, grouped_query_supported, separate_queries
 
     if not cfg.as_of_ds:
@@ -273,22 +281,41 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
     n_batches = -(-plan.num_rows // cfg.rows_per_batch)
 
     extra = {"checkpoint": str(loaded.checkpoint), "users": cfg.users, "grouped": grouped, "as_of_ts": as_of_ts}
-    with torch.no_grad(), KnowledgeWriter(cfg.store, cfg.as_of_ds, version, [str(c) for c in conditions], lum.config.d_model, extra) as writer:
-        bar = tqdm(total=n_batches, desc=f"query {cfg.as_of_ds}", unit="batch", disable=not cfg.progress, mininterval=2.0)
-        for k in range(n_batches):
-            lo = k * cfg.rows_per_batch
-            batch = make_jagged_batch(tokens, plan.rows(lo, min(lo + cfg.rows_per_batch, plan.num_rows)))
-            writer.write_users(batch.user_ids, ask(lum, batch, conditions, as_of_ts=as_of_ts))
-            bar.update(1)
+    # On N ranks each rank answers every N-th batch; rank 0 gathers each round and writes the batches in
+    # their 1-rank order (one writer, memory bounded by one round), so the partition is the same on any N.
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    main = rank == 0
+    writer_cm = KnowledgeWriter(cfg.store, cfg.as_of_ds, version, [str(c) for c in conditions], lum.config.d_model, extra) \
+        if main else contextlib.nullcontext()
+    carried = 0
+    with torch.no_grad(), writer_cm as writer:
+        bar = tqdm(total=n_batches, desc=f"query {cfg.as_of_ds}", unit="batch", disable=not (cfg.progress and main), mininterval=2.0)
+        for first in range(0, n_batches, world):
+            k = first + rank
+            answer = None
+            if k < n_batches:
+                lo = k * cfg.rows_per_batch
+                batch = make_jagged_batch(tokens, plan.rows(lo, min(lo + cfg.rows_per_batch, plan.num_rows)))
+                answer = (batch.user_ids, ask(lum, batch, conditions, as_of_ts=as_of_ts))
+            for part in gather_to_rank0(ctx, answer) or []:
+                if part is not None:
+                    writer.write_users(*part)
+                    bar.update(1)
         bar.close()
-        if len(no_history):
-            # Without history an answer depends on the condition only: compute it once, give it to all.
-            writer.write_users(no_history, _answers_without_history(lum, conditions, as_of_ts, grouped).expand(len(no_history), -1, -1))
-        carried = _carry_over(writer, cfg, conditions, users) if cfg.carry_over_from else 0
         item_ids = torch.arange(1, lum.num_items)  # 0 is padding
-        for i in range(0, len(item_ids), cfg.item_chunk):
-            chunk = item_ids[i : i + cfg.item_chunk]
-            writer.write_items(chunk, lum.item_embeddings(chunk))
+        if main:
+            if len(no_history):
+                # Without history an answer depends on the condition only: compute it once, give it to all.
+                writer.write_users(no_history, _answers_without_history(lum, conditions, as_of_ts, grouped).expand(len(no_history), -1, -1))
+            carried = _carry_over(writer, cfg, conditions, users) if cfg.carry_over_from else 0
+            # Carried rows are labelled with this partition's day and version (one per partition, checked by
+            # the reader); the manifest says where they came from and how many there are.
+            writer.extra.update(carry_over_from=cfg.carry_over_from, carried_over_users=carried)
+            for i in range(0, len(item_ids), cfg.item_chunk):
+                chunk = item_ids[i : i + cfg.item_chunk]
+                writer.write_items(chunk, lum.item_embeddings(chunk))
+    if not main:
+        return {"as_of_ds": cfg.as_of_ds, "rank": rank, "batches": len(range(rank, n_batches, world))}
     result = {
         "store": str(writer.final),
         "as_of_ds": cfg.as_of_ds,
@@ -301,6 +328,7 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
         "rows": int(len(users)) * len(conditions),
         "items": int(len(item_ids)),
         "grouped": grouped,
+        "batches": n_batches,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("knowledge for %s written to %s (%d users x %d conditions)", cfg.as_of_ds, writer.final, len(users), len(conditions))
@@ -310,7 +338,18 @@ def run_query(cfg: QueryConfig) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     """`lumrec query CONFIG [key=value ...]`."""
     cfg = load_config(QueryConfig, args.config, overrides=args.overrides)
-    print(json.dumps(run_query(cfg)))
+    ctx = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / torchx: the users are split over the ranks
+        from lumrec.distributed import init_distributed
+
+        ctx = init_distributed()
+    try:
+        result = run_query(cfg, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        print(json.dumps(result))
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,24 @@ def test_bad_day_arguments_name_the_problem(world):
     run = subprocess.run([sys.executable, "-m", "lumrec.cli", "daily", str(config), f"out={root / 'bad'}", "ds=2030-01-01"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "impressions has no partition" in run.stderr
+
+
+def test_synthetic_logs_are_generated_when_missing_and_never_replaced(tmp_path):
+    """`synthetic` makes a fresh clone's job self-contained; a dataset of another origin is an error, not overwritten."""
+    from lumrec.config import from_dict
+    from lumrec.pipelines.daily import DailyConfig, DailyJob
+
+    tiny = {"seed": 5, "num_users": 40, "num_items": 30, "num_categories": 3, "num_queries": 4, "num_days": 4,
+            "impressions_per_user_day": 6}
+    keys = {**_config(str(tmp_path / "logs")), "out": str(tmp_path / "out"), "synthetic": tiny}
+    job = DailyJob(from_dict(DailyConfig, keys, source="test"))
+    assert job.impression_days == DAYS
+    made = Dataset(tmp_path / "logs").read_meta().extra["config"]
+    assert made == asdict(SynthConfig(**tiny))
+    stamp = Dataset(tmp_path / "logs").manifest_path.stat().st_mtime_ns
+    DailyJob(from_dict(DailyConfig, keys, source="test"))  # the same logs: reused as they are
+    assert Dataset(tmp_path / "logs").manifest_path.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="not generated with `synthetic`"):
+        DailyJob(from_dict(DailyConfig, {**keys, "synthetic": {**tiny, "seed": 6}}, source="test"))
+    with pytest.raises(FileNotFoundError, match="not a lumrec dataset"):
+        DailyJob(from_dict(DailyConfig, {**keys, "data": str(tmp_path / "nothing"), "synthetic": None}, source="test"))

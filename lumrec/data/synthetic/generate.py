@@ -58,6 +58,15 @@ def _users_table(world: World) -> pa.Table:
                      "region": world.user_region[1:], "age_bucket": world.user_age[1:]})
 
 
+def ensure_generated(out: str | Path, config: SynthConfig) -> bool:
+    """Generate the logs of `config` into `out` unless a dataset made with the same config is there; True if generated."""
+    data = Dataset(out)
+    if data.manifest_path.exists() and data.read_meta().extra.get("config") == asdict(config):
+        return False
+    generate(out, config, progress=False)
+    return True
+
+
 def _items_table(world: World) -> pa.Table:
     n = len(world.item_cat) - 1
     cat, extra = world.item_cat[1:], world.item_extra_cat[1:]
