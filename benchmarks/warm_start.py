@@ -121,7 +121,7 @@ def ml1m_ratings_setup() -> Setup:
     return Setup(
         source={"kind": "ml-1m-ratings", "src": "ml-1m/ratings_partial_first487650.dat.gz", "movies": "ml-1m/movies.dat",
                 "users": "ml-1m/users.dat"},
-        existing=("2000-10-04", "2000-11-23"), daily=("2000-11-24", "2000-11-30"), bootstrap_epochs=3, epochs_per_day=2,
+        existing=("2000-10-04", "2000-11-23"), daily=("2000-11-24", "2000-11-30"), bootstrap_epochs=10, epochs_per_day=2,
         d_model=32, embedding_dim=16, rank_epochs=2, max_len=200, condition_features=["category_id"],
         # ML-1M's LUM trains with in-batch + 128 sampled negatives (full softmax stalls at popularity early: issue 3)
         pretrain_train={"rows_per_batch": 16, "lr": 0.001, "num_negatives": 128, "in_batch_negatives": True},
@@ -232,7 +232,8 @@ def run_row(row: str, data: Path, work: Path, existing: Path, setup: Setup, thre
     return {"seed": seed, "days": [r["ds"] for r in reports], "eval_days": [r["eval"]["eval_day"] for r in reports],
             "next_day_auc": auc, "ne": [r["eval"]["ne"] for r in reports],
             "mean_auc_after_warmup": statistics.fmean(auc[1:] if len(auc) > 1 else auc),
-            "warm_start": [bool(r["rank"].get("warm_start")) for r in reports], "wall_minutes": round((time.perf_counter() - t0) / 60, 2)}
+            "warm_start": [bool(r["rank"].get("warm_start")) for r in reports], "wall_minutes": round((time.perf_counter() - t0) / 60, 2),
+            "feature_tables": reports[0].get("pretrain", {}).get("table_init_tables", []) if reports else []}
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -226,8 +226,11 @@ class DailyJob:
         cfg.train.init_from = source
         cfg.train.epochs = self.cfg.epochs_per_day if source is not None else self.cfg.bootstrap_epochs
         result = Pretrainer(cfg).run()
-        return {"continued_from": prev or (source and "lum_init"), "steps": result["steps"], "train_users": result["train_users"],
-                "epochs": cfg.train.epochs, "train_minutes": result["train_minutes"]}
+        summary = {"continued_from": prev or (source and "lum_init"), "steps": result["steps"], "train_users": result["train_users"],
+                   "epochs": cfg.train.epochs, "train_minutes": result["train_minutes"]}
+        if "table_init" in result:  # feature warm-up (first day only): which tables came from the DLRM
+            summary["table_init_tables"] = result["table_init"]["tables"]
+        return summary
 
     # -- (b) knowledge query ----------------------------------------------------------------
     def query(self, ds: str) -> dict[str, Any]:

@@ -492,6 +492,11 @@ class Pretrainer:
             raise ValueError(f"train.table_init: no embedding table of {cfg.source} matched the LUM's tables {sorted(tables)} "
                              "(check name_map and model_config.embedding_dim)")
         self.table_init_report = {"source": cfg.source, "tables": copied}
+        if self.is_main:  # kept beside the checkpoints: a resumed run reports it too
+            from lumrec.data.dataset import write_text_atomic
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "table_init.json", json.dumps(self.table_init_report, indent=2))
         log.info("token encoder tables initialised from %s: %s", cfg.source, copied)
 
     # -- training ---------------------------------------------------------------------------
@@ -675,6 +680,8 @@ class Pretrainer:
             "tokens_per_s": round(self.state.tokens / secs, 1) if secs > 0 else None,
             "history": self.state.history,
         }
+        if (self.out / "table_init.json").exists():
+            result["table_init"] = json.loads((self.out / "table_init.json").read_text())
         if self.is_main:
             (self.out / "results.json").write_text(json.dumps(result, indent=2))
         if test and self.is_main:

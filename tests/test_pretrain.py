@@ -235,6 +235,9 @@ def test_table_init_copies_an_existing_models_tables(synth_path, tmp_path):
     target.maybe_resume()
     assert torch.equal(target.model.ebc.embedding_bags["item"].weight, source.ebc.embedding_bags["item"].weight)
     assert target.table_init_report["tables"] == ["ebc.embedding_bags.item.weight"]
+    target_cfg.train.epochs = 1
+    result = Pretrainer(target_cfg).run()  # the report is kept beside the checkpoints and reaches results.json
+    assert result["table_init"] == {"source": str(tmp_path / "dlrm.pt"), "tables": ["ebc.embedding_bags.item.weight"]}
     bad_cfg = _config(synth_path, tmp_path / "bad")
     bad_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"))
     with pytest.raises(ValueError, match="no embedding table of .*dlrm.pt matched"):
