@@ -1,5 +1,6 @@
 """torchx components of lumrec's jobs: pretrain, query, rank and daily, on any torchx scheduler.
 
+    source .venv/bin/activate      # dist.ddp starts `torchrun`, which must be on PATH
     torchx run -s local_cwd pipelines/components.py:daily --ds 2026-01-08 -j 1x1
     torchx run -s local_cwd pipelines/components.py:pretrain --config configs/ml1m_hstu.yaml -j 1x1 -- train.epochs=3
     torchx run -s kubernetes pipelines/components.py:daily --image REGISTRY/lumrec:TAG --ds 2026-01-08 -j 2x8 --gpu 8
@@ -13,6 +14,8 @@ this file without ``from __future__ import annotations`` (it decodes the real ty
 """
 
 
+import shutil
+import sys
 from typing import Dict, List, Optional
 
 import torchx
@@ -36,6 +39,10 @@ def _job(
     mounts: Optional[List[str]],
 ) -> specs.AppDef:
     """`python -m lumrec.cli NAME CONFIG OVERRIDES...` under torchrun with `j` = NODESxPROCS ranks."""
+    if shutil.which("torchrun") is None:
+        # dist.ddp runs `bash -c "torchrun ..."`: local schedulers inherit this PATH (images bring their own).
+        print("lumrec: `torchrun` is not on PATH, so a local_cwd / local_docker job cannot start it; "
+              "activate the environment first (source .venv/bin/activate)", file=sys.stderr)
     return dist.ddp(
         name, config, *overrides,
         m="lumrec.cli",
