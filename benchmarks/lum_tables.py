@@ -151,18 +151,14 @@ def load_bench_config(dataset: str, tiny: bool) -> LumTablesConfig:
 # -- step 0: data --------------------------------------------------------------------------------
 
 
-def ensure_dataset(cfg: LumTablesConfig, data_root: Path, folder: Path) -> Path:
+def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
     """Import (or generate) the data set into `folder` once; a complete earlier import is reused."""
     from lumrec.data.dataset import Dataset
 
-    src = cfg.source
     if src.kind == "synthetic":
-        from lumrec.data.synthetic import SynthConfig, generate
+        from lumrec.data.synthetic import SynthConfig, ensure_generated
 
-        synth = SynthConfig(**src.synth)
-        data = Dataset(folder)
-        if not (data.manifest_path.exists() and data.read_meta().extra.get("config") == asdict(synth)):
-            generate(folder, synth)
+        ensure_generated(folder, SynthConfig(**src.synth))
         return folder
     if not Dataset(folder).manifest_path.exists():
         from lumrec.data.importers import run_import
@@ -295,7 +291,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.out) / "lum_tables" / key.replace("/", "-")
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    data_path = ensure_dataset(cfg, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
+    data_path = ensure_dataset(cfg.source, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
     data = Dataset(data_path)
     mode = cfg.knowledge.mode
     rank_raw = deep_merge(cfg.rank, {"data": str(data_path), "model": args.model})

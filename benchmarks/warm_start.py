@@ -40,12 +40,13 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import merge_row  # noqa: E402  (a sibling script module)
+from lum_tables import SourceSpec, ensure_dataset  # noqa: E402  (sibling script modules)
+from results_file import merge_row  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "warm_start.json"
@@ -67,6 +68,7 @@ log = logging.getLogger("lumrec.bench.warm_start")
 class Setup:
     """One data set's days, sizes and LUM settings (the same for every row)."""
 
+    source: SourceSpec  # the synthetic logs' config, or the importer kind, file and options (relative to --data)
     existing: tuple[str, str]  # the existing DLRM's training days
     daily: tuple[str, str]  # the daily pipeline's days (the first is the warm-up)
     bootstrap_epochs: int  # the LUM's first day: epochs over all history up to it
@@ -83,8 +85,6 @@ class Setup:
     item_stats: list[str]
     max_history: int
     name_map: dict[str, str]  # the DLRM's table names -> the LUM token encoder's ("feature" warm-up)
-    synth: dict[str, Any] = field(default_factory=dict)  # synthetic logs: SynthConfig keys
-    source: dict[str, str] = field(default_factory=dict)  # real data: importer kind, file and options (relative to --data)
 
 
 SIM_ITEM_TABLE = r"^sequence_arch\.embedding_collection\.embeddings\.t_item\.weight$"
@@ -106,9 +106,9 @@ def synthetic_setup(tiny: bool) -> Setup:
     )
     if tiny:
         synth = dict(seed=0, num_users=150, num_items=60, num_categories=5, num_queries=10, num_days=7, impressions_per_user_day=10)
-        return Setup(synth=synth, existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
+        return Setup(source=SourceSpec(synth=synth), existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
                      epochs_per_day=1, d_model=16, embedding_dim=8, rank_epochs=1, **common)
-    return Setup(synth=dict(seed=0, num_days=11), existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"),
+    return Setup(source=SourceSpec(synth=dict(seed=0, num_days=11)), existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"),
                  bootstrap_epochs=10, epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2, **common)
 
 
@@ -119,8 +119,8 @@ def ml1m_ratings_setup() -> Setup:
     2000-11-24..30 (5-12k ratings a day), each evaluated on the next day. Conditions: the 18 genres.
     """
     return Setup(
-        source={"kind": "ml-1m-ratings", "src": "ml-1m/ratings_partial_first487650.dat.gz", "movies": "ml-1m/movies.dat",
-                "users": "ml-1m/users.dat"},
+        source=SourceSpec(kind="ml-1m-ratings", src="ml-1m/ratings_partial_first487650.dat.gz",
+                          options={"movies": "ml-1m/movies.dat", "users": "ml-1m/users.dat"}),
         existing=("2000-10-04", "2000-11-23"), daily=("2000-11-24", "2000-11-30"), bootstrap_epochs=10, epochs_per_day=2,
         d_model=32, embedding_dim=16, rank_epochs=2, max_len=200, condition_features=["category_id"],
         # ML-1M's LUM trains with in-batch + 128 sampled negatives (full softmax stalls at popularity early: issue 3)
@@ -136,26 +136,6 @@ def ml1m_ratings_setup() -> Setup:
                   r"^sequence_arch\.embedding_collection\.embeddings\.t_category\.weight$":
                       "encoder.embedding_bag_collection.embedding_bags.t_category_id.weight"},
     )
-
-
-def prepare_data(setup: Setup, folder: Path, data_root: Path) -> None:
-    """Generate the synthetic logs or import the real data set into `folder`, once."""
-    from lumrec.data.dataset import Dataset
-
-    if Dataset(folder).manifest_path.exists():
-        return
-    if setup.synth:
-        from lumrec.data.synthetic import SynthConfig, generate
-
-        generate(folder, SynthConfig(**setup.synth), progress=False)
-        return
-    from lumrec.data.importers import run_import
-
-    kind, src = setup.source["kind"], setup.source["src"]
-    options = {k: str(data_root / v) for k, v in setup.source.items() if k not in ("kind", "src")}
-    if not (data_root / src).exists():
-        raise FileNotFoundError(f"{data_root / src}: not found; pass --data (the folder that holds ml-1m/)")
-    run_import(kind, data_root / src, folder, overwrite=True, **options)
 
 
 def rank_template(setup: Setup, threads: int, seed: int = 0) -> dict[str, Any]:
@@ -300,7 +280,7 @@ def main() -> int:
     name = args.dataset + ("-tiny" if args.tiny else "")
     work = Path(args.out) / name
     data = work / "data"
-    prepare_data(setup, data, Path(args.data))
+    ensure_dataset(setup.source, Path(args.data), data)
     rows = [r for r in ROWS if r not in NOT_RUN] if args.row == "all" else args.row.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -111,17 +111,16 @@ class DailyJob:
         """
         from dataclasses import asdict
 
-        from lumrec.data.dataset import Dataset
-        from lumrec.data.synthetic import generate
+        from lumrec.data.synthetic import generate, generated_with
 
         problem = None
         if self.is_main:
-            data = Dataset(self.cfg.data)
-            if not data.manifest_path.exists():
-                log.info("generating the synthetic logs (%s) into %s", synth, data.root)
-                generate(data.root, synth, progress=False)
-            elif data.read_meta().extra.get("config") != asdict(synth):
-                problem = (f"daily: {data.root} holds a dataset that was not generated with `synthetic` = {asdict(synth)}; "
+            made = generated_with(self.cfg.data, synth)
+            if made is None:
+                log.info("generating the synthetic logs (%s) into %s", synth, self.cfg.data)
+                generate(self.cfg.data, synth, progress=False)
+            elif not made:
+                problem = (f"daily: {self.cfg.data} holds a dataset that was not generated with `synthetic` = {asdict(synth)}; "
                            "point `data` at another folder, or set `synthetic: null` to use the dataset as it is")
         problem = self._from_main(problem)
         if problem:

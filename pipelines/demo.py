@@ -79,8 +79,10 @@ class DemoConfig:
 
 def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
     """Generate the synthetic logs into `root` unless a dataset made with the same config is there."""
-    log.info("generating synthetic logs into %s (reused if made with the same config)", root)
-    ensure_generated(root, config)
+    if ensure_generated(root, config):
+        log.info("generated synthetic logs into %s", root)
+    else:
+        log.info("reusing synthetic logs in %s (same config)", root)
     return Dataset(root)
 
 

@@ -7,8 +7,8 @@ impressions, behaviours and point-in-time item_stats, manifest last). The hidden
 """
 
 from lumrec.data.synthetic.config import SynthConfig
-from lumrec.data.synthetic.generate import DayReport, ensure_generated, generate
+from lumrec.data.synthetic.generate import DayReport, ensure_generated, generate, generated_with
 from lumrec.data.synthetic.stats import item_stats_table
 from lumrec.data.synthetic.world import World, build_world, interests_on
 
-__all__ = ["SynthConfig", "DayReport", "ensure_generated", "generate", "World", "build_world", "interests_on", "item_stats_table"]
+__all__ = ["SynthConfig", "DayReport", "ensure_generated", "generate", "generated_with", "World", "build_world", "interests_on", "item_stats_table"]

@@ -58,10 +58,17 @@ def _users_table(world: World) -> pa.Table:
                      "region": world.user_region[1:], "age_bucket": world.user_age[1:]})
 
 
+def generated_with(out: str | Path, config: SynthConfig) -> bool | None:
+    """Whether the dataset at `out` was generated with `config`; None when `out` holds no dataset."""
+    data = Dataset(out)
+    if not data.manifest_path.exists():
+        return None
+    return data.read_meta().extra.get("config") == asdict(config)
+
+
 def ensure_generated(out: str | Path, config: SynthConfig) -> bool:
     """Generate the logs of `config` into `out` unless a dataset made with the same config is there; True if generated."""
-    data = Dataset(out)
-    if data.manifest_path.exists() and data.read_meta().extra.get("config") == asdict(config):
+    if generated_with(out, config):
         return False
     generate(out, config, progress=False)
     return True
