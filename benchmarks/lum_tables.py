@@ -59,6 +59,7 @@ RESULTS = REPO / "benchmarks" / "results" / "lum_tables.json"
 CONFIGS = REPO / "configs" / "lum_tables"
 DATASETS = {
     "synthetic": "synthetic.yaml",
+    "synthetic-strength0": "synthetic_strength0.yaml",
     "ml1m-ratings": "ml1m_ratings.yaml",
     "ml1m-implicit": "ml1m_implicit.yaml",
     "beauty-implicit": "beauty_implicit.yaml",
@@ -108,6 +109,7 @@ class FeatureSpec:
     conditions: list[str] = field(default_factory=list)
     candidate_condition_feature: str | None = None
     features: list[str] = field(default_factory=lambda: ["oq", "item", "sim", "missing"])
+    normalize: bool = False  # L2-normalise the direct features o_q, e_i (RankLUMConfig.normalize)
 
 
 @dataclass
@@ -142,6 +144,9 @@ def load_bench_config(dataset: str, tiny: bool) -> LumTablesConfig:
 
     path = CONFIGS / DATASETS[dataset]
     raw = yaml.safe_load(path.read_text()) or {}
+    if "extends" in raw:  # a variant: another config of this folder with some keys changed
+        parent = CONFIGS / raw.pop("extends")
+        raw = deep_merge(yaml.safe_load(parent.read_text()) or {}, raw)
     if tiny:
         # `pretrain_steps` is the tiny run's step budget, not a key of the config itself.
         raw = deep_merge(raw, {k: v for k, v in raw.get("tiny", {}).items() if k != "pretrain_steps"})
@@ -223,7 +228,9 @@ def pretrain_lum(cfg: LumTablesConfig, data_path: Path, out: Path, end: str | No
     result = Pretrainer(pcfg).run(max_steps=max_steps)
     if "test" not in result:  # stopped at max_steps (tiny mode): the checkpoint is what step 2 reads
         result = {"steps": result["step"], "test": {}}
-    return {"steps": result["steps"], "test": result["test"], "minutes": round((time.perf_counter() - t0) / 60, 2),
+    # train_minutes: the run's own training time (a resumed, finished run reports it too; this call's wall time would be ~0).
+    minutes = result.get("train_minutes", round((time.perf_counter() - t0) / 60, 2))
+    return {"steps": result["steps"], "test": result["test"], "minutes": minutes,
             "condition_features": pcfg.data.condition_features}
 
 
@@ -337,6 +344,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows["hstu-e2e"] = "hstu"  # the ranking model itself changes: HSTU end to end, no LUM
     for name in NOT_RUN:
         rows[name] = "not run"
+    if args.rows:  # a subset (Base always: every Δ is paired against it)
+        wanted = {"base", *args.rows.split(",")}
+        unknown = wanted - set(rows)
+        if unknown:
+            raise ValueError(f"--rows: {sorted(unknown)} not among this invocation's rows {sorted(rows)} (ablation rows need --ablations)")
+        rows = {k: v for k, v in rows.items() if k in wanted}
 
     base_cfg = from_dict(RankConfig, rank_raw, source=f"configs/lum_tables/{DATASETS[args.dataset]} rank")
     samples = build_ranking_samples(data, base_cfg.samples)  # built once: every row and seed ranks the same samples
@@ -367,6 +380,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "lum_features": asdict(cfg.lum), "wall_minutes": round((time.perf_counter() - t_start) / 60, 2),
         "threads": args.threads,
     }
+    planted = data.read_meta().extra
+    if "oracle_auc" in planted:  # synthetic logs: what knowing the hidden click model is worth, with and without the condition
+        row["oracle_auc"] = {"with_condition": planted["oracle_auc"], "without_condition": planted["oracle_auc_no_condition"],
+                             "condition_strength": planted["config"]["condition_strength"]}
     merge_row(Path(args.results), key, row)
     return row
 
@@ -379,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=15.0, help="LUM pre-training budget per LUM (default 15)")
     parser.add_argument("--seeds", type=int, default=3, help="ranker seeds per row (default 3)")
     parser.add_argument("--ablations", action="store_true", help="also the LUM paper's ablation rows")
+    parser.add_argument("--rows", default="", help="comma-separated subset of the rows to rank (base is always run), e.g. lum,no-condition")
     parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: tiny synthetic logs, few steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
     parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder: data cache, runs, stores")

@@ -96,6 +96,10 @@ class LUMFeatureConfig:
     item_key: str = "item_id"
     candidate_condition_key: str | None = None
     key_prefix: str = "lum"
+    # L2-normalise the direct features (o_q, e_i). LUM learns them through a normalised similarity, so
+    # only their direction carries meaning; unnormalised, their scale (|o_q| ~ 5) dwarfs a DLRM's
+    # freshly initialised embeddings and the MLP fits the per-user vector first.
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         self.conditions = [_parse_condition(c) for c in self.conditions]
@@ -351,10 +355,11 @@ class LUMFeatureModule(nn.Module):
                 item_vec, item_missing = self._item_lookup(item_ids)
                 missing_cols.append(item_missing.unsqueeze(1))
             if "oq" in cfg.features:
+                direct = F.normalize(oq, dim=-1) if cfg.normalize else oq  # zero (missing) rows stay zero
                 for c, name in enumerate(cfg.condition_names):
-                    tensors[f"{prefix}_oq_{name}"] = oq[:, c]
+                    tensors[f"{prefix}_oq_{name}"] = direct[:, c]
             if "item" in cfg.features:
-                tensors[f"{prefix}_item"] = item_vec
+                tensors[f"{prefix}_item"] = F.normalize(item_vec, dim=-1) if cfg.normalize else item_vec
             if "sim" in cfg.features:
                 # Zero vectors (missing) give cosine 0 through the eps clamp; the where makes it explicit.
                 sim = F.cosine_similarity(oq, item_vec.unsqueeze(1), dim=-1, eps=1e-8)
@@ -378,6 +383,8 @@ class LUMFeatureModule(nn.Module):
         num_fixed = len(self.config.conditions)
         prefix = self.config.key_prefix
         names = [f"{prefix}_oq_{f}={v}" for f, v in self.config.conditions]
+        if self.config.normalize:
+            oq = F.normalize(oq, dim=-1)
         tensors = [oq[:, c] for c in range(num_fixed)] + [miss[:, :num_fixed].float()]
         return KeyedTensor.from_tensor_list(names + [f"{prefix}_missing"], tensors)
 
@@ -386,6 +393,8 @@ class LUMFeatureModule(nn.Module):
         item_ids = item_ids.reshape(-1).to(torch.int64)
         with torch.no_grad():
             vec, miss = self._item_lookup(item_ids)
+        if self.config.normalize:
+            vec = F.normalize(vec, dim=-1)
         prefix = self.config.key_prefix
         return KeyedTensor.from_tensor_list([f"{prefix}_item", f"{prefix}_missing"], [vec, miss.unsqueeze(1).float()])
 

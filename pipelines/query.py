@@ -69,6 +69,11 @@ class QueryConfig:
     store: str = "out/knowledge"
     model_version: str | None = None  # None: "<run>/<kind>/step-NNNNNNNN@<digest>" of the checkpoint
     item_chunk: int = 65536  # items embedded per call
+    # Which items get an e_i row: "seen" = items in the histories read (days <= as_of_ds), "all" = the whole
+    # vocabulary. With id-only item features an item the LUM never saw has an untrained random embedding;
+    # left out, it reads as "missing" downstream instead of as noise. Use "all" when item features carry
+    # content that makes a cold item's embedding meaningful.
+    items: str = "seen"
     threads: int = 0  # torch threads (0 = torch's default)
     progress: bool = True
     # Incremental refresh: an earlier as_of_ds of the same store whose users that are not queried
@@ -253,6 +258,8 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
         raise ValueError(f"query: carry_over_from={cfg.carry_over_from} must be a day before as_of_ds={cfg.as_of_ds}")
     if cfg.rows_per_batch < 1:
         raise ValueError(f"query: rows_per_batch must be >= 1, got {cfg.rows_per_batch}")
+    if cfg.items not in ("seen", "all"):
+        raise ValueError(f"query: items must be 'seen' or 'all', got {cfg.items!r}")
     # The queries happen "at the end of as_of_ds": HSTU's time bias sees them as the next event.
     as_of_ts = day_bounds(cfg.as_of_ds)[1]
     if cfg.threads > 0:
@@ -303,6 +310,9 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
                     bar.update(1)
         bar.close()
         item_ids = torch.arange(1, lum.num_items)  # 0 is padding
+        if cfg.items == "seen":
+            seen = np.unique(seqs.item_id)
+            item_ids = torch.from_numpy(seen[(seen > 0) & (seen < lum.num_items)])
         if main:
             if len(no_history):
                 # Without history an answer depends on the condition only: compute it once, give it to all.

@@ -104,6 +104,7 @@ class RankLUMConfig:
     features: list[str] = field(default_factory=lambda: ["oq", "item", "sim", "missing"])  # subset of FEATURE_GROUPS
     as_of_ds: str | None = None  # None: per sample day D, latest_as_of(store, D); a day: that one partition (see module doc)
     history_data: str | None = None  # the knowledge view the store was queried from (needed when as_of_ds >= a sample's day)
+    normalize: bool = False  # L2-normalise the direct features o_q and e_i (LUMFeatureConfig.normalize)
 
 
 @dataclass
@@ -225,6 +226,7 @@ class LUMJoin:
                 conditions=[tuple(c) for c in self.conditions],
                 candidate_condition_feature=cfg.candidate_condition_feature,
                 features=list(cfg.features),
+                normalize=cfg.normalize,
             )
         except ValueError as err:
             raise ValueError(f"lum: {err}") from None

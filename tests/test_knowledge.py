@@ -265,9 +265,18 @@ def test_query_pipeline_writes_what_a_direct_grouped_query_gives(pretrained, tmp
         direct = grouped_query(lum, batch, conds, as_of_ts=day_bounds(DAY)[1])
         order = torch.argsort(batch.user_ids)
         torch.testing.assert_close(_all_vectors(lookup, active), direct[order], rtol=1e-5, atol=1e-5)
+        # items="seen" (default): e_i only for items in the histories read (days <= DAY); the rest (never
+        # trained on) and 0 (padding) are missing.
+        seen = np.unique(ds.read_days("behaviours", None, DAY).column("item_id").to_numpy())
+        assert 0 < len(seen) < lum.num_items - 1, "the fixture should leave some items unseen"
         items, missing = lookup.item_vectors(torch.arange(lum.num_items))
-        assert missing.tolist() == [True] + [False] * (lum.num_items - 1)  # 0 is padding, not stored
-        torch.testing.assert_close(items[1:], lum.item_embeddings(torch.arange(1, lum.num_items)), rtol=1e-6, atol=1e-6)
+        assert missing.tolist() == [i not in set(seen.tolist()) for i in range(lum.num_items)]
+        torch.testing.assert_close(items[seen], lum.item_embeddings(torch.from_numpy(seen)), rtol=1e-6, atol=1e-6)
+        # items="all": the whole vocabulary.
+        run_query(_query_config(root, data, tmp_path / "all_items", items="all"))
+        items_all, missing_all = load_knowledge(tmp_path / "all_items", DAY).item_vectors(torch.arange(lum.num_items))
+        assert missing_all.tolist() == [True] + [False] * (lum.num_items - 1)  # 0 is padding, not stored
+        torch.testing.assert_close(items_all[1:], lum.item_embeddings(torch.arange(1, lum.num_items)), rtol=1e-6, atol=1e-6)
 
 
 def test_planted_future_events_cannot_leak(pretrained, tmp_path):

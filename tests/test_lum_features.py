@@ -266,3 +266,24 @@ def test_torchrec_dlrm_example_reads_a_knowledge_store(tmp_path):
     assert out["lum"]["dense_in_features"] == 3 + 3 * 8 + 8 + 3 + 4
     with pytest.raises(SystemExit, match="no complete knowledge partition before"):
         example.main(tiny + ["--data", str(data), "--store", str(tmp_path / "empty")])
+
+
+def test_normalize_scales_direct_features_to_unit_length_and_keeps_missing_zero():
+    kb = FakeKnowledge(2)
+    user_ids, items, cats = torch.tensor([1, 2, 99]), torch.tensor([1, 7, 3]), torch.tensor([1, 2, 3])
+    kjt = candidates_kjt(items, condition_values=cats)
+    config = dict(conditions=[("scenario", 1)], candidate_condition_feature="category_id")
+    raw = LUMFeatureModule(LUMFeatureConfig(**config), kb)(user_ids, kjt).to_dict()
+    unit = LUMFeatureModule(LUMFeatureConfig(**config, normalize=True), kb)(user_ids, kjt).to_dict()
+    for key in ("lum_oq_scenario=1", "lum_oq_candidate", "lum_item"):
+        for row in range(3):
+            r = raw[key][row]
+            expected = torch.zeros(DIM) if torch.all(r == 0) else r / r.norm()  # missing rows stay zero
+            torch.testing.assert_close(unit[key][row], expected)
+    for key in ("lum_sim_scenario=1", "lum_sim_candidate", "lum_missing"):  # cosine and flags do not change
+        torch.testing.assert_close(unit[key], raw[key])
+    module = LUMFeatureModule(LUMFeatureConfig(conditions=[("scenario", 1)], normalize=True), kb)
+    users, item_rows = module.user_features(torch.tensor([1, 2])), module.item_features(torch.tensor([1, 7]))
+    for vec in (users["lum_oq_scenario=1"], item_rows["lum_item"]):
+        norms = vec.norm(dim=1)
+        assert torch.all(((norms - 1).abs() < 1e-5) | (norms == 0))

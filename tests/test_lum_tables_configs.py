@@ -1,0 +1,49 @@
+"""The lum_tables benchmark's configs: every data set's file parses key by key, variants inherit their parent."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    """benchmarks/lum_tables.py as a module (it is a script, not part of the package)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("lum_tables_bench", REPO / "benchmarks" / "lum_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_every_dataset_config_parses(tiny):
+    bench = _bench()
+    for dataset in bench.DATASETS:
+        if tiny and not dataset.startswith("synthetic"):
+            continue
+        cfg = bench.load_bench_config(dataset, tiny)
+        assert cfg.knowledge.mode in ("daily", "fixed", "user_cut"), dataset
+        assert cfg.pretrain["model_config"]["d_model"] > 0
+
+
+def test_strength0_variant_changes_only_the_planted_strength():
+    bench = _bench()
+    base, variant = bench.load_bench_config("synthetic", False), bench.load_bench_config("synthetic-strength0", False)
+    assert variant.source.synth == {**base.source.synth, "condition_strength": 0.0}
+    assert (variant.knowledge, variant.pretrain, variant.lum, variant.rank) == (base.knowledge, base.pretrain, base.lum, base.rank)
+
+
+def test_unknown_key_in_a_config_is_named(tmp_path, monkeypatch):
+    bench = _bench()
+    (tmp_path / "bad.yaml").write_text("extends: synthetic.yaml\nknowledge: {pretrain_ends: '2026-01-07'}\n")
+    (tmp_path / "synthetic.yaml").write_text((bench.CONFIGS / "synthetic.yaml").read_text())
+    monkeypatch.setattr(bench, "CONFIGS", tmp_path)
+    monkeypatch.setitem(bench.DATASETS, "bad", "bad.yaml")
+    with pytest.raises(Exception, match="pretrain_ends"):
+        bench.load_bench_config("bad", False)
