@@ -329,15 +329,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     pre = {"lum": pretrain_lum(cfg, lum_data, work / "lum", end, args.minutes, args.threads, max_steps=max_steps)}
     stores = {"lum": work / "store"}
     build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
-    if args.ablations:
+    # The constant-condition LUM only serves the no-condition row (skipped when --rows leaves that row out).
+    if args.ablations and (not args.rows or "no-condition" in args.rows.split(",")):
         pre["lum-const"] = pretrain_lum(cfg, lum_data, work / "lum-const", end, args.minutes, args.threads, [], max_steps=max_steps)
         stores["lum-const"] = work / "store-const"
         build_knowledge(work / "lum-const", stores["lum-const"], store_days, query_specs(cfg, lum_data, end, True), lum_data, args.fresh)
 
     rows: dict[str, Any] = {"base": None, "lum": lum_row_config(cfg.lum, stores["lum"], as_of, history_data)}
     if args.ablations:
-        rows["no-condition"] = lum_row_config(cfg.lum, stores["lum-const"], as_of, history_data, conditions=["const=0"],
-                                              candidate_condition_feature=None)
+        if "lum-const" in stores:
+            rows["no-condition"] = lum_row_config(cfg.lum, stores["lum-const"], as_of, history_data, conditions=["const=0"],
+                                                  candidate_condition_feature=None)
         rows["single-condition"] = lum_row_config(cfg.single_condition, stores["lum"], as_of, history_data)
         rows["direct"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["oq", "item", "missing"])
         rows["matching"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["sim", "missing"])
@@ -384,7 +386,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if "oracle_auc" in planted:  # synthetic logs: what knowing the hidden click model is worth, with and without the condition
         row["oracle_auc"] = {"with_condition": planted["oracle_auc"], "without_condition": planted["oracle_auc_no_condition"],
                              "condition_strength": planted["config"]["condition_strength"]}
-    merge_row(Path(args.results), key, row)
+    results = Path(args.results)
+    if args.rows and results.exists():
+        # A row subset adds to the data set's table: rows of earlier invocations that were not rerun are kept
+        # (Base is rerun every time and, seeded, must come out the same, so their paired Δ still holds).
+        earlier = json.loads(results.read_text()).get(key, {})
+        kept = {k: v for k, v in earlier.get("rows", {}).items() if k not in summary}
+        if kept:
+            row["rows"] = {**kept, **summary}
+            row["labels"] = {**earlier.get("labels", {}), **row["labels"]}
+            row["pretrain"] = {**earlier.get("pretrain", {}), **pre}
+            row["rows_kept_from_earlier_invocation"] = sorted(kept)
+    merge_row(results, key, row)
     return row
 
 

@@ -284,7 +284,9 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
     with_history = with_history.take(np.flatnonzero(with_history.lengths() > 0)).truncate(max_history // 2 + 1)
     no_history = np.setdiff1d(users, with_history.user_ids)
     tokens = build_lum_tokens(with_history, loaded.token_config)
-    plan = pack_sequences(tokens.offsets, tokens.token_type, max_history)
+    # Each user's row also gets the N query tokens: pack so that history + queries stay within one budget
+    # (packing histories alone put ~8 short Beauty users x 637 conditions into one attention row).
+    plan = pack_sequences(tokens.offsets, tokens.token_type, max_history, extra_per_sequence=len(conditions))
     n_batches = -(-plan.num_rows // cfg.rows_per_batch)
 
     extra = {"checkpoint": str(loaded.checkpoint), "users": cfg.users, "grouped": grouped, "as_of_ts": as_of_ts}

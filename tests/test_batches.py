@@ -247,3 +247,18 @@ def test_packing_beats_padding():
     padded = padding_waste(kept, 256)
     assert packed < 0.05 < padded
     assert plan.num_tokens == kept.sum()
+
+
+@pytest.mark.parametrize("extra", [0, 5, 40])
+def test_pack_with_extra_per_sequence_keeps_history_plus_queries_in_budget(extra):
+    rng = np.random.default_rng(extra)
+    lengths = rng.integers(0, 30, size=200)
+    offsets = offsets_from_lengths(lengths)
+    plan = pack_sequences(offsets, None, 32, extra_per_sequence=extra)
+    assert sorted(plan.seq_index.tolist()) == np.flatnonzero(lengths > 0).tolist()  # every non-empty sequence once
+    per_row = np.diff(plan.row_offsets)  # sequences per row
+    row = np.repeat(np.arange(len(per_row)), per_row)
+    merged = np.bincount(row, weights=plan.lengths + extra, minlength=len(per_row))
+    assert merged.max() <= 32 + extra and np.bincount(row, weights=plan.lengths).max() <= 32
+    if extra >= 32:  # the queries dominate: one user per row, no row holds several users' queries
+        assert per_row.max() == 1

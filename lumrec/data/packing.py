@@ -148,12 +148,16 @@ def pack_sequences(
     order: np.ndarray | None = None,
     window: int | None = None,
     rng: np.random.Generator | None = None,
+    extra_per_sequence: int = 0,
 ) -> PackPlan:
     """Pack sequences (jagged by `offsets`) into rows of `max_len` tokens by best-fit decreasing per window.
 
     `order`: the sequences to pack, in stream order (default all, in order); `window`:
     sequences per packing window (None: one window); `rng`: shuffles the rows of each window.
     Sequences longer than max_len keep their most recent tokens; empty ones are skipped.
+    `extra_per_sequence`: tokens a later stage appends to every sequence (a grouped query's N
+    condition tokens); rows are packed so that `sum(length + extra) <= max_len + extra`, which
+    keeps the merged row, not only the history, within one sequence's budget.
     """
     starts, lengths = truncate_spans(offsets, token_type, max_len)
     order = np.arange(len(lengths), dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
@@ -162,7 +166,7 @@ def pack_sequences(
     seg_parts, row_len_parts = [], []
     for w0 in range(0, len(order), max(window, 1)):
         seqs = order[w0 : w0 + window]
-        bin_of, n_rows = best_fit_decreasing(lengths[seqs], max_len)
+        bin_of, n_rows = best_fit_decreasing(lengths[seqs] + extra_per_sequence, max_len + extra_per_sequence)
         row_order = rng.permutation(n_rows) if rng is not None else np.arange(n_rows)
         rank = np.empty(n_rows, dtype=np.int64)
         rank[row_order] = np.arange(n_rows)
