@@ -48,6 +48,7 @@ from lumrec.modules.lum import LUM
 
 __all__ = [
     "CONSTANT_FEATURE",
+    "UNCONDITIONED_FEATURE",
     "GroupedQuery",
     "GroupedQueryLayout",
     "as_conditions",
@@ -63,6 +64,10 @@ __all__ = [
 
 # The feature name of LUM's constant condition (`cond_const`, trained with id 1).
 CONSTANT_FEATURE = "const"
+# `none=0`: a condition token with every condition feature left empty, the unconditional question
+# "what next, whatever the context". In distribution for a LUM trained with
+# `data.condition_dropout > 0`, which empties condition features of random training events.
+UNCONDITIONED_FEATURE = "none"
 
 
 def as_conditions(conditions: Iterable[Condition | tuple[str, int] | str]) -> list[Condition]:
@@ -79,31 +84,34 @@ def as_conditions(conditions: Iterable[Condition | tuple[str, int] | str]) -> li
     return out
 
 
-def _condition_key_of(lum: LUM, feature: str) -> str:
-    """The KJT key of condition feature `feature` in `lum`; unknown features raise naming the model's keys."""
+def _condition_key_of(lum: LUM, feature: str) -> str | None:
+    """The KJT key of condition feature `feature` in `lum` (None for `none`); unknown features raise naming the model's keys."""
+    if feature == UNCONDITIONED_FEATURE:
+        return None
     key = CONSTANT_CONDITION_KEY if feature == CONSTANT_FEATURE else condition_key(feature)
     keys = list(lum.encoder.config.condition_keys)
     if key not in keys:
         raise ValueError(
             f"grouped query: condition feature {feature!r} (key {key!r}) is not a condition of this LUM; "
-            f"its condition keys are {keys} (feature = key without 'cond_'; 'const' for cond_const)"
+            f"its condition keys are {keys} (feature = key without 'cond_'; 'const' for cond_const; 'none' for no condition)"
         )
     return key
 
 
 def condition_features(lum: LUM) -> list[str]:
-    """The condition features `lum` can be queried with (its condition keys without `cond_`; `const` for `cond_const`)."""
+    """The condition features `lum` can be queried with (its condition keys without `cond_`; `const` for `cond_const`; `none`)."""
     return [
         CONSTANT_FEATURE if key == CONSTANT_CONDITION_KEY else key.removeprefix("cond_")
         for key in lum.encoder.config.condition_keys
-    ]
+    ] + [UNCONDITIONED_FEATURE]
 
 
 def condition_query_embeddings(lum: LUM, conditions: Sequence[Condition | tuple[str, int] | str]) -> torch.Tensor:
     """Condition-token embeddings `[N, d_model]`: one token per (feature, value), other condition features left empty.
 
     A query sets only its own feature (the others pool to zero); `("const", v)` is the constant
-    condition token, id 1 as in training, whatever `v`.
+    condition token, id 1 as in training, whatever `v`; `("none", 0)` sets no feature at all
+    (on a constant-condition LUM it is the constant token).
     """
     conds = as_conditions(conditions)
     n = len(conds)

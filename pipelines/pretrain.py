@@ -43,7 +43,7 @@ from lumrec.config import load_config, to_dict
 from lumrec.data.batches import PackedBatchLoader
 from lumrec.data.dataset import Dataset, day_bounds
 from lumrec.data.sequences import sequences_from_dataset
-from lumrec.data.tokens import TokenConfig
+from lumrec.data.tokens import TokenConfig, drop_condition_ids
 from lumrec.faults import failpoint
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
@@ -66,6 +66,10 @@ class DataConfig:
     end: str | None = None
     max_len: int = 200  # tokens per sequence; the most recent are kept
     condition_features: list[str] = field(default_factory=list)  # LUM: [] = one constant condition
+    # LUM: each condition feature of a training event is left empty with this probability (seeded,
+    # the same every epoch and on resume), so the model also answers a `none=0` query (no
+    # condition) and any subset of its conditions. Evaluation and queries use full conditions.
+    condition_dropout: float = 0.0
     item_features: list[str] = field(default_factory=lambda: ["item_id"])
     min_history: int = 1  # users need min_history + 2 events (train + valid + test targets)
     # Events at the end of each history that training never sees. 2: validation and test are
@@ -252,6 +256,10 @@ class Pretrainer:
                              f"data.target_start={cfg.data.target_start})")
         self.num_train_users = len(train_seqs)
         tokens = build_tokens(train_seqs, self.token_config, self.lum)
+        if cfg.data.condition_dropout:
+            if not self.lum:
+                raise ValueError(f"data.condition_dropout applies to LUM only; model {cfg.model!r} has no condition tokens")
+            tokens = drop_condition_ids(tokens, cfg.data.condition_dropout, seed=cfg.train.seed)
         self.ctx = _distributed_context()
         self.is_main = self.ctx is None or self.ctx.is_main
         part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)

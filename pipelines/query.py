@@ -48,7 +48,7 @@ _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 @dataclass
 class ConditionSpec:
-    """Conditions of one feature: explicit `values`, or "all" (every id 1..vocab-1; `[0]` for `const`)."""
+    """Conditions of one feature: explicit `values`, or "all" (every id 1..vocab-1; `[0]` for `const` and `none`)."""
 
     feature: str
     values: list[int] | str = "all"
@@ -152,10 +152,10 @@ def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: s
 def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict[str, int]) -> list["Condition"]:
     """The query conditions of `specs` ("all" expanded from the dataset's vocabularies); [] = all of every feature."""
     from lumrec.data.knowledge import Condition
-    from lumrec.modules.grouped_query import CONSTANT_FEATURE, condition_features
+    from lumrec.modules.grouped_query import CONSTANT_FEATURE, UNCONDITIONED_FEATURE, condition_features
 
     known = condition_features(lum)
-    specs = specs or [ConditionSpec(f, "all") for f in known]
+    specs = specs or [ConditionSpec(f, "all") for f in known if f != UNCONDITIONED_FEATURE]
     out: list[Condition] = []
     for spec in specs:
         if spec.feature not in known:
@@ -163,7 +163,7 @@ def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict
         if isinstance(spec.values, str):
             if spec.values != "all":
                 raise ValueError(f"query: conditions[{spec.feature}].values must be a list of ids or 'all', got {spec.values!r}")
-            if spec.feature == CONSTANT_FEATURE:
+            if spec.feature in (CONSTANT_FEATURE, UNCONDITIONED_FEATURE):
                 values = [0]
             elif spec.feature in vocab_sizes:
                 values = list(range(1, int(vocab_sizes[spec.feature])))  # 0 = missing
@@ -171,6 +171,8 @@ def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict
                 raise ValueError(f"query: no vocabulary size for {spec.feature!r} in the dataset manifest; list its values")
         else:
             values = [int(v) for v in spec.values]
+            if spec.feature == UNCONDITIONED_FEATURE and values != [0]:
+                raise ValueError(f"query: conditions[none].values must be [0] or 'all' (the unconditioned token has no id), got {spec.values!r}")
         out.extend(Condition(spec.feature, v) for v in values)
     dups = sorted({str(c) for c in out if out.count(c) > 1})
     if dups:

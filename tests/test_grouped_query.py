@@ -12,7 +12,7 @@ import lumrec.modules.grouped_query as gq_mod
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.packing import PackPlan, pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
-from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens
+from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens, drop_condition_ids
 from lumrec.modules.grouped_query import (
     GroupedQuery,
     build_grouped_query_layout,
@@ -27,7 +27,7 @@ from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config
 MAX_LEN = 24
 BACKBONES = ["transformer", "hstu"]
 VOCAB = {"item_id": 30, "category_id": 6, "scenario": 3, "query_id": 9}
-CONDITIONS = [("category_id", 2), ("scenario", 1), ("category_id", 5), ("scenario", 2)]
+CONDITIONS = [("category_id", 2), ("scenario", 1), ("none", 0), ("category_id", 5), ("scenario", 2)]
 
 
 def test_doctests():
@@ -188,6 +188,25 @@ def test_condition_tokens_and_constant_condition():
         first_condition = const_lum.embed(batch)[0]
         torch.testing.assert_close(condition_query_embeddings(const_lum, [("const", 0)])[0], first_condition)
         torch.testing.assert_close(grouped, separate_queries(const_lum, batch, [("const", 0)], as_of_ts=10**7))
+
+
+def test_unconditioned_query_is_the_dropped_training_token():
+    """`none=0` asks with the token that condition dropout puts into training sequences: every feature empty."""
+    tokens = drop_condition_ids(_tokens([6, 9, 14]), 0.5, seed=1)
+    lum = _lum(tokens, "hstu")
+    batch = _batch(tokens, packed=True)
+    empty = (batch.token_type == CONDITION).clone()
+    for key in tokens.condition_keys:
+        empty &= batch.kjt[key].lengths() == 0
+    assert empty.any()
+    with torch.no_grad():
+        none = condition_query_embeddings(lum, ["none=0"])[0]
+        x = lum.embed(batch)
+        for t in torch.nonzero(empty).flatten().tolist():
+            torch.testing.assert_close(x[t], none)
+        # Distinct from every real condition.
+        others = condition_query_embeddings(lum, [("scenario", 1), ("category_id", 2)])
+        assert not torch.allclose(others, none.expand_as(others))
 
 
 def test_errors_name_the_problem():

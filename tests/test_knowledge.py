@@ -217,7 +217,8 @@ def pretrained(tmp_path_factory):
     generate(data, SynthConfig(seed=1, num_users=40, num_items=40, num_categories=4, num_queries=8, num_days=4))
     cfg = PretrainConfig(
         model="lum", out=str(root / "run"),
-        data=DataConfig(path=str(data), end=DAY, max_len=16, condition_features=["scenario", "category_id"], item_features=["item_id"]),
+        data=DataConfig(path=str(data), end=DAY, max_len=16, condition_features=["scenario", "category_id"], item_features=["item_id"],
+                        condition_dropout=0.3),  # so the unconditioned `none=0` query is one it was trained on
         train=TrainConfig(epochs=1, rows_per_batch=4, num_negatives=8, checkpoint_every_steps=100, log_every_steps=100),
         model_config={"d_model": 16, "num_layers": 2, "num_heads": 2, "ffn_dim": 32},
     )
@@ -277,6 +278,14 @@ def test_query_pipeline_writes_what_a_direct_grouped_query_gives(pretrained, tmp
         items_all, missing_all = load_knowledge(tmp_path / "all_items", DAY).item_vectors(torch.arange(lum.num_items))
         assert missing_all.tolist() == [True] + [False] * (lum.num_items - 1)  # 0 is padding, not stored
         torch.testing.assert_close(items_all[1:], lum.item_embeddings(torch.arange(1, lum.num_items)), rtol=1e-6, atol=1e-6)
+        # The unconditioned question (`none=0`, every condition feature empty) is stored like any other.
+        run_query(_query_config(root, data, tmp_path / "none", conditions=[ConditionSpec("none", "all"), ConditionSpec("scenario", [1])]))
+        none_lookup = load_knowledge(tmp_path / "none", DAY)
+        assert none_lookup.conditions == ["none=0", "scenario=1"]
+        vecs, missing = none_lookup.user_vectors(torch.from_numpy(active), "none", torch.zeros(len(active), 1, dtype=torch.int64))
+        assert not missing.any()
+        torch.testing.assert_close(vecs[:, 0], grouped_query(lum, batch, [("none", 0)], as_of_ts=day_bounds(DAY)[1])[order, 0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_planted_future_events_cannot_leak(pretrained, tmp_path):
@@ -331,8 +340,10 @@ def test_all_users_cli_and_errors(pretrained, tmp_path):
     vecs, missing = lookup.user_vectors(newcomers, "scenario", torch.tensor([[1, 2]]).expand(len(newcomers), 2))
     assert not missing.any() and torch.equal(vecs, vecs[:1].expand_as(vecs))
 
-    with pytest.raises(ValueError, match=r"'query_id' is not a condition of this LUM; it has \['scenario', 'category_id'\]"):
+    with pytest.raises(ValueError, match=r"'query_id' is not a condition of this LUM; it has \['scenario', 'category_id', 'none'\]"):
         run_query(_query_config(root, data, tmp_path / "x", conditions=[ConditionSpec("query_id", [1])]))
+    with pytest.raises(ValueError, match=r"conditions\[none\].values must be \[0\]"):
+        run_query(_query_config(root, data, tmp_path / "x", conditions=[ConditionSpec("none", [2])]))
     with pytest.raises(ValueError, match="values must be a list of ids or 'all'"):
         run_query(_query_config(root, data, tmp_path / "x", conditions=[ConditionSpec("scenario", "some")]))
     with pytest.raises(ValueError, match=r"\['scenario=1'\] asked more than once"):

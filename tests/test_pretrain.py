@@ -242,3 +242,10 @@ def test_table_init_copies_an_existing_models_tables(synth_path, tmp_path):
     bad_cfg.train.table_init = WarmStartConfig(source=str(tmp_path / "dlrm.pt"))
     with pytest.raises(ValueError, match="no embedding table of .*dlrm.pt matched"):
         Pretrainer(bad_cfg).maybe_resume()
+
+
+def test_condition_dropout_is_for_lum_only(synth_path, tmp_path):
+    cfg = _config(synth_path, tmp_path / "run")
+    cfg.data.condition_dropout = 0.2
+    with pytest.raises(ValueError, match="condition_dropout applies to LUM only"):
+        Pretrainer(cfg)

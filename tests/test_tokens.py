@@ -14,6 +14,7 @@ from lumrec.data.tokens import (
     attach_dense,
     build_item_sequences,
     build_lum_tokens,
+    drop_condition_ids,
     item_dense_matrix,
     item_lists_from_table,
     to_kjt,
@@ -175,3 +176,53 @@ def test_take_selects_token_sequences():
     assert sub.user_ids.tolist() == [4, 1]
     assert sub.item_id.tolist() == [0, 8, 0, 5, 0, 6]
     assert kjt_dict(to_kjt(sub))["cond_scenario"] == ([1, 0, 1, 0, 1, 0], [1, 1, 2])
+
+
+def _random_lum_tokens(num_events: int, seed: int = 0, condition_features=("scenario", "query_id")):
+    """LUM tokens of a few users with random conditions (no missing ids)."""
+    rng = np.random.default_rng(seed)
+    table = pa.table(
+        {
+            "user_id": pa.array(rng.integers(0, 7, num_events), pa.int64()),
+            "ts": pa.array(rng.integers(0, 10**6, num_events), pa.int64()),
+            "item_id": pa.array(rng.integers(1, 50, num_events), pa.int64()),
+            "scenario": pa.array(rng.integers(1, 4, num_events), pa.int32()),
+            "query_id": pa.array(rng.integers(1, 9, num_events), pa.int64()),
+            "category_id": pa.array(rng.integers(1, 6, num_events), pa.int64()),
+            "action": pa.array(np.ones(num_events), pa.int32()),
+        }
+    )
+    return build_lum_tokens(build_user_sequences(table), TokenConfig(condition_features=list(condition_features)))
+
+
+def test_condition_dropout_empties_only_condition_features_seeded():
+    tokens = _random_lum_tokens(4000)
+    assert drop_condition_ids(tokens, 0.0, seed=3) is tokens
+    dropped = drop_condition_ids(tokens, 0.3, seed=3)
+    again = drop_condition_ids(tokens, 0.3, seed=3)
+    is_cond = tokens.token_type == CONDITION
+    masks = []
+    for key in tokens.condition_keys:
+        before, after = tokens.features[key], dropped.features[key]
+        assert np.array_equal(after.lengths, again.features[key].lengths)  # seeded
+        emptied = (before.lengths == 1) & (after.lengths == 0)
+        assert not emptied[~is_cond].any()
+        assert abs(emptied[is_cond].mean() - 0.3) < 0.03
+        # Kept tokens keep their ids, in order.
+        kept = after.lengths == 1
+        assert np.array_equal(after.values, before.first_or_zero()[kept])
+        masks.append(emptied[is_cond])
+    # Keys are dropped independently: both empty on about 0.3^2 of the condition tokens.
+    assert abs((masks[0] & masks[1]).mean() - 0.09) < 0.02
+    for key in tokens.item_keys:
+        assert np.array_equal(dropped.features[key].values, tokens.features[key].values)
+    assert np.array_equal(dropped.item_id, tokens.item_id) and np.array_equal(dropped.offsets, tokens.offsets)
+
+
+def test_condition_dropout_keeps_constant_condition_and_checks_rate():
+    const = _random_lum_tokens(200, condition_features=())
+    same = drop_condition_ids(const, 0.5, seed=0)
+    assert np.array_equal(same.features["cond_const"].lengths, const.features["cond_const"].lengths)
+    for rate in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="condition_dropout must be in"):
+            drop_condition_ids(const, rate, seed=0)

@@ -261,6 +261,36 @@ def build_lum_tokens(seqs: UserSequences, cfg: TokenConfig, item_lists: Mapping[
     )
 
 
+def drop_condition_ids(tokens: TokenSequences, rate: float, seed: int) -> TokenSequences:
+    """Empty each condition feature of each condition token with probability `rate` (seeded; the constant key is kept).
+
+    Condition dropout for pre-training: a token whose features are all emptied pools to zero, the
+    unconditioned token that a `none=0` query asks with, so one LUM learns to answer both "what
+    next under condition c" and "what next at all". Keys are drawn independently, so a
+    multi-condition LUM also sees every subset of its conditions.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"condition_dropout must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return tokens
+    rng = np.random.default_rng(seed)
+    is_condition = tokens.token_type == CONDITION
+    features = dict(tokens.features)
+    for key in tokens.condition_keys:
+        if key == CONSTANT_CONDITION_KEY:
+            continue  # a constant LUM has nothing to drop
+        feat = features[key]
+        drop = is_condition & (rng.random(len(is_condition)) < rate)
+        keep_values = np.repeat(~drop, feat.lengths)
+        lengths = np.where(drop, 0, feat.lengths).astype(feat.lengths.dtype)
+        features[key] = JaggedIds(lengths, feat.values[keep_values])
+    return TokenSequences(
+        user_ids=tokens.user_ids, offsets=tokens.offsets, token_type=tokens.token_type, position=tokens.position,
+        item_id=tokens.item_id, features=features, condition_keys=tokens.condition_keys, item_keys=tokens.item_keys,
+        key_sources=tokens.key_sources, ts=tokens.ts, action=tokens.action,
+    )
+
+
 def build_item_sequences(seqs: UserSequences, cfg: TokenConfig, item_lists: Mapping[str, JaggedIds] | None = None) -> TokenSequences:
     """The plain item sequence `[i1, i2, ...]` per user (HSTU, SASRec): no condition tokens, one token per event."""
     item_lists = dict(item_lists or {})
@@ -425,6 +455,7 @@ __all__ = [
     "build_item_sequences",
     "build_lum_tokens",
     "condition_key",
+    "drop_condition_ids",
     "item_dense_matrix",
     "item_lists_from_table",
     "kjt_at",
