@@ -110,6 +110,7 @@ class FeatureSpec:
     candidate_condition_feature: str | None = None
     features: list[str] = field(default_factory=lambda: ["oq", "item", "sim", "missing"])
     normalize: bool = False  # L2-normalise the direct features o_q, e_i (RankLUMConfig.normalize)
+    label: str = ""  # extra_rows: the row's label in the table (default: its name)
 
 
 @dataclass
@@ -121,6 +122,9 @@ class LumTablesConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainConfig keys; data.path, data.end, out are set here
     lum: FeatureSpec = field(default_factory=FeatureSpec)  # the Base+LUM row
     single_condition: FeatureSpec = field(default_factory=FeatureSpec)  # the single-condition ablation
+    # More feature sets read from the main LUM's store, each a row of its own (run with --ablations):
+    # e.g. the unconditioned answer alone, beside the multi-condition Base+LUM row.
+    extra_rows: dict[str, FeatureSpec] = field(default_factory=dict)
     rank: dict[str, Any] = field(default_factory=dict)  # RankConfig keys except data, out, model, lum
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides of this config for --tiny (deep-merged); pretrain_steps: step budget
 
@@ -165,11 +169,16 @@ def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
 
         ensure_generated(folder, SynthConfig(**src.synth))
         return folder
-    if not Dataset(folder).manifest_path.exists():
+    import json
+
+    options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
+    wanted = {"kind": src.kind, "src": str(data_root / src.src), "options": options}
+    stamp = folder / "_lum_tables_import.json"  # what the folder was imported with: other options re-import
+    if not Dataset(folder).manifest_path.exists() or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         from lumrec.data.importers import run_import
 
-        options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
         run_import(src.kind, data_root / src.src, folder, overwrite=True, **options)
+        stamp.write_text(json.dumps(wanted, sort_keys=True))
     return folder
 
 
@@ -182,7 +191,11 @@ def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
     from lumrec.data.dataset import Dataset
 
     src, dst = Dataset(data_path), Dataset(view)
-    if dst.manifest_path.exists() and dst.read_meta().extra.get("knowledge_view_holdout") == holdout:
+    # Reused only if cut the same way from the same import (a re-import rewrites the source's manifest).
+    source_stamp = src.manifest_path.read_text()
+    if dst.manifest_path.exists() and (view / "_source_manifest.json").exists() \
+            and dst.read_meta().extra.get("knowledge_view_holdout") == holdout \
+            and (view / "_source_manifest.json").read_text() == source_stamp:
         return view
     if view.exists():
         shutil.rmtree(view)
@@ -207,6 +220,7 @@ def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
     meta = src.read_meta()
     meta.extra = {**meta.extra, "knowledge_view_holdout": holdout, "knowledge_view_of": str(data_path)}
     dst.write_meta(meta)
+    (view / "_source_manifest.json").write_text(source_stamp)
     return view
 
 
@@ -282,6 +296,7 @@ def lum_row_config(spec: FeatureSpec, store: Path, as_of: str | None, history_da
     from lumrec.pipelines.rank import RankLUMConfig
 
     values = {**asdict(spec), **changes}
+    values.pop("label")
     return RankLUMConfig(store=str(store), as_of_ds=as_of, history_data=str(history_data) if history_data else None, **values)
 
 
@@ -344,6 +359,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows["direct"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["oq", "item", "missing"])
         rows["matching"] = lum_row_config(cfg.lum, stores["lum"], as_of, history_data, features=["sim", "missing"])
         rows["hstu-e2e"] = "hstu"  # the ranking model itself changes: HSTU end to end, no LUM
+        for name, spec in cfg.extra_rows.items():
+            if name in rows:
+                raise ValueError(f"configs/lum_tables/{DATASETS[args.dataset]}: extra_rows.{name} is a built-in row's name")
+            rows[name] = lum_row_config(spec, stores["lum"], as_of, history_data)
     for name in NOT_RUN:
         rows[name] = "not run"
     if args.rows:  # a subset (Base always: every Δ is paired against it)
@@ -369,7 +388,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             runs[name].append(result)
             log.info("%s seed %d: test AUC %.4f", name, seed, result["test"]["auc"])
     summary = summarize_seeds(runs)
-    labels = {k: ROW_LABELS.get(k, k) for k in summary}
+    extra_labels = {name: "  " + (spec.label or name) for name, spec in cfg.extra_rows.items()}
+    labels = {k: ROW_LABELS.get(k, extra_labels.get(k, k)) for k in summary}
     print(f"\n{args.dataset} ({'tiny, ' if args.tiny else ''}{args.model}, {args.seeds} seed(s), LUM pre-training "
           f"{pre['lum']['steps']} steps / {pre['lum']['minutes']} min): test AUC")
     print(comparison_table(summary, labels))

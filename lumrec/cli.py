@@ -72,7 +72,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from lumrec.data.importers import run_import
     from lumrec.data.stats import dataset_stats, format_stats
 
-    names = ("movies", "users", "attributes", "name", "base_day", "positive_threshold", "overwrite")
+    names = ("movies", "users", "attributes", "name", "base_day", "positive_threshold", "overwrite", "category")
     options = {n: getattr(args, n) for n in names if getattr(args, n) not in (None, False)}
     run_import(args.kind, args.src, args.out, **options)
     print(format_stats(dataset_stats(args.out)))
@@ -126,6 +126,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attributes", help="Name_item2attributes.json (amazon; default: beside SRC)")
     p.add_argument("--name", help="dataset name recorded in the manifest")
     p.add_argument("--base-day", help="first day of synthesised timestamps (ml-1m, amazon)")
+    p.add_argument("--category", choices=["first", "most_frequent"],
+                   help="amazon: category_id = each item's first attribute (default) or the one most items share")
     p.add_argument("--positive-threshold", type=float, help="rating >= this is a positive label (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(func=_cmd_import)

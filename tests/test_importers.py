@@ -301,6 +301,21 @@ def test_amazon_sequences_attributes_and_time(tmp_path):
     assert [it["category_ids"] for it in items] == [[2, 1], [1], []]
 
 
+def test_amazon_category_most_frequent_attribute(tmp_path):
+    # Attribute 9 is shared by items 4, 30 and 7; 70 and 5 by one item each; item 8's 5 and 6 tie (smaller code wins).
+    src = _amazon(tmp_path, ["1 4 30 7 8"], {"4": [70, 9], "30": [9], "7": [5, 9], "8": [6, 5]})
+    first = run_import("amazon", src, tmp_path / "first")
+    coarse = run_import("amazon", src, tmp_path / "coarse", category="most_frequent")
+    code = _vocab(tmp_path / "coarse", "category_id")
+    by_item = lambda out: dict(zip(_behaviours(out).column("item_id").to_pylist(), _behaviours(out).column("category_id").to_pylist()))
+    items = _vocab(tmp_path / "coarse", "item_id")
+    assert by_item(tmp_path / "first") == {items["4"]: code["70"], items["30"]: code["9"], items["7"]: code["5"], items["8"]: code["6"]}
+    assert by_item(tmp_path / "coarse") == {items["4"]: code["9"], items["30"]: code["9"], items["7"]: code["9"], items["8"]: code["5"]}
+    assert first.extra["category"] == "first" and coarse.extra["category"] == "most_frequent"
+    with pytest.raises(ValueError, match="category must be one of"):
+        run_import("amazon", src, tmp_path / "bad", category="brand")
+
+
 def test_amazon_bad_input(tmp_path):
     src = _amazon(tmp_path, ["1 2 3", "2 4 x5"], {})
     with pytest.raises(DataValidationError, match=r"Toys\.txt: line 2: id 'x5'"):

@@ -47,3 +47,33 @@ def test_unknown_key_in_a_config_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.DATASETS, "bad", "bad.yaml")
     with pytest.raises(Exception, match="pretrain_ends"):
         bench.load_bench_config("bad", False)
+
+
+def test_extra_rows_read_the_main_store_and_keep_their_label(tmp_path):
+    bench = _bench()
+    cfg = bench.load_bench_config("beauty-implicit", False)
+    spec = cfg.extra_rows["unconditioned"]
+    assert spec.conditions == ["none=0"] and spec.candidate_condition_feature is None and spec.label
+    row = bench.lum_row_config(spec, tmp_path / "store", "2000-01-01", None)
+    assert row.conditions == ["none=0"] and row.store == str(tmp_path / "store")
+    assert not hasattr(row, "label")
+
+
+def test_import_is_redone_when_the_options_change(tmp_path, monkeypatch):
+    bench = _bench()
+    calls = []
+
+    def fake_import(kind, src, out, overwrite, **options):
+        calls.append(options)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "_lumrec.json").write_text("{}")
+
+    import lumrec.data.importers as importers
+
+    monkeypatch.setattr(importers, "run_import", fake_import)
+    spec = bench.SourceSpec(kind="amazon", src="a.txt", options={"category": "first"})
+    bench.ensure_dataset(spec, tmp_path, tmp_path / "ds")
+    bench.ensure_dataset(spec, tmp_path, tmp_path / "ds")  # same options: reused
+    spec.options["category"] = "most_frequent"
+    bench.ensure_dataset(spec, tmp_path, tmp_path / "ds")
+    assert calls == [{"category": "first"}, {"category": "most_frequent"}]

@@ -75,6 +75,24 @@ def read_attributes(path: Path) -> dict[int, list[int]]:
     return attrs
 
 
+CATEGORY_RULES = {
+    "first": "the item's first attribute",
+    "most_frequent": "the item's attribute shared by most items (coarsest)",
+}
+
+
+def primary_categories(cats: list[list[int]], rule: str) -> list[int]:
+    """One category per item from its attribute codes (0 without attributes), by `rule` (see CATEGORY_RULES)."""
+    if rule == "first":
+        return [c[0] if c else 0 for c in cats]
+    counts: dict[int, int] = {}
+    for lst in cats:
+        for a in lst:
+            counts[a] = counts.get(a, 0) + 1
+    # Ties go to the smaller code, so the choice does not depend on the order attributes are listed in.
+    return [min(c, key=lambda a: (-counts[a], a)) if c else 0 for c in cats]
+
+
 def import_amazon(
     src: str | Path,
     out: str | Path,
@@ -83,8 +101,15 @@ def import_amazon(
     base_day: str = DEFAULT_BASE_DAY,
     name: str | None = None,
     overwrite: bool = False,
+    category: str = "first",
 ) -> DatasetMeta:
-    """Import an Amazon sequence file; timestamps are synthesised (base_day 00:00 UTC + position seconds)."""
+    """Import an Amazon sequence file; timestamps are synthesised (base_day 00:00 UTC + position seconds).
+
+    `category` picks each item's `category_id` among its attributes: "first" (as listed) or
+    "most_frequent" (the one most items share: the coarsest, on Beauty 7 top-level groups).
+    """
+    if category not in CATEGORY_RULES:
+        raise ValueError(f"amazon import: category must be one of {list(CATEGORY_RULES)}, got {category!r}")
     path = require_file(src, "Amazon sequence file (`user item item ...`)")
     attr_path = require_file(
         attributes if attributes is not None else path.with_name(f"{path.stem}_item2attributes.json"),
@@ -105,7 +130,7 @@ def import_amazon(
     cats = [[code[a] for a in lst] for lst in item_attrs]
     ds.write_table("items", items_table(np.arange(1, len(item_uniq) + 1), cats))
     primary = np.zeros(len(item_uniq) + 1, np.int64)
-    primary[1:] = [c[0] if c else 0 for c in cats]
+    primary[1:] = primary_categories(cats, category)
 
     events = Events(
         user_id=user_id,
@@ -121,8 +146,8 @@ def import_amazon(
     notes = (
         f"Amazon reviews as item sequences, no timestamps in the source: ts = {base_day} 00:00 UTC + position "
         f"in the user's line, in seconds (keeps each user's order; {len(days)} day partition(s)). action=review, "
-        f"no ratings, no impressions, no users table. categories from {attr_path.name}: category_id = first "
-        f"attribute, category_ids = all (attributes mix categories and brand); {with_attr} of {len(item_uniq)} "
+        f"no ratings, no impressions, no users table. categories from {attr_path.name}: category_id = "
+        f"{CATEGORY_RULES[category]}, category_ids = all (attributes mix categories and brand); {with_attr} of {len(item_uniq)} "
         f"items have attributes. {empty} user line(s) without items skipped."
     )
     meta = DatasetMeta(
@@ -136,6 +161,7 @@ def import_amazon(
             "source_files": [str(path.resolve()), str(attr_path.resolve())],
             "base_day": base_day,
             "category_ids_vocab": "category_id",
+            "category": category,
         },
     )
     return finish(ds, meta)
