@@ -31,7 +31,8 @@ matching sim(o_q, e_i) = "multi-conditions" and "both"); with ``--ablations`` al
 ``no-condition`` (a second LUM pre-trained with a constant condition token), ``single-condition``
 (only the candidate's own condition), ``direct`` (o_q + e_i only) and ``matching`` (sim only).
 ``hstu-e2e`` (with ``--ablations``): HSTU trained end to end for ranking (``model: hstu``), no LUM, the
-generative baseline of the paper's tables.
+generative baseline of the paper's tables. A config's ``extra_rows`` adds named feature sets read from
+the main LUM's store (with ``--ablations``), e.g. the unconditioned answer ``none=0`` alone.
 Seeds vary the ranker (init and batch order); the LUM and the samples are the same for all seeds.
 
     .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations]
