@@ -170,8 +170,6 @@ def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
 
         ensure_generated(folder, SynthConfig(**src.synth))
         return folder
-    import json
-
     options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
     wanted = {"kind": src.kind, "src": str(data_root / src.src), "options": options}
     stamp = folder / "_lum_tables_import.json"  # what the folder was imported with: other options re-import
@@ -193,10 +191,9 @@ def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
 
     src, dst = Dataset(data_path), Dataset(view)
     # Reused only if cut the same way from the same import (a re-import rewrites the source's manifest).
-    source_stamp = src.manifest_path.read_text()
-    if dst.manifest_path.exists() and (view / "_source_manifest.json").exists() \
-            and dst.read_meta().extra.get("knowledge_view_holdout") == holdout \
-            and (view / "_source_manifest.json").read_text() == source_stamp:
+    source_stamp, view_stamp = src.manifest_path.read_text(), view / "_source_manifest.json"
+    if dst.manifest_path.exists() and view_stamp.exists() and view_stamp.read_text() == source_stamp \
+            and dst.read_meta().extra.get("knowledge_view_holdout") == holdout:
         return view
     if view.exists():
         shutil.rmtree(view)
@@ -221,7 +218,7 @@ def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
     meta = src.read_meta()
     meta.extra = {**meta.extra, "knowledge_view_holdout": holdout, "knowledge_view_of": str(data_path)}
     dst.write_meta(meta)
-    (view / "_source_manifest.json").write_text(source_stamp)
+    view_stamp.write_text(source_stamp)
     return view
 
 

@@ -13,6 +13,7 @@ and ``cond_category_id``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -284,11 +285,7 @@ def drop_condition_ids(tokens: TokenSequences, rate: float, seed: int) -> TokenS
         keep_values = np.repeat(~drop, feat.lengths)
         lengths = np.where(drop, 0, feat.lengths).astype(feat.lengths.dtype)
         features[key] = JaggedIds(lengths, feat.values[keep_values])
-    return TokenSequences(
-        user_ids=tokens.user_ids, offsets=tokens.offsets, token_type=tokens.token_type, position=tokens.position,
-        item_id=tokens.item_id, features=features, condition_keys=tokens.condition_keys, item_keys=tokens.item_keys,
-        key_sources=tokens.key_sources, ts=tokens.ts, action=tokens.action,
-    )
+    return dataclasses.replace(tokens, features=features)
 
 
 def build_item_sequences(seqs: UserSequences, cfg: TokenConfig, item_lists: Mapping[str, JaggedIds] | None = None) -> TokenSequences:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,7 @@ def primary_categories(cats: list[list[int]], rule: str) -> list[int]:
     """One category per item from its attribute codes (0 without attributes), by `rule` (see CATEGORY_RULES)."""
     if rule == "first":
         return [c[0] if c else 0 for c in cats]
-    counts: dict[int, int] = {}
-    for lst in cats:
-        for a in lst:
-            counts[a] = counts.get(a, 0) + 1
+    counts = Counter(a for lst in cats for a in lst)
     # Ties go to the smaller code, so the choice does not depend on the order attributes are listed in.
     return [min(c, key=lambda a: (-counts[a], a)) if c else 0 for c in cats]
 
