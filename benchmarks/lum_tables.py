@@ -64,6 +64,7 @@ DATASETS = {
     "ml1m-ratings": "ml1m_ratings.yaml",
     "ml1m-implicit": "ml1m_implicit.yaml",
     "beauty-implicit": "beauty_implicit.yaml",
+    "beauty-implicit-attributes": "beauty_implicit_attributes.yaml",
 }
 ROW_LABELS = {
     "base": "Base",

@@ -57,7 +57,9 @@ from lumrec.modules.warm_start_config import WarmStartConfig
 if TYPE_CHECKING:
     import torch
 
+    from lumrec.data.dataset import Dataset, DatasetMeta
     from lumrec.data.ranking_samples import RankingSampleBatch, RankingSamples
+    from lumrec.modules.ranking import TableConfig
     from lumrec.distributed import DistContext
     from lumrec.modules.lum_features import LUMFeatureModule
 
@@ -120,6 +122,9 @@ class RankModelConfig:
     # Pooled per-sample id features; None: user_id, scenario, query_id where the manifest has a vocabulary.
     context_keys: list[str] | None = None
     history_keys: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category_id"])
+    # Multi-hot item features, mean-pooled: X = the candidate's ids of the items table's list column X
+    # (e.g. category_ids: all of an item's attributes), hist_X = the bag of X over the kept behaviours.
+    list_keys: list[str] = field(default_factory=list)
     item_stats: list[str] = field(default_factory=list)  # dense: columns of `item_stats` of the sample's day (point-in-time)
     hstu_layers: int = 2  # hstu: HSTU layers over [history, candidate]
     hstu_heads: int = 2  # hstu: attention heads (d_model: the concatenated item/category width)
@@ -422,8 +427,37 @@ def vocab_size(vocab: dict[str, int], key: str) -> int:
     return int(vocab[key])
 
 
+def list_columns(list_keys: Sequence[str]) -> list[str]:
+    """The item list columns the list keys read, in first-use order (hist_X reads X)."""
+    from lumrec.data.ranking.samples import HISTORY_BAG_PREFIX
+
+    columns: list[str] = []
+    for key in list_keys:
+        column = key[len(HISTORY_BAG_PREFIX):] if key.startswith(HISTORY_BAG_PREFIX) else key
+        if column not in columns:
+            columns.append(column)
+    return columns
+
+
+def list_tables(list_keys: Sequence[str], vocab: dict[str, int], dim: int) -> list["TableConfig"]:
+    """One mean-pooled table per item list column, shared by its candidate key X and its bag key hist_X."""
+    from lumrec.data.ranking.samples import HISTORY_BAG_PREFIX
+    from lumrec.modules.ranking import TableConfig
+
+    if len(set(list_keys)) != len(list_keys):
+        raise ValueError(f"sizes.list_keys repeat: {list(list_keys)}")
+    tables = []
+    for column in list_columns(list_keys):
+        keys = [k for k in list_keys if k in (column, HISTORY_BAG_PREFIX + column)]
+        tables.append(TableConfig(f"t_list_{column}", vocab_size(vocab, column), dim, keys, pooling="mean"))
+    return tables
+
+
 def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dense_dim: int = 0, lum_dim: int = 0):
-    """(model, its RankingTrain) of kind `model` with tables sized from the manifest vocabularies `vocab`."""
+    """(model, its RankingTrain) of kind `model` with tables sized from the manifest vocabularies `vocab`.
+
+    For `sizes.list_keys`, `vocab` must also size each item list column (see `list_vocab`).
+    """
     from lumrec.modules.din import DIN, DINConfig
     from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig
     from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, RankingTrain, TableConfig
@@ -439,6 +473,7 @@ def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dens
         raise ValueError("sizes.history_keys must include 'hist_item_id'")
     d = sizes.embedding_dim
     context = [TableConfig(f"t_{k}", vocab_size(vocab, k), d, [k]) for k in context_keys(sizes.context_keys, vocab)]
+    context += list_tables(sizes.list_keys, vocab, d)
     pairs = [("t_item", "item_id", "hist_item_id"), ("t_category", "category_id", "hist_category_id")]
     pairs = [(t, c, h) for t, c, h in pairs if h in hist or c == "category_id"]
     if model == "mlp":
@@ -472,6 +507,42 @@ def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dens
 
 
 # -- the job -----------------------------------------------------------------------------------
+
+
+def list_vocab(meta: "DatasetMeta", columns: Sequence[str]) -> dict[str, int]:
+    """Vocabulary size of each item list column: the manifest's X_vocab column's, else its own, else x_id's for x_ids (as validation)."""
+    out = {}
+    for column in columns:
+        default = column[:-1] if column.endswith("_ids") and column not in meta.vocab_sizes else column
+        source = meta.extra.get(f"{column}_vocab", default)
+        if source not in meta.vocab_sizes:
+            raise ValueError(f"sizes.list_keys: the dataset manifest sizes no vocabulary for list column {column!r} "
+                             f"(looked for {source!r}; has {sorted(meta.vocab_sizes)})")
+        out[column] = int(meta.vocab_sizes[source])
+    return out
+
+
+def attach_item_lists(samples: "RankingSamples", data: "Dataset", columns: Sequence[str]) -> "RankingSamples":
+    """The samples with the items table's list columns `columns` attached (ids per item_id), for list keys."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+
+    from lumrec.data.tokens import item_lists_from_table
+
+    missing = [c for c in columns if c not in samples.item_lists]
+    if not missing:
+        return samples
+    source = str(data.table_dir("items"))
+    table = data.read_table("items")
+    for column in missing:
+        if column not in table.column_names:
+            raise ValueError(f"sizes.list_keys: the items table ({source}) has no column {column!r}; has {table.column_names}")
+        if not pa.types.is_list(table.schema.field(column).type):
+            raise ValueError(f"sizes.list_keys: column {column!r} of the items table ({source}) is not a list column")
+    num_items = int(data.read_meta().vocab_sizes["item_id"])
+    lists = {c: item_lists_from_table(table, c, num_items, source) for c in missing}
+    return replace(samples, item_lists={**samples.item_lists, **lists})
 
 
 @dataclass
@@ -773,9 +844,12 @@ class Ranker(EpochJob):
             torch.set_num_threads(t.threads)
         self.out = Path(cfg.out)
         data = Dataset(cfg.data)
-        self.vocab = data.read_meta().vocab_sizes
+        meta = data.read_meta()
+        columns = list_columns(cfg.sizes.list_keys)
+        self.vocab = {**meta.vocab_sizes, **list_vocab(meta, columns)}
         t0 = time.perf_counter()
         self.samples = samples if samples is not None else build_ranking_samples(data, cfg.samples)
+        self.samples = attach_item_lists(self.samples, data, columns)
         self.counts = self.samples.counts()
         log.info("samples (%s) in %.1f s: %s", cfg.samples.protocol, time.perf_counter() - t0, self.counts)
         self.lum = LUMJoin(cfg.lum, self.samples) if cfg.lum is not None else None
@@ -789,9 +863,9 @@ class Ranker(EpochJob):
         self.warm_start_report = self._warm_start(cfg)  # into the unsharded model: sharding copies the weights
         self.optimizer = self._shard() if self.ctx is not None else self._optimizers(self.model, _table_parameters(self.model))
         self.part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
-        self.history_keys = tuple(cfg.sizes.history_keys)
+        self.history_keys, self.list_keys = tuple(cfg.sizes.history_keys), tuple(cfg.sizes.list_keys)
         self.loader = RankingBatchLoader(self.samples, "train", t.batch_size, t.max_history, shuffle_seed=t.seed,
-                                         history_keys=self.history_keys, part=self.part)
+                                         history_keys=self.history_keys, part=self.part, list_keys=self.list_keys)
         self._init_job()
 
     # -- optimizers and sharding ------------------------------------------------------------
@@ -923,7 +997,8 @@ class Ranker(EpochJob):
         self.model.eval()
         with torch.no_grad():
             for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
-                                                   history_keys=self.history_keys, part=self.part):
+                                                   history_keys=self.history_keys, part=self.part,
+                                                   list_keys=self.list_keys):
                 _, logits = self.trainer(self.ranking_batch(batch))
                 if self.ctx is None:
                     metrics.update(torch.sigmoid(logits), batch.labels)

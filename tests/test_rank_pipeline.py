@@ -97,6 +97,32 @@ def test_results_json_and_lum_changes_input_width(world, tmp_path, model):
     assert base["samples"] == with_lum["samples"]
 
 
+@pytest.mark.parametrize("model", ["mlp", "sim", "hstu"])
+def test_item_list_keys_widen_the_input_by_one_pooled_table(world, tmp_path, model):
+    """sizes.list_keys: the candidate's category_ids and the history's bag of them, one mean-pooled table."""
+    _, data, store = world
+    base = rank_config(data, tmp_path / "base", model, epochs=1)
+    listed = rank_config(data, tmp_path / "lists", model, lum_config(store), epochs=1)
+    listed.sizes.list_keys = ["category_ids", "hist_category_ids"]
+    a, b = run_rank(base), run_rank(listed)
+    assert b["input_width"] - a["input_width"] == b["lum_dim"] + 2 * 8
+    assert np.isfinite(b["test"]["auc"]) and b["samples"] == a["samples"]
+
+
+def test_item_list_key_errors_name_the_key(world, tmp_path):
+    _, data, _ = world
+    cfg = rank_config(data, tmp_path / "x", "sim")
+    cfg.sizes.list_keys = ["brand_ids"]
+    with pytest.raises(ValueError, match="no vocabulary for list column 'brand_ids'"):
+        run_rank(cfg)
+    cfg.sizes.list_keys = ["category_ids", "category_ids"]
+    with pytest.raises(ValueError, match="sizes.list_keys repeat"):
+        run_rank(cfg)
+    cfg.sizes.list_keys = ["category_id"]
+    with pytest.raises(ValueError, match="column 'category_id' of the items table .* is not a list column"):
+        run_rank(cfg)
+
+
 def _strip(result: dict) -> dict:
     """What must match between runs (train timing excluded)."""
     return {k: v for k, v in result.items() if k != "train_minutes"}

@@ -346,6 +346,36 @@ def test_batch_equals_per_sample_reference(random_sets, max_history):
         assert moved.item_id.equal(b.item_id) and moved.history.keys() == b.history.keys()
 
 
+@pytest.mark.parametrize("max_history", [0, 2, None])
+def test_list_keys_equal_per_sample_reference(random_sets, max_history):
+    """Key X = the candidate's item list, hist_X = the kept behaviours' lists concatenated, oldest first."""
+    from dataclasses import replace
+
+    from lumrec.data.tokens import JaggedIds
+
+    s = build_ranking_samples(random_sets[0][3], RankingSampleConfig(protocol="implicit_next_item"))
+    rng = np.random.default_rng(1)
+    n_items = int(max(s.item_id.max(), s.history.item_id.max())) + 1
+    lengths = rng.integers(0, 4, n_items).astype(np.int32)  # empty lists included
+    lists = JaggedIds(lengths, rng.integers(1, 30, int(lengths.sum())))
+    per_item = [lists.values[lists.offsets()[i]:lists.offsets()[i + 1]].tolist() for i in range(n_items)]
+    s = replace(s, item_lists={"tags": lists})
+    assert s.list_keys() == ["tags", "hist_tags"]
+    for idx in (rng.integers(0, len(s), 11), np.array([], np.int64), np.arange(len(s))):
+        b = s.batch(idx, max_history, list_keys=("hist_tags", "tags"))
+        ref = reference_batch(s, idx, max_history)
+        assert b.lists.stride() == len(idx) and b.sparse_features.keys()[-2:] == ["hist_tags", "tags"]
+        assert [x.tolist() for x in b.lists["tags"].to_dense()] == [per_item[int(i)] for i in s.item_id[idx]]
+        assert [x.tolist() for x in b.lists["hist_tags"].to_dense()] == [sum((per_item[h] for h in hist), []) for hist in ref["hist_item_id"]]
+    assert s.batch(np.arange(3)).lists is None
+    with pytest.raises(ValueError, match="unknown list key 'colours'"):
+        s.batch(np.arange(3), list_keys=("colours",))
+    with pytest.raises(ValueError, match="item list 'tags' covers item ids < 2"):
+        replace(s, item_lists={"tags": JaggedIds(np.ones(2, np.int32), np.ones(2, np.int64))})
+    with pytest.raises(ValueError, match="starts with 'hist_'"):
+        replace(s, item_lists={"hist_tags": lists})
+
+
 def test_iter_batches_deterministic_and_resumable(random_sets):
     s = build_ranking_samples(random_sets[2][3], RankingSampleConfig(protocol="implicit_next_item"))
     n_train = len(s.indices("train"))

@@ -13,6 +13,7 @@ from lumrec.data.dataset import SECONDS_PER_DAY
 from lumrec.data.packing import epoch_rng
 from lumrec.data.ranking.config import SPLITS, split_code
 from lumrec.data.sequences import UserSequences, ragged_arange
+from lumrec.data.tokens import JaggedIds
 
 # Per-sample id features a batch can put in its KJT (one id per sample) and history features (one per event).
 CANDIDATE_KEYS = ("user_id", "item_id", "category_id", "scenario", "query_id")
@@ -24,6 +25,9 @@ HISTORY_KEYS = {
     "hist_query_id": "query_id",
 }
 DEFAULT_HISTORY_KEYS = ("hist_item_id", "hist_category_id")
+# List keys read an item-level list column X (e.g. category_ids) from `RankingSamples.item_lists`:
+# key X = the candidate's ids, key hist_X = the bag of the kept behaviours' ids (a multi-hot user profile).
+HISTORY_BAG_PREFIX = "hist_"
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RankingSamples:
     history: UserSequences  # every user's behaviours, time-ordered
     history_rating: np.ndarray | None = None  # float32 (E,) rating of each history event, NaN where none
     info: dict[str, Any] = field(default_factory=dict)  # how the split was cut, sampler facts
+    item_lists: dict[str, JaggedIds] = field(default_factory=dict)  # item list column -> ids per item_id (for list keys)
 
     def __post_init__(self) -> None:
         n = len(self.user_id)
@@ -53,6 +58,12 @@ class RankingSamples:
                 raise ValueError(f"RankingSamples: column {f!r} has {len(getattr(self, f))} rows, user_id has {n}")
         if self.history_rating is not None and len(self.history_rating) != self.history.num_events:
             raise ValueError(f"RankingSamples: history_rating has {len(self.history_rating)} values for {self.history.num_events} events")
+        for name, lists in self.item_lists.items():
+            if name.startswith(HISTORY_BAG_PREFIX):
+                raise ValueError(f"RankingSamples: item list name {name!r} starts with {HISTORY_BAG_PREFIX!r}, reserved for history bags")
+            top = max(int(self.item_id.max(initial=0)), int(self.history.item_id.max(initial=0)))
+            if len(lists) <= top:
+                raise ValueError(f"RankingSamples: item list {name!r} covers item ids < {len(lists)}, the samples reach {top}")
         if n == 0:
             return
         if self.user_row.min() < 0 or self.user_row.max() >= len(self.history):
@@ -123,6 +134,7 @@ class RankingSamples:
         max_history: int | None = None,
         history_keys: Sequence[str] = DEFAULT_HISTORY_KEYS,
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
+        list_keys: Sequence[str] = (),
     ) -> "RankingSampleBatch":
         """Samples `indices` as torch tensors, each history cut to its `max_history` most recent events (None: all)."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -132,6 +144,7 @@ class RankingSamples:
             raise ValueError(f"max_history must be >= 0 or None, got {max_history}")
         _check_keys("history", history_keys, HISTORY_KEYS)
         _check_keys("candidate", candidate_keys, CANDIDATE_KEYS)
+        _check_keys("list", list_keys, self.list_keys())
         full = self.history_length[idx]
         kept = full if max_history is None else np.minimum(full, max_history)
         # The kept events are the last `kept` of the user's prefix: no per-sample copy until here.
@@ -148,6 +161,7 @@ class RankingSamples:
         cand_kjt = _kjt(list(candidate_keys), [per_sample[k] for k in candidate_keys], [np.ones(b, np.int32)] * len(candidate_keys), b)
         hist_values = [getattr(self.history, HISTORY_KEYS[k])[ev].astype(np.int64) for k in history_keys]
         hist_kjt = _kjt(list(history_keys), hist_values, [kept.astype(np.int32)] * len(history_keys), b)
+        lists_kjt = self._list_kjt(list_keys, per_sample["item_id"], self.history.item_id[ev], kept) if list_keys else None
         return RankingSampleBatch(
             sample_index=_t(idx),
             user_id=_t(per_sample["user_id"]),
@@ -160,11 +174,31 @@ class RankingSamples:
             day=_t(self.ts[idx] // SECONDS_PER_DAY),
             candidates=cand_kjt,
             history=hist_kjt,
+            lists=lists_kjt,
             hist_lengths=_t(kept),
             hist_ts=_t(self.history.ts[ev]),
             hist_action=_t(self.history.action[ev]),
             hist_rating=None if self.history_rating is None else torch.from_numpy(self.history_rating[ev].astype(np.float32)),
         )
+
+    def list_keys(self) -> list[str]:
+        """The list keys batches can carry: X and hist_X for every item list column X."""
+        return [k for name in self.item_lists for k in (name, HISTORY_BAG_PREFIX + name)]
+
+    def _list_kjt(self, keys: Sequence[str], item_id: np.ndarray, hist_item_id: np.ndarray, kept: np.ndarray) -> KeyedJaggedTensor:
+        """KJT of stride B: per key X the candidate's list, per key hist_X the concatenated lists of its kept behaviours."""
+        b = len(item_id)
+        sample_of_event = np.repeat(np.arange(b), kept)
+        values, lengths = [], []
+        for key in keys:
+            is_bag = key.startswith(HISTORY_BAG_PREFIX) and key not in self.item_lists
+            per_item = self.item_lists[key[len(HISTORY_BAG_PREFIX):] if is_bag else key]
+            rows = per_item.take(hist_item_id if is_bag else item_id)
+            # Behaviours are sample-major, so the taken values are already grouped per sample.
+            lens = np.bincount(sample_of_event, weights=rows.lengths, minlength=b) if is_bag else rows.lengths
+            values.append(rows.values)
+            lengths.append(lens.astype(np.int32))
+        return _kjt(list(keys), values, lengths, b)
 
     def num_batches(self, split: str, batch_size: int, drop_last: bool = False) -> int:
         """Batches of `batch_size` one epoch over `split` makes."""
@@ -189,6 +223,7 @@ class RankingSamples:
         history_keys: Sequence[str] = DEFAULT_HISTORY_KEYS,
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
         part: tuple[int, int] | None = None,
+        list_keys: Sequence[str] = (),
     ) -> Iterator["RankingSampleBatch"]:
         """Batches of one epoch over `split`, deterministic per (shuffle_seed, epoch), from batch `start_batch` on.
 
@@ -210,12 +245,12 @@ class RankingSamples:
         for k in range(start_batch, n_batches):
             rows = order[k * batch_size : (k + 1) * batch_size]
             if part is None:
-                yield self.batch(rows, max_history, history_keys, candidate_keys)
+                yield self.batch(rows, max_history, history_keys, candidate_keys, list_keys)
                 continue
             lo, hi = rank_slice(len(rows), *part)
             padding = hi == lo
             local = rows[:1] if padding else rows[lo:hi]
-            yield replace(self.batch(local, max_history, history_keys, candidate_keys),
+            yield replace(self.batch(local, max_history, history_keys, candidate_keys, list_keys),
                           global_batch_size=len(rows), padding=padding)
 
 
@@ -249,6 +284,7 @@ class RankingSampleBatch:
     day: torch.Tensor  # int64 [B] days since 1970-01-01 (UTC)
     candidates: KeyedJaggedTensor  # stride B, one id per sample per key (user_id, item_id, ...)
     history: KeyedJaggedTensor  # stride B, keys hist_item_id, hist_category_id, ...: hist_lengths[b] ids each
+    lists: KeyedJaggedTensor | None  # stride B, item list keys (category_ids, hist_category_ids, ...), or None
     hist_lengths: torch.Tensor  # int64 [B]
     hist_ts: torch.Tensor  # int64 [sum(hist_lengths)], aligned with the history KJT's values of every key
     hist_action: torch.Tensor  # int64 [sum(hist_lengths)]
@@ -269,8 +305,9 @@ class RankingSampleBatch:
 
     @property
     def sparse_features(self) -> KeyedJaggedTensor:
-        """One KJT of stride B: the candidate keys, then the history keys."""
-        return KeyedJaggedTensor.concat([self.candidates, self.history])
+        """One KJT of stride B: the candidate keys, the history keys, then the list keys."""
+        parts = [self.candidates, self.history] + ([self.lists] if self.lists is not None else [])
+        return KeyedJaggedTensor.concat(parts)
 
     @property
     def hist_offsets(self) -> torch.Tensor:
@@ -310,13 +347,14 @@ class RankingBatchLoader:
         history_keys: Sequence[str] = DEFAULT_HISTORY_KEYS,
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
         part: tuple[int, int] | None = None,
+        list_keys: Sequence[str] = (),
     ):
         split_code(split)
         if part is not None:
             _check_part(part)
         self.samples, self.split, self.batch_size, self.max_history = samples, split, batch_size, max_history
         self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
-        self.history_keys, self.candidate_keys = tuple(history_keys), tuple(candidate_keys)
+        self.history_keys, self.candidate_keys, self.list_keys = tuple(history_keys), tuple(candidate_keys), tuple(list_keys)
         self.part = None if part is None else (int(part[0]), int(part[1]))  # (rank, world): this rank's slice of each batch
         self.epoch, self.batch = 0, 0
 
@@ -328,7 +366,7 @@ class RankingBatchLoader:
         """The rest of the current epoch; afterwards the loader points at the next epoch's first batch."""
         for batch in self.samples.iter_batches(
             self.split, self.batch_size, self.shuffle_seed, self.max_history, self.epoch, self.batch,
-            self.drop_last, self.history_keys, self.candidate_keys, self.part,
+            self.drop_last, self.history_keys, self.candidate_keys, self.part, self.list_keys,
         ):
             self.batch += 1
             yield batch
