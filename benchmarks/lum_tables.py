@@ -76,6 +76,7 @@ ROW_LABELS = {
     "hstu-e2e": "HSTU end to end (ranking)",
 }
 NOT_RUN: tuple[str, ...] = ()
+LUM_FREE_ROWS = ("base", "hstu-e2e")  # rows that read no LUM features
 
 log = logging.getLogger("lumrec.bench.lum_tables")
 
@@ -299,6 +300,31 @@ def lum_row_config(spec: FeatureSpec, store: Path, as_of: str | None, history_da
     return RankLUMConfig(store=str(store), as_of_ds=as_of, history_data=str(history_data) if history_data else None, **values)
 
 
+def extend_seeds(earlier: dict[str, dict], new: dict[str, dict], first_seed: int) -> dict[str, dict]:
+    """Rows of seeds first_seed.. appended to the same rows of seeds 0..first_seed-1; stats and paired Δ recomputed.
+
+    An earlier row that already has these seeds keeps them, after a check that the rerun gives the
+    same AUC (seeded runs reproduce): Base is rerun by every invocation.
+    """
+    from lumrec.pipelines.rank import summarize_seeds
+
+    runs: dict[str, list[dict]] = {}
+    for name, row in new.items():
+        old = earlier.get(name, {})
+        have = int(old.get("seeds", 0))
+        if have >= first_seed + row["seeds"]:
+            rerun = old["auc"][first_seed:first_seed + row["seeds"]]
+            if any(abs(a - b) > 1e-6 for a, b in zip(rerun, row["auc"])):
+                raise ValueError(f"row {name!r}: seeds from {first_seed} give AUC {row['auc']}, the earlier run {rerun}")
+            auc, ne = old["auc"], old["ne"]
+        elif have == first_seed:
+            auc, ne = old.get("auc", []) + row["auc"], old.get("ne", []) + row["ne"]
+        else:
+            raise ValueError(f"row {name!r}: --first-seed {first_seed} but the results hold {have} seed(s) of it")
+        runs[name] = [{"test": {"auc": a, "ne": n}} for a, n in zip(auc, ne)]
+    return summarize_seeds(runs)
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Every step for one data set; returns the merged row."""
     from lumrec.config import from_dict
@@ -340,9 +366,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"knowledge.mode must be daily, fixed or user_cut, got {mode!r}")
 
     max_steps = cfg.tiny.get("pretrain_steps") if args.tiny else None
-    pre = {"lum": pretrain_lum(cfg, lum_data, work / "lum", end, args.minutes, args.threads, max_steps=max_steps)}
+    pre: dict[str, Any] = {}
     stores = {"lum": work / "store"}
-    build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
+    # Rows without LUM features (base, hstu-e2e) need no LUM: `--rows hstu-e2e` pre-trains none.
+    if not args.rows or set(args.rows.split(",")) - set(LUM_FREE_ROWS):
+        pre["lum"] = pretrain_lum(cfg, lum_data, work / "lum", end, args.minutes, args.threads, max_steps=max_steps)
+        build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
     # The constant-condition LUM only serves the no-condition row (skipped when --rows leaves that row out).
     if args.ablations and (not args.rows or "no-condition" in args.rows.split(",")):
         pre["lum-const"] = pretrain_lum(cfg, lum_data, work / "lum-const", end, args.minutes, args.threads, [], max_steps=max_steps)
@@ -378,7 +407,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = []
         if lum == "not run":
             continue
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             rcfg = copy.deepcopy(base_cfg)
             rcfg.out, rcfg.lum, rcfg.train.seed = str(work / "rank" / name / f"seed{seed}"), lum, seed
             if lum == "hstu":
@@ -389,12 +418,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize_seeds(runs)
     extra_labels = {name: "  " + (spec.label or name) for name, spec in cfg.extra_rows.items()}
     labels = {k: ROW_LABELS.get(k, extra_labels.get(k, k)) for k in summary}
-    print(f"\n{args.dataset} ({'tiny, ' if args.tiny else ''}{args.model}, {args.seeds} seed(s), LUM pre-training "
-          f"{pre['lum']['steps']} steps / {pre['lum']['minutes']} min): test AUC")
+    lum_note = f", LUM pre-training {pre['lum']['steps']} steps / {pre['lum']['minutes']} min" if "lum" in pre else ", no LUM"
+    print(f"\n{args.dataset} ({'tiny, ' if args.tiny else ''}{args.model}, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
+          f"{lum_note}): test AUC")
     print(comparison_table(summary, labels))
     counts = samples.counts()
     row = {
         "dataset": args.dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": args.minutes,
+        "first_seed": args.first_seed,
         "knowledge_mode": mode, "store_days": store_days, "pretrain": pre, "samples": counts,
         "rows": summary, "labels": {k: v.strip() for k, v in labels.items()},
         "pretrain_steps_budget": cfg.tiny.get("pretrain_steps") if args.tiny else None,
@@ -410,6 +441,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # A row subset adds to the data set's table: rows of earlier invocations that were not rerun are kept
         # (Base is rerun every time and, seeded, must come out the same, so their paired Δ still holds).
         earlier = json.loads(results.read_text()).get(key, {})
+        if args.first_seed > 0:  # more seeds of earlier rows: extend their per-seed lists
+            summary = extend_seeds(earlier.get("rows", {}), summary, args.first_seed)
+            row["rows"], row["seeds"] = summary, earlier.get("seeds", args.seeds)
         kept = {k: v for k, v in earlier.get("rows", {}).items() if k not in summary}
         if kept:
             row["rows"] = {**kept, **summary}
@@ -427,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sim", choices=["mlp", "din", "sim"], help="ranking backbone (default sim, as in the LUM paper)")
     parser.add_argument("--minutes", type=float, default=15.0, help="LUM pre-training budget per LUM (default 15)")
     parser.add_argument("--seeds", type=int, default=3, help="ranker seeds per row (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds FIRST..FIRST+SEEDS-1; > 0 adds seeds to the rows --rows names (their earlier seeds kept)")
     parser.add_argument("--ablations", action="store_true", help="also the LUM paper's ablation rows")
     parser.add_argument("--rows", default="", help="comma-separated subset of the rows to rank (base is always run), e.g. lum,no-condition")
     parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: tiny synthetic logs, few steps")
@@ -439,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic)")
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.first_seed < 0 or (args.first_seed > 0 and not args.rows):
+        parser.error("--first-seed must be >= 0, and > 0 only with --rows (it adds seeds to the rows it names)")
     args.fresh = args.fresh or args.tiny  # a smoke run never reuses an earlier one
     if args.threads is None:
         args.threads = 1 if args.tiny else 2

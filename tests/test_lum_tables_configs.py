@@ -77,3 +77,24 @@ def test_import_is_redone_when_the_options_change(tmp_path, monkeypatch):
     spec.options["category"] = "most_frequent"
     bench.ensure_dataset(spec, tmp_path, tmp_path / "ds")
     assert calls == [{"category": "first"}, {"category": "most_frequent"}]
+
+
+def test_attributes_variant_adds_only_the_list_keys():
+    bench = _bench()
+    base, variant = bench.load_bench_config("beauty-implicit", False), bench.load_bench_config("beauty-implicit-attributes", False)
+    assert variant.rank["sizes"] == {**base.rank["sizes"], "list_keys": ["category_ids", "hist_category_ids"]}
+    assert (variant.source, variant.knowledge, variant.pretrain, variant.lum) == (base.source, base.knowledge, base.pretrain, base.lum)
+
+
+def test_extend_seeds_appends_new_seeds_and_pairs_the_delta_again():
+    bench = _bench()
+    earlier = {"base": {"seeds": 3, "auc": [0.70, 0.72, 0.71], "ne": [0.9, 0.9, 0.9]},
+               "hstu-e2e": {"seeds": 2, "auc": [0.73, 0.74], "ne": [0.8, 0.8]}}
+    new = {"base": {"seeds": 1, "auc": [0.71], "ne": [0.9]}, "hstu-e2e": {"seeds": 1, "auc": [0.75], "ne": [0.7]}}
+    merged = bench.extend_seeds(earlier, new, first_seed=2)
+    assert merged["base"]["auc"] == [0.70, 0.72, 0.71] and merged["hstu-e2e"]["auc"] == [0.73, 0.74, 0.75]
+    assert merged["hstu-e2e"]["seeds"] == 3 and merged["hstu-e2e"]["delta_auc_mean"] == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="row 'base': seeds from 2 give AUC"):
+        bench.extend_seeds(earlier, {**new, "base": {"seeds": 1, "auc": [0.6], "ne": [0.9]}}, first_seed=2)
+    with pytest.raises(ValueError, match="row .hstu-e2e.: --first-seed 3 but the results hold 2"):
+        bench.extend_seeds(earlier, new, first_seed=3)
