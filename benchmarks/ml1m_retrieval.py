@@ -5,7 +5,10 @@ benchmarks/results/ml1m_retrieval.json and the whole table is printed. MFU = ach
 FLOP/s (FLOPs per step counted by torch's FlopCounterMode) over the fp32 matmul peak measured
 here, on the same machine, in the same run.
 
-    .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45]
+    .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45] [--seed 1]
+
+`--seed S` trains the same config with `train.seed=S`; the row keeps every seed's results under
+`per_seed`, and its `test` metrics (and epochs, tokens/s, MFU) are the means over the seeds run.
 """
 
 from __future__ import annotations
@@ -84,9 +87,31 @@ def ensure_ml1m(data_root: Path, cache: Path) -> Path:
 
 
 
+PER_SEED_FIELDS = ("test", "epochs_run", "train_minutes", "wall_minutes", "tokens_per_s", "mfu", "matmul_peak_gflops", "overrides")
+MEAN_FIELDS = ("epochs_run", "tokens_per_s", "mfu")
+
+
+def with_seed(earlier: dict | None, row: dict, seed: int) -> dict:
+    """`row` (one run of `seed`) merged with the earlier row's other seeds: per-seed results kept, metrics averaged."""
+    per_seed = dict(earlier.get("per_seed", {})) if earlier else {}
+    if earlier and not per_seed:  # a row written before per-seed results: one run of seed 0
+        per_seed["0"] = {k: earlier[k] for k in PER_SEED_FIELDS if k in earlier}
+    per_seed[str(seed)] = {k: row[k] for k in PER_SEED_FIELDS if k in row}
+    merged = {**row, "per_seed": per_seed, "seeds": sorted(int(k) for k in per_seed)}
+    if earlier and "note" in earlier:
+        merged["note"] = earlier["note"]
+    runs = list(per_seed.values())
+    if len(runs) > 1:
+        merged["test"] = {m: statistics.fmean(r["test"][m] for r in runs) for m in row["test"]}
+        merged["test_std"] = {m: statistics.stdev(r["test"][m] for r in runs) for m in row["test"]}
+        for field in MEAN_FIELDS:
+            merged[field] = statistics.fmean(r[field] for r in runs)
+    return merged
+
+
 def format_table(rows: dict) -> str:
     """The comparison table over every row measured so far."""
-    head = f"{'model':<44} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
+    head = f"{'model':<44} {'seeds':>5} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for name in RUNS:
         if name not in rows:
@@ -96,7 +121,7 @@ def format_table(rows: dict) -> str:
         pub = PUBLISHED.get(name)
         pub_s = f"{pub[0]:>9.4f} {pub[1]:>11.4f}" if pub else f"{'-':>9} {'-':>11}"
         lines.append(
-            f"{r['label']:<44} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['hr@50']:>7.4f} {t['hr@200']:>7.4f} "
+            f"{r['label']:<44} {len(r.get('seeds', [0])):>5} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['hr@50']:>7.4f} {t['hr@200']:>7.4f} "
             f"{t['ndcg@200']:>8.4f} {pub_s} {r['train_minutes']:>8.1f} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.2%}"
         )
     return "\n".join(lines)
@@ -111,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder for data cache and runs")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     from lumrec.cli import setup_logging
@@ -124,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     factory_name, config_file, label = RUNS[args.model]
     out = Path(args.out)
     data_path = ensure_ml1m(Path(args.data), out / "ml-1m")
-    run_dir = out / "runs" / args.model
+    run_dir = out / "runs" / (args.model if args.seed == 0 else f"{args.model}-seed{args.seed}")
     if args.fresh and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
     overrides = [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
-                 f"train.threads={args.threads}", f"model={factory_name}", *args.overrides]
+                 f"train.threads={args.threads}", f"model={factory_name}", f"train.seed={args.seed}", *args.overrides]
     cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
     peak = measure_matmul_peak()
     trainer = Pretrainer(cfg)
@@ -147,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
-    rows = merge_row(Path(args.results), args.model, row)
+    results = Path(args.results)
+    earlier = json.loads(results.read_text()).get(args.model) if results.exists() else None
+    rows = merge_row(results, args.model, with_seed(earlier, row, args.seed))
     print(format_table(rows))
     print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
     return 0
