@@ -644,9 +644,13 @@ class Pretrainer:
                 self.save()
                 return {"step": self.state.step, "stopped": "max_steps"}
             finished_epoch = self.loader.batch == 0 and self.loader.epoch == epoch + 1
-            if self.validates and (finished_epoch and (epoch + 1) % t.eval_every_epochs == 0 or self.state.done):
+            evaluated = self.validates and (finished_epoch and (epoch + 1) % t.eval_every_epochs == 0 or self.state.done)
+            if evaluated:
                 self._end_of_epoch_eval(epoch)
-            self.save()
+            # Epoch ends are saved only where state beyond the step checkpoints changed (an evaluation, the end):
+            # with short epochs an every-epoch save cost more than training (Beauty: 21 steps per epoch).
+            if evaluated or self.state.done or self.loader.epoch >= t.epochs:
+                self.save()
         return self._final()
 
     def _end_of_epoch_eval(self, epoch: int) -> None:
