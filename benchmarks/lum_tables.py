@@ -172,12 +172,14 @@ def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
 
         ensure_generated(folder, SynthConfig(**src.synth))
         return folder
+    data_root = data_root.resolve()  # the stamp compares absolute paths: ../shared/data and /x/shared/data are one source
     options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
     wanted = {"kind": src.kind, "src": str(data_root / src.src), "options": options}
     stamp = folder / "_lum_tables_import.json"  # what the folder was imported with: other options re-import
     if not Dataset(folder).manifest_path.exists() or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         from lumrec.data.importers import run_import
 
+        stamp.unlink(missing_ok=True)  # the importer refuses to overwrite a folder holding files it did not write
         run_import(src.kind, data_root / src.src, folder, overwrite=True, **options)
         stamp.write_text(json.dumps(wanted, sort_keys=True))
     return folder

@@ -64,6 +64,8 @@ def test_import_is_redone_when_the_options_change(tmp_path, monkeypatch):
     calls = []
 
     def fake_import(kind, src, out, overwrite, **options):
+        # The real importers refuse a folder holding files they did not write (lumrec.data.importers._common).
+        assert not (Path(out) / "_lum_tables_import.json").exists()
         calls.append(options)
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "_lumrec.json").write_text("{}")
@@ -77,6 +79,9 @@ def test_import_is_redone_when_the_options_change(tmp_path, monkeypatch):
     spec.options["category"] = "most_frequent"
     bench.ensure_dataset(spec, tmp_path, tmp_path / "ds")
     assert calls == [{"category": "first"}, {"category": "most_frequent"}]
+    monkeypatch.chdir(tmp_path)
+    bench.ensure_dataset(spec, Path("."), tmp_path / "ds")  # the same data folder, relative: reused
+    assert len(calls) == 2
 
 
 def test_attributes_variant_adds_only_the_list_keys():
