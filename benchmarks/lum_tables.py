@@ -65,6 +65,7 @@ DATASETS = {
     "ml1m-implicit": "ml1m_implicit.yaml",
     "beauty-implicit": "beauty_implicit.yaml",
     "beauty-implicit-attributes": "beauty_implicit_attributes.yaml",
+    "beauty-implicit-fine": "beauty_implicit_fine.yaml",
 }
 ROW_LABELS = {
     "base": "Base",
@@ -103,6 +104,10 @@ class KnowledgeSpec:
     ranking_events: int = 20  # user_cut: each user's most recent training targets kept for ranking
     conditions: list[dict[str, Any]] = field(default_factory=list)  # QueryConfig.conditions: {feature, values}
     top_values: int = 0  # > 0: a condition with values "all" asks only its most frequent values in the LUM's data
+    # Importer options changed for the LUM's own copy of the source (e.g. {category: most_frequent}: LUM
+    # conditioned on coarse groups while the ranker keeps the fine category). Ids and events must agree
+    # with the ranker's import; the benchmark checks it.
+    lum_source_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +188,29 @@ def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
         run_import(src.kind, data_root / src.src, folder, overwrite=True, **options)
         stamp.write_text(json.dumps(wanted, sort_keys=True))
     return folder
+
+
+def ensure_lum_dataset(cfg: LumTablesConfig, data_root: Path, out: Path, dataset: str, data_path: Path) -> Path:
+    """The data set the LUM trains on: the ranker's own, or (knowledge.lum_source_options) the source imported with other options."""
+    import numpy as np
+
+    from lumrec.data.dataset import Dataset
+
+    options = cfg.knowledge.lum_source_options
+    if not options:
+        return data_path
+    spec = SourceSpec(kind=cfg.source.kind, src=cfg.source.src, options={**cfg.source.options, **options}, synth=cfg.source.synth)
+    lum_path = ensure_dataset(spec, data_root, out / f"{dataset}-lum-import")
+    # Knowledge is joined by user_id and item_id, and the point-in-time check compares timestamps: all must agree.
+    mine, theirs = Dataset(data_path), Dataset(lum_path)
+    for column in ("user_id", "item_id"):
+        if mine.read_meta().vocab_sizes.get(column) != theirs.read_meta().vocab_sizes.get(column):
+            raise ValueError(f"knowledge.lum_source_options: the LUM's import {lum_path} numbers {column} differently from {data_path}")
+    a, b = mine.read_days("behaviours"), theirs.read_days("behaviours")
+    for column in ("user_id", "item_id", "ts"):
+        if not np.array_equal(a.column(column).to_numpy(), b.column(column).to_numpy()):
+            raise ValueError(f"knowledge.lum_source_options: behaviours column {column!r} differs between {lum_path} and {data_path}")
+    return lum_path
 
 
 def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
@@ -342,6 +370,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work)
     data_path = ensure_dataset(cfg.source, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
     data = Dataset(data_path)
+    source_path = ensure_lum_dataset(cfg, Path(args.data), Path(args.out), args.dataset, data_path)
     mode = cfg.knowledge.mode
     rank_raw = deep_merge(cfg.rank, {"data": str(data_path), "model": args.model})
     rank_raw.setdefault("train", {})["threads"] = args.threads
@@ -352,7 +381,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if mode in ("daily", "fixed"):
         if cfg.knowledge.pretrain_end is None:
             raise ValueError(f"configs/lum_tables/{DATASETS[args.dataset]}: knowledge.pretrain_end is required for mode {mode!r}")
-        lum_data, end = data_path, cfg.knowledge.pretrain_end
+        lum_data, end = source_path, cfg.knowledge.pretrain_end
         samples_raw["first_day"] = shift_ds(end, 1)
         sample_days = data.days("impressions" if samples_raw.get("protocol") == "impressions" else "behaviours")
         # daily: a store as of every day a sample's "day - 1" can be, from pretrain_end on.
@@ -360,7 +389,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         as_of = None if mode == "daily" else end
     elif mode == "user_cut":
         k = cfg.knowledge.ranking_events
-        lum_data = history_data = write_knowledge_view(data_path, Path(args.out) / f"{args.dataset}-view-{k}", k + 2)
+        lum_data = history_data = write_knowledge_view(source_path, Path(args.out) / f"{args.dataset}-view-{k}", k + 2)
         end = Dataset(lum_data).days("behaviours")[-1]
         store_days, as_of = [end], end
         samples_raw["max_train_per_user"] = k
