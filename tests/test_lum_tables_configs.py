@@ -99,7 +99,8 @@ def test_extend_seeds_appends_new_seeds_and_pairs_the_delta_again():
     merged = bench.extend_seeds(earlier, new, first_seed=2)
     assert merged["base"]["auc"] == [0.70, 0.72, 0.71] and merged["hstu-e2e"]["auc"] == [0.73, 0.74, 0.75]
     assert merged["hstu-e2e"]["seeds"] == 3 and merged["hstu-e2e"]["delta_auc_mean"] == pytest.approx(0.03)
-    with pytest.raises(ValueError, match="row 'base': seeds from 2 give AUC"):
-        bench.extend_seeds(earlier, {**new, "base": {"seeds": 1, "auc": [0.6], "ne": [0.9]}}, first_seed=2)
+    moved = bench.extend_seeds(earlier, {**new, "base": {"seeds": 1, "auc": [0.7102], "ne": [0.9]}}, first_seed=2)
+    assert moved["base"]["auc"] == [0.70, 0.72, 0.71] and moved["base"]["rerun_auc"] == {"first_seed": 2, "auc": [0.7102]}
+    assert moved["hstu-e2e"]["delta_auc_mean"] == pytest.approx(0.03)  # still paired with the kept Base
     with pytest.raises(ValueError, match="row .hstu-e2e.: --first-seed 3 but the results hold 2"):
         bench.extend_seeds(earlier, new, first_seed=3)
