@@ -34,6 +34,9 @@ matching sim(o_q, e_i) = "multi-conditions" and "both"); with ``--ablations`` al
 generative baseline of the paper's tables. A config's ``extra_rows`` adds named feature sets read from
 the main LUM's store (with ``--ablations``), e.g. the unconditioned answer ``none=0`` alone.
 Seeds vary the ranker (init and batch order); the LUM and the samples are the same for all seeds.
+``--first-seed K`` (with ``--rows``) adds seeds K.. to rows of an earlier invocation. The LUM can
+train on the same source imported with other options (``knowledge.lum_source_options``, e.g.
+coarse categories as conditions while the ranker keeps the fine ones).
 
     .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations]
     .venv/bin/python benchmarks/lum_tables.py --tiny     # < 60 s smoke run on tiny synthetic logs
