@@ -206,8 +206,9 @@ def ensure_lum_dataset(cfg: LumTablesConfig, data_root: Path, out: Path, dataset
     lum_path = ensure_dataset(spec, data_root, out / f"{dataset}-lum-import")
     # Knowledge is joined by user_id and item_id, and the point-in-time check compares timestamps: all must agree.
     mine, theirs = Dataset(data_path), Dataset(lum_path)
+    my_vocab, their_vocab = mine.read_meta().vocab_sizes, theirs.read_meta().vocab_sizes
     for column in ("user_id", "item_id"):
-        if mine.read_meta().vocab_sizes.get(column) != theirs.read_meta().vocab_sizes.get(column):
+        if my_vocab.get(column) != their_vocab.get(column):
             raise ValueError(f"knowledge.lum_source_options: the LUM's import {lum_path} numbers {column} differently from {data_path}")
     a, b = mine.read_days("behaviours"), theirs.read_days("behaviours")
     for column in ("user_id", "item_id", "ts"):

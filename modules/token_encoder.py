@@ -47,6 +47,7 @@ __all__ = [
     "ItemFeatureLookup",
     "token_encoder_config_from_dataset",
     "token_encoder_config_from_tokens",
+    "vocabulary_source",
 ]
 
 ITEM_ID_KEY = "item_id"
@@ -148,7 +149,7 @@ class TokenEncoderConfig:
         return sum(self.table_of(k).embedding_dim for k in keys)
 
 
-def _canonical_source(source: str, vocab_sizes: Mapping[str, int]) -> str:
+def vocabulary_source(source: str, vocab_sizes: Mapping[str, int]) -> str:
     """The vocabulary a source feature uses: itself, or `x_id` for a list feature `x_ids` (as validation does)."""
     if source in vocab_sizes or source == CONSTANT_SOURCE:
         return source
@@ -176,7 +177,7 @@ def token_encoder_config_from_dataset(
     for key in list(condition_keys) + list(item_keys):
         if key not in key_sources:
             raise ValueError(f"key {key!r} has no entry in key_sources {dict(key_sources)}")
-        by_source.setdefault(_canonical_source(key_sources[key], vocab_sizes), []).append(key)
+        by_source.setdefault(vocabulary_source(key_sources[key], vocab_sizes), []).append(key)
     tables = []
     for source, keys in by_source.items():
         if source == CONSTANT_SOURCE:

@@ -510,11 +510,12 @@ def build_ranker(model: str, sizes: RankModelConfig, vocab: dict[str, int], dens
 
 
 def list_vocab(meta: "DatasetMeta", columns: Sequence[str]) -> dict[str, int]:
-    """Vocabulary size of each item list column: the manifest's X_vocab column's, else its own, else x_id's for x_ids (as validation)."""
+    """Vocabulary size of each item list column: the manifest's X_vocab column's, else `vocabulary_source`'s (x_id for x_ids)."""
+    from lumrec.modules.token_encoder import vocabulary_source
+
     out = {}
     for column in columns:
-        default = column[:-1] if column.endswith("_ids") and column not in meta.vocab_sizes else column
-        source = meta.extra.get(f"{column}_vocab", default)
+        source = meta.extra.get(f"{column}_vocab") or vocabulary_source(column, meta.vocab_sizes)
         if source not in meta.vocab_sizes:
             raise ValueError(f"sizes.list_keys: the dataset manifest sizes no vocabulary for list column {column!r} "
                              f"(looked for {source!r}; has {sorted(meta.vocab_sizes)})")

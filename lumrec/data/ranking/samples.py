@@ -58,10 +58,10 @@ class RankingSamples:
                 raise ValueError(f"RankingSamples: column {f!r} has {len(getattr(self, f))} rows, user_id has {n}")
         if self.history_rating is not None and len(self.history_rating) != self.history.num_events:
             raise ValueError(f"RankingSamples: history_rating has {len(self.history_rating)} values for {self.history.num_events} events")
+        top = max(int(self.item_id.max(initial=0)), int(self.history.item_id.max(initial=0))) if self.item_lists else 0
         for name, lists in self.item_lists.items():
             if name.startswith(HISTORY_BAG_PREFIX):
                 raise ValueError(f"RankingSamples: item list name {name!r} starts with {HISTORY_BAG_PREFIX!r}, reserved for history bags")
-            top = max(int(self.item_id.max(initial=0)), int(self.history.item_id.max(initial=0)))
             if len(lists) <= top:
                 raise ValueError(f"RankingSamples: item list {name!r} covers item ids < {len(lists)}, the samples reach {top}")
         if n == 0:
