@@ -1101,6 +1101,10 @@ def summarize_seeds(runs: dict[str, list[dict]], base: str = "base") -> dict[str
         ne = [r["test"]["ne"] for r in results]
         row: dict[str, Any] = {"seeds": len(results), "auc": auc, "ne": ne}
         row["auc_mean"], row["auc_std"] = mean_std(auc)
+        valid = [(r.get("valid") or {}).get("auc") for r in results]
+        if all(v is not None for v in valid):  # the best epoch's validation AUC: what a row may be chosen on
+            row["valid_auc"] = valid
+            row["valid_auc_mean"], row["valid_auc_std"] = mean_std(valid)
         row["ne_mean"], row["ne_std"] = mean_std(ne)
         if base_auc and len(base_auc) == len(auc):
             deltas = [a - b for a, b in zip(auc, base_auc)]

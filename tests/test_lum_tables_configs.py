@@ -104,3 +104,59 @@ def test_extend_seeds_appends_new_seeds_and_pairs_the_delta_again():
     assert moved["hstu-e2e"]["delta_auc_mean"] == pytest.approx(0.03)  # still paired with the kept Base
     with pytest.raises(ValueError, match="row .hstu-e2e.: --first-seed 3 but the results hold 2"):
         bench.extend_seeds(earlier, new, first_seed=3)
+
+
+def test_beauty_lum_budget_is_chosen_on_validation():
+    bench = _bench()
+    for dataset in ("beauty-implicit", "beauty-implicit-fine", "beauty-implicit-attributes"):
+        assert bench.load_bench_config(dataset, False).lum_budget.select_on == "validation", dataset
+    assert bench.load_bench_config("ml1m-ratings", False).lum_budget.select_on == "time"
+    with pytest.raises(ValueError, match="select_on"):
+        bench.LumBudgetSpec(select_on="steps")
+
+
+def test_validation_probe_sets_the_lums_epochs(tmp_path):
+    """A real probe on tiny synthetic logs: the LUM then trains exactly the probe's best number of epochs."""
+    from lumrec.data.synthetic import SynthConfig, ensure_generated
+
+    bench = _bench()
+    cfg = bench.load_bench_config("synthetic", True)
+    data = tmp_path / "data"
+    ensure_generated(data, SynthConfig(**cfg.source.synth))
+    cfg.pretrain = bench.deep_merge(cfg.pretrain, {"train": {"epochs": 4, "rows_per_batch": 64, "checkpoint_every_steps": 1000}})
+    cfg.lum_budget = bench.LumBudgetSpec(select_on="validation", eval_every_epochs=1, patience=1)
+    result = bench.pretrain_lum(cfg, data, tmp_path / "lum", cfg.knowledge.pretrain_end, minutes=5, threads=1)
+    probe = result["budget_probe"]
+    assert 0 <= probe["best_epoch"] < 4 and probe["epochs"] == probe["best_epoch"] + 1
+    assert result["epochs"] == probe["epochs"]  # the LUM itself trains the chosen number of epochs
+    assert (tmp_path / "lum" / "budget-probe" / "results.json").exists()
+    saved = (tmp_path / "lum" / "budget-probe" / "config.json").read_text()
+    assert '"train_excludes_last": 2' in saved  # the probe held the validation event out
+
+
+def test_selection_on_validation_ignores_rows_without_lum_and_test_auc():
+    bench = _bench()
+    summary = {
+        "base": {"valid_auc_mean": 0.99, "auc_mean": 0.70, "auc_std": 0.0},
+        "hstu-e2e": {"valid_auc_mean": 0.98, "auc_mean": 0.72, "auc_std": 0.0},
+        "lum": {"valid_auc_mean": 0.80, "auc_mean": 0.75, "auc_std": 0.01, "delta_auc_mean": 0.05, "delta_auc_std": 0.01},
+        "no-condition": {"valid_auc_mean": 0.81, "auc_mean": 0.71, "auc_std": 0.01, "delta_auc_mean": 0.01, "delta_auc_std": 0.01},
+        "matching": {"auc_mean": 0.90, "auc_std": 0.0},  # an earlier invocation's row without validation AUC
+    }
+    picked = bench.select_on_validation(summary)
+    assert picked["row"] == "no-condition" and picked["candidates"] == ["lum", "no-condition"]
+    assert picked["delta_auc_mean"] == 0.01
+    assert bench.select_on_validation({"base": summary["base"]}) is None
+
+
+def test_summaries_keep_the_validation_auc_through_extended_seeds():
+    from lumrec.pipelines.rank import summarize_seeds
+
+    bench = _bench()
+    first = summarize_seeds({"base": [{"test": {"auc": 0.7, "ne": 0.9}, "valid": {"auc": 0.8}}],
+                             "lum": [{"test": {"auc": 0.72, "ne": 0.9}, "valid": {"auc": 0.82}}]})
+    assert first["lum"]["valid_auc"] == [0.82]
+    new = summarize_seeds({"base": [{"test": {"auc": 0.71, "ne": 0.9}, "valid": {"auc": 0.81}}],
+                           "lum": [{"test": {"auc": 0.74, "ne": 0.9}, "valid": {"auc": 0.84}}]})
+    merged = bench.extend_seeds(first, new, first_seed=1)
+    assert merged["lum"]["valid_auc"] == [0.82, 0.84] and merged["lum"]["valid_auc_mean"] == pytest.approx(0.83)
