@@ -6,6 +6,9 @@ FLOP/s (FLOPs per step counted by torch's FlopCounterMode) over the fp32 matmul 
 here, on the same machine, in the same run.
 
     .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45] [--seed 1]
+    .venv/bin/python benchmarks/ml1m_retrieval.py --model hstu --variant decay-0.5 train.lr_decay_fraction=0.5
+
+Config overrides change the recipe, so they need `--variant NAME`: the row is `MODEL@NAME`.
 
 `--seed S` trains the same config with `train.seed=S`; the row keeps every seed's results under
 `per_seed`, and its `test` metrics (and epochs, tokens/s, MFU) are the means over the seeds run.
@@ -113,12 +116,12 @@ def format_table(rows: dict) -> str:
     """The comparison table over every row measured so far."""
     head = f"{'model':<44} {'seeds':>5} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
-    for name in RUNS:
-        if name not in rows:
-            continue
+    # Each model's row, then its recipe variants ("hstu@lr-decay-0.5"), in RUNS order.
+    order = [name for model in RUNS for name in sorted(rows) if name.split("@")[0] == model]
+    for name in order:
         r = rows[name]
         t = r["test"]
-        pub = PUBLISHED.get(name)
+        pub = PUBLISHED.get(name.split("@")[0])
         pub_s = f"{pub[0]:>9.4f} {pub[1]:>11.4f}" if pub else f"{'-':>9} {'-':>11}"
         lines.append(
             f"{r['label']:<44} {len(r.get('seeds', [0])):>5} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['hr@50']:>7.4f} {t['hr@200']:>7.4f} "
@@ -137,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
+    parser.add_argument("--variant", default="", help="name of a recipe variant (with overrides): its row is MODEL@VARIANT, its run folder apart")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
+    if args.overrides and not args.variant:
+        parser.error("overrides change the recipe: name the variant (--variant NAME) so its row does not mix with the config's seeds")
+    key = f"{args.model}@{args.variant}" if args.variant else args.model
     from lumrec.cli import setup_logging
 
     setup_logging()
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     factory_name, config_file, label = RUNS[args.model]
     out = Path(args.out)
     data_path = ensure_ml1m(Path(args.data), out / "ml-1m")
-    run_dir = out / "runs" / (args.model if args.seed == 0 else f"{args.model}-seed{args.seed}")
+    run_dir = out / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
     if args.fresh and run_dir.exists():
         import shutil
 
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     mfu = (result["tokens_per_s"] or 0) * fpt / peak
     row = {
-        "label": label, "model": args.model, "test": result["test"], "best_epoch": result["best_epoch"],
+        "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None, "test": result["test"], "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"], "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
         "tokens_per_s": result["tokens_per_s"], "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
         "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
@@ -174,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
     results = Path(args.results)
-    earlier = json.loads(results.read_text()).get(args.model) if results.exists() else None
-    rows = merge_row(results, args.model, with_seed(earlier, row, args.seed))
+    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
+    rows = merge_row(results, key, with_seed(earlier, row, args.seed))
     print(format_table(rows))
     print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
     return 0

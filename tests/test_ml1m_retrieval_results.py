@@ -39,3 +39,14 @@ def test_a_second_seed_is_averaged_with_an_earlier_single_run_row():
     alone = bench.with_seed(None, run(0.31, 100), seed=0)
     assert alone["seeds"] == [0] and alone["test"]["hr@10"] == 0.31 and "test_std" not in alone
     print(bench.format_table({"sasrec": merged}))
+
+
+def test_recipe_variants_are_rows_of_their_own_listed_after_their_model():
+    bench = _bench()
+    rows = {"hstu@decay-0.5": {**run(0.31, 130), "label": "HSTU [decay-0.5]"}, "sasrec": run(0.28, 120),
+            "hstu": {**run(0.30, 110), "label": "HSTU"}}
+    lines = bench.format_table(rows).splitlines()[2:]
+    assert [line.split()[0] for line in lines] == ["SASRec", "HSTU", "HSTU"]
+    assert "[decay-0.5]" in lines[2] and "0.3097" in lines[2]  # the variant sits beside its model's published figure
+    with pytest.raises(SystemExit):  # overrides without a variant name would mix recipes in one row
+        bench.main(["--model", "hstu", "train.lr=0.001"])
