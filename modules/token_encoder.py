@@ -38,6 +38,7 @@ from lumrec.data.tokens import (
     item_dense_matrix,
     item_lists_from_table,
 )
+from lumrec.data.schema import vocabulary_column
 from lumrec.data.validate import DataValidationError
 
 __all__ = [
@@ -151,11 +152,9 @@ class TokenEncoderConfig:
 
 def vocabulary_source(source: str, vocab_sizes: Mapping[str, int]) -> str:
     """The vocabulary a source feature uses: itself, or `x_id` for a list feature `x_ids` (as validation does)."""
-    if source in vocab_sizes or source == CONSTANT_SOURCE:
+    if source == CONSTANT_SOURCE:
         return source
-    if source.endswith("_ids") and source[:-1] in vocab_sizes:
-        return source[:-1]
-    return source
+    return vocabulary_column(source, vocab_sizes) or source
 
 
 def token_encoder_config_from_dataset(

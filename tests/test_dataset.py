@@ -191,3 +191,15 @@ def test_unpartitioned_tables_and_vocab(tmp_path):
         data.write_day("items", DAY0, items)
     with pytest.raises(KeyError, match="unknown table 'itemz'"):
         data.write_table("itemz", items)
+
+
+def test_list_columns_share_the_vocabulary_of_their_id_column():
+    from lumrec.data.schema import vocabulary_column
+    from lumrec.modules.token_encoder import vocabulary_source
+
+    sizes = {"item_id": 10, "category_id": 5}
+    assert vocabulary_column("category_ids", sizes) == "category_id"
+    assert vocabulary_column("item_id", sizes) == "item_id"
+    assert vocabulary_column("brand_ids", sizes) is None and vocabulary_column("score", sizes) is None
+    # The token encoder and the validator read the same rule.
+    assert vocabulary_source("category_ids", sizes) == "category_id" and vocabulary_source("score", sizes) == "score"

@@ -9,6 +9,7 @@ Timestamps are unix seconds (UTC). Event tables are hive-partitioned by ``ds=YYY
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import pyarrow as pa
 
@@ -130,3 +131,12 @@ def table_spec(name: str) -> TableSpec:
         return TABLES[name]
     except KeyError:
         raise KeyError(f"unknown table {name!r}; known tables: {sorted(TABLES)}") from None
+
+
+def vocabulary_column(column: str, vocab_sizes: Mapping[str, int]) -> str | None:
+    """The column whose vocabulary `column` uses: itself, or `x_id` for a list column `x_ids`; None if it has none."""
+    if column in vocab_sizes:
+        return column
+    if column.endswith("_ids") and column[:-1] in vocab_sizes:  # e.g. category_ids shares category_id's ids
+        return column[:-1]
+    return None

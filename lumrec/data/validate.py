@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lumrec.data.schema import TableSpec
+from lumrec.data.schema import TableSpec, vocabulary_column
 
 
 class DataValidationError(ValueError):
@@ -103,10 +103,10 @@ def check_batch(
             )
     if vocab_sizes:
         for column in names:
-            # A list column `x_ids` (e.g. category_ids) shares the vocabulary of `x_id`.
-            size = vocab_sizes.get(column, vocab_sizes.get(column[:-1]) if column.endswith("_ids") else None)
-            if size is None:
+            source = vocabulary_column(column, vocab_sizes)
+            if source is None:
                 continue
+            size = vocab_sizes[source]
             values = batch.column(column)
             if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
                 values = values.flatten()
