@@ -90,7 +90,9 @@ def ensure_ml1m(data_root: Path, cache: Path) -> Path:
 
 
 
-PER_SEED_FIELDS = ("test", "epochs_run", "train_minutes", "wall_minutes", "tokens_per_s", "mfu", "matmul_peak_gflops", "overrides")
+# wall_minutes counts this process only: a run resumed from a checkpoint says so in resumed_from_step.
+PER_SEED_FIELDS = ("test", "epochs_run", "train_minutes", "wall_minutes", "resumed_from_step", "tokens_per_s", "mfu",
+                   "matmul_peak_gflops", "overrides")
 MEAN_FIELDS = ("epochs_run", "tokens_per_s", "mfu")
 
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {
         "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None, "test": result["test"], "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"], "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
+        "resumed_from_step": result["resumed_from_step"],
         "tokens_per_s": result["tokens_per_s"], "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
         "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),

@@ -283,6 +283,7 @@ class Pretrainer:
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self._lr_factor = 1.0
         self.state = RunState()
+        self.resumed_from_step: int | None = None  # set when run() continues an earlier process's checkpoint
         self.writer = None
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -460,6 +461,7 @@ class Pretrainer:
         self._apply_state(state)
         self.state = RunState(**info.extra)
         self.loader.epoch, self.loader.batch = self.state.epoch, self.state.batch
+        self.resumed_from_step = self.state.step
         log.info("resumed from step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batch)
         return True
 
@@ -687,6 +689,7 @@ class Pretrainer:
             "best_epoch": self.state.best_epoch,
             "epochs_run": self.loader.epoch,
             "steps": self.state.step,
+            "resumed_from_step": self.resumed_from_step,
             "train_users": self.num_train_users,
             "train_minutes": round(secs / 60, 2),
             "tokens_per_s": round(self.state.tokens / secs, 1) if secs > 0 else None,

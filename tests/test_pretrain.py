@@ -85,6 +85,7 @@ def test_uninterrupted_vs_resumed_runs_are_identical(synth_path, tmp_path):
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert result_a["test"] == result_b["test"]
     assert [h["hr@10"] for h in result_a["history"]] == [h["hr@10"] for h in result_b["history"]]
+    assert (result_a["resumed_from_step"], result_b["resumed_from_step"]) == (None, 7)  # the results say a run was resumed
 
 
 def test_resume_from_mid_epoch_checkpoint_after_partial_save(synth_path, tmp_path):
