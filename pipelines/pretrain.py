@@ -48,6 +48,7 @@ from lumrec.faults import failpoint
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.sequence_model import RetrievalTrain, SequentialRecommender
+from lumrec.optim import RowwiseAdamW
 from lumrec.pipelines.model_factory import build_model, split_parameters
 from lumrec.pipelines.retrieval_eval import build_tokens, evaluate_retrieval, leave_one_out
 
@@ -83,6 +84,9 @@ class DataConfig:
     target_start: str | None = None
 
 
+EMBEDDING_OPTIMIZERS = ("rowwise_adamw", "adamw")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, evaluation, checkpoints and budget."""
@@ -94,6 +98,10 @@ class TrainConfig:
     embedding_lr: float | None = None  # None = lr
     weight_decay: float = 0.0
     embedding_weight_decay: float = 0.0
+    # Optimizer of the embedding tables: "rowwise_adamw" (one second moment per row: fbgemm's
+    # PARTIAL_ROWWISE_ADAM, the memory a large table needs) or "adamw" (one per element, as
+    # Meta's research trainer uses on ML-1M; one process only, and 2x the table's memory).
+    embedding_optimizer: str = "rowwise_adamw"
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     temperature: float = 0.05
@@ -234,6 +242,9 @@ class Pretrainer:
         data = Dataset(cfg.data.path)
         self.meta = data.read_meta()
         seqs = sequences_from_dataset(data, cfg.data.start, cfg.data.end)
+        if cfg.train.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"train.embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
+                             f"got {cfg.train.embedding_optimizer!r}")
         if cfg.data.train_excludes_last not in (0, 1, 2):
             raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
         self.split = leave_one_out(seqs, cfg.data.min_history)
@@ -287,7 +298,7 @@ class Pretrainer:
         self.writer = None
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Rowwise AdamW for embedding tables (when available), AdamW for dense parameters."""
+        """`train.embedding_optimizer` for the embedding tables (RowwiseAdamW by default), AdamW for dense parameters."""
         t = self.cfg.train
         tables, dense = split_parameters(self.model)
         opts: list[torch.optim.Optimizer] = []
@@ -295,14 +306,8 @@ class Pretrainer:
             opts.append(torch.optim.AdamW(dense, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay))
         if tables:
             emb_lr = t.embedding_lr or t.lr
-            try:
-                from lumrec.optim import RowwiseAdamW
-            except ImportError:  # pragma: no cover - the optimizer package ships with lumrec
-                RowwiseAdamW = None
-            if RowwiseAdamW is not None:
-                opts.append(RowwiseAdamW(tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
-            else:
-                opts.append(torch.optim.AdamW(tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
+            table_optimizer = RowwiseAdamW if t.embedding_optimizer == "rowwise_adamw" else torch.optim.AdamW
+            opts.append(table_optimizer(tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
         return opts
 
     def _shard(self) -> list[Any]:
@@ -315,9 +320,12 @@ class Pretrainer:
         from torchrec.modules.embedding_modules import EmbeddingCollection
 
         from lumrec.distributed import dense_optimizer, shard_model
-        from lumrec.optim import RowwiseAdamW, fused_params_for
+        from lumrec.optim import fused_params_for
 
         t = self.cfg.train
+        if t.embedding_optimizer != "rowwise_adamw":
+            raise ValueError(f"train.embedding_optimizer={t.embedding_optimizer!r} runs in one process only; "
+                             "sharded tables (WORLD_SIZE > 1) use rowwise_adamw")
         unshardable = [name for name, m in self.model.named_modules() if isinstance(m, EmbeddingCollection)]
         if unshardable:
             raise ValueError(f"model {self.cfg.model!r}: EmbeddingCollection {unshardable} cannot be sharded with RowwiseAdamW "

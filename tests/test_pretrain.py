@@ -250,3 +250,30 @@ def test_condition_dropout_is_for_lum_only(synth_path, tmp_path):
     cfg.data.condition_dropout = 0.2
     with pytest.raises(ValueError, match="condition_dropout applies to LUM only"):
         Pretrainer(cfg)
+
+
+def test_embedding_optimizer_adamw_is_per_element_and_resumes_identically(synth_path, tmp_path):
+    straight = Pretrainer(_config(synth_path, tmp_path / "ea", embedding_optimizer="adamw"))
+    assert type(straight.optimizers[-1]) is torch.optim.AdamW  # the tables' optimizer, not RowwiseAdamW
+    table = straight.model.ebc.embedding_bags["item"].weight
+    assert any(p is table for p in straight.optimizers[-1].param_groups[0]["params"])
+    straight.run()
+    # per-element second moment: the state has the table's shape (RowwiseAdamW keeps one per row)
+    assert straight.optimizers[-1].state[table]["exp_avg_sq"].shape == table.shape
+    weights = _weights(straight)
+
+    first = Pretrainer(_config(synth_path, tmp_path / "eb", embedding_optimizer="adamw"))
+    first.run(max_steps=7)
+    resumed = Pretrainer(_config(synth_path, tmp_path / "eb", embedding_optimizer="adamw"))
+    resumed.run()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+    rowwise = Pretrainer(_config(synth_path, tmp_path / "ec"))
+    rowwise.run()
+    assert not torch.equal(weights["ebc.embedding_bags.item.weight"], rowwise.model.state_dict()["ebc.embedding_bags.item.weight"])
+
+
+def test_unknown_embedding_optimizer_names_the_key(synth_path, tmp_path):
+    with pytest.raises(ValueError, match="train.embedding_optimizer must be one of"):
+        Pretrainer(_config(synth_path, tmp_path / "ed", embedding_optimizer="sgd"))
