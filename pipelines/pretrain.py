@@ -84,7 +84,8 @@ class DataConfig:
     target_start: str | None = None
 
 
-EMBEDDING_OPTIMIZERS = ("rowwise_adamw", "adamw")
+# train.embedding_optimizer -> the optimizer class of the embedding tables (one process).
+TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"rowwise_adamw": RowwiseAdamW, "adamw": torch.optim.AdamW}
 
 
 @dataclass
@@ -233,6 +234,12 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
+        # Config values are checked before any data is read.
+        if cfg.train.embedding_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"train.embedding_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, "
+                             f"got {cfg.train.embedding_optimizer!r}")
+        if cfg.data.train_excludes_last not in (0, 1, 2):
+            raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.keep_freed_host_memory:
@@ -242,11 +249,6 @@ class Pretrainer:
         data = Dataset(cfg.data.path)
         self.meta = data.read_meta()
         seqs = sequences_from_dataset(data, cfg.data.start, cfg.data.end)
-        if cfg.train.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-            raise ValueError(f"train.embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
-                             f"got {cfg.train.embedding_optimizer!r}")
-        if cfg.data.train_excludes_last not in (0, 1, 2):
-            raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
         self.split = leave_one_out(seqs, cfg.data.min_history)
         self.validates = cfg.data.train_excludes_last == 2
         self.tests = cfg.data.train_excludes_last > 0
@@ -306,8 +308,7 @@ class Pretrainer:
             opts.append(torch.optim.AdamW(dense, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay))
         if tables:
             emb_lr = t.embedding_lr or t.lr
-            table_optimizer = RowwiseAdamW if t.embedding_optimizer == "rowwise_adamw" else torch.optim.AdamW
-            opts.append(table_optimizer(tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
+            opts.append(TABLE_OPTIMIZERS[t.embedding_optimizer](tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
         return opts
 
     def _shard(self) -> list[Any]:
