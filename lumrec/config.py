@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import types
 import typing
 from pathlib import Path
@@ -138,3 +139,58 @@ def apply_override(data: dict, item: str, source: str = "<override>") -> None:
 def to_dict(obj: Any) -> dict:
     """A dataclass config as a plain dict (for logging and saving next to checkpoints)."""
     return dataclasses.asdict(obj)
+
+
+
+_ABSENT = "(absent)"  # a key one side does not have
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"a.b.c": leaf}, after a JSON round trip (tuples become lists, as in a saved config.json).
+
+    An empty mapping has no leaves: `model_config: {}` and no model_config say the same.
+    """
+    if prefix == "":
+        value = json.loads(json.dumps(value))
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: tuple[str, ...] = (),
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} where two config dicts differ, leaving out `allowed` keys and keys under them.
+
+    A key the saved config lacks (written before the key existed) counts as its value in `defaults`.
+    """
+    old, new = _flat(saved), _flat(current)
+    for k, v in _flat(defaults or {}).items():
+        # Only where the saved config has nothing at, above or below this key.
+        if not any(o == k or o.startswith(k + ".") or k.startswith(o + ".") for o in old):
+            old[k] = v
+
+    def is_allowed(key: str) -> bool:
+        return any(key == a or key.startswith(a + ".") for a in allowed)
+
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, _ABSENT) != new.get(k, _ABSENT) and not is_allowed(k))
+    return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys}
+
+
+def check_same_run(config_file: Path, current: Mapping[str, Any], allowed: tuple[str, ...],
+                   defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse to resume a run whose saved config differs from `current` outside `allowed`: two experiments would mix."""
+    if not config_file.exists():
+        return
+    try:
+        saved = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_file}: not valid JSON ({e}); delete the run folder to start afresh") from e
+    changes = config_changes(saved, current, allowed, defaults)
+    if changes:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
+        more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+        raise ConfigError(f"{config_file.parent} holds checkpoints of a run with another config ({shown}{more}); "
+                          "use another out folder, or delete it to start afresh")

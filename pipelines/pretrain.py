@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from lumrec.allocator import keep_freed_host_memory
 from lumrec.checkpoint import CheckpointManager
-from lumrec.config import load_config, to_dict
+from lumrec.config import check_same_run, load_config, to_dict
 from lumrec.data.batches import PackedBatchLoader
-from lumrec.data.dataset import Dataset, day_bounds
+from lumrec.data.dataset import Dataset, day_bounds, write_text_atomic
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig, drop_condition_ids
 from lumrec.faults import failpoint
@@ -142,6 +142,13 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model_config: dict[str, Any] = field(default_factory=dict)  # keys of the model's own config dataclass
+
+
+# Keys a resumed run may change: they do not alter what its checkpoints mean (budget, logging,
+# threads; init_from and table_init only act on a fresh run). Any other change is refused.
+RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.patience", "train.eval_every_epochs",
+                     "train.eval_rows_per_batch", "train.threads", "train.keep_freed_host_memory", "train.log_every_steps",
+                     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init")
 
 
 @dataclass
@@ -609,9 +616,13 @@ class Pretrainer:
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs, patience, time budget or `max_steps` run out; then test the best model."""
         t = self.cfg.train
+        if self.ckpt.latest() is not None:
+            check_same_run(self.out / "config.json", to_dict(self.cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig()))
         self.maybe_resume()
+        if dist.is_initialized():
+            dist.barrier()  # every rank has compared config.json before rank 0 rewrites it
         if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            write_text_atomic(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=2))
         budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         total_steps = max(1, t.epochs * len(self.loader))
         (self.dmp if self.dmp is not None else self.model).train()

@@ -683,26 +683,10 @@ class EpochJob:
 
     def _check_same_run(self) -> None:
         """Refuse to resume checkpoints written under another config (they would silently mix two experiments)."""
-        path = self.out / "config.json"
-        if self.ckpt.latest() is None or not path.exists():
-            return
+        from lumrec.config import check_same_run
 
-        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-            if not isinstance(d, dict):
-                return {prefix: d}
-            out: dict[str, Any] = {}
-            for k, v in d.items():
-                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-            return out
-
-        old = flat(json.loads(path.read_text()))
-        new = flat(json.loads(json.dumps(self.config_dict())))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in self.RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(
-                f"{self.out} holds checkpoints of a run with another config (differs in {changed[:5]}); "
-                "use another out folder or delete it to start afresh"
-            )
+        if self.ckpt.latest() is not None:
+            check_same_run(self.out / "config.json", self.config_dict(), self.RESUMABLE_CHANGES)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, max_epochs: int | None = None, max_steps: int | None = None) -> dict[str, Any]:

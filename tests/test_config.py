@@ -100,3 +100,20 @@ def test_unknown_key_inside_optional_section_is_named(tmp_path):
     assert from_dict(Outer, {"lum": {"store": "x"}}).lum == Inner("x")
     with pytest.raises(ConfigError, match="unknown config key 'lum.stor'"):
         from_dict(Outer, {"lum": {"stor": "x"}})
+
+
+def test_config_changes_names_dotted_keys_with_both_values():
+    from lumrec.config import config_changes
+
+    saved = {"out": "a", "train": {"lr": 1e-3, "betas": [0.9, 0.98]}, "model_config": {}}
+    current = {"out": "b", "train": {"lr": 2e-3, "betas": (0.9, 0.98), "new_key": 1}, "model_config": {"dim": 4}}
+    # Tuples compare equal to the lists a saved config.json holds; allowed keys (and keys under them) are left out.
+    assert config_changes(saved, current, allowed=("out",)) == {
+        "train.lr": (1e-3, 2e-3), "train.new_key": ("(absent)", 1), "model_config.dim": ("(absent)", 4)}
+    # A key the saved config lacks counts as its default; a default never masks what the saved config does hold.
+    defaults = {"train": {"new_key": 1, "init": None}, "model_config": {}}
+    saved["train"]["init"] = {"source": "x"}
+    current["train"]["init"] = {"source": "x"}
+    assert config_changes(saved, current, allowed=("out", "train.lr", "model_config"), defaults=defaults) == {}
+    assert config_changes(saved, {**current, "train": {**current["train"], "new_key": 2}}, ("out", "train.lr", "model_config"),
+                          defaults) == {"train.new_key": (1, 2)}

@@ -277,3 +277,27 @@ def test_embedding_optimizer_adamw_is_per_element_and_resumes_identically(synth_
 def test_unknown_embedding_optimizer_names_the_key(synth_path, tmp_path):
     with pytest.raises(ValueError, match="train.embedding_optimizer must be one of"):
         Pretrainer(_config(synth_path, tmp_path / "ed", embedding_optimizer="sgd"))
+
+
+def test_resume_refuses_another_config_and_accepts_budget_changes(synth_path, tmp_path):
+    Pretrainer(_config(synth_path, tmp_path / "r")).run(max_steps=7)
+    # Another learning rate on the same run folder would mix two experiments: refused, naming the key and both values.
+    with pytest.raises(ConfigError, match=r"holds checkpoints of a run with another config \(train\.lr: 0\.001 -> 0\.002\)"):
+        Pretrainer(_config(synth_path, tmp_path / "r", lr=2e-3)).run()
+    changed_model = _config(synth_path, tmp_path / "r")
+    changed_model.model_config = {"dim": 4}
+    with pytest.raises(ConfigError, match=r"model_config\.dim: '\(absent\)' -> 4"):
+        Pretrainer(changed_model).run()
+    # A run folder written before a config key existed resumes: the missing key counts as its default.
+    config_file = tmp_path / "r" / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["train"]["embedding_optimizer"]
+    config_file.write_text(json.dumps(saved))
+    # A longer budget and another logging interval are resumable changes; the run goes on from step 7.
+    resumed = Pretrainer(_config(synth_path, tmp_path / "r", epochs=3, log_every_steps=3))
+    result = resumed.run()
+    assert result["resumed_from_step"] == 7 and resumed.loader.epoch == 3
+    assert json.loads(config_file.read_text())["train"]["epochs"] == 3  # the config of the resumed run is saved
+    config_file.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        Pretrainer(_config(synth_path, tmp_path / "r", epochs=3)).run()
