@@ -141,18 +141,12 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-
 _ABSENT = "(absent)"  # a key one side does not have
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {"a.b.c": leaf}, after a JSON round trip (tuples become lists, as in a saved config.json).
-
-    An empty mapping has no leaves: `model_config: {}` and no model_config say the same.
-    """
-    if prefix == "":
-        value = json.loads(json.dumps(value))
-    if not isinstance(value, dict):
+    """A nested mapping as {"a.b.c": leaf}. An empty mapping has no leaves: `model_config: {}` and none say the same."""
+    if not isinstance(value, Mapping):
         return {prefix: value}
     out: dict[str, Any] = {}
     for k, v in value.items():
@@ -166,8 +160,9 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], allowed
 
     A key the saved config lacks (written before the key existed) counts as its value in `defaults`.
     """
-    old, new = _flat(saved), _flat(current)
-    for k, v in _flat(defaults or {}).items():
+    # Through JSON first, so tuples compare equal to the lists a saved config.json holds.
+    old, new, base = (_flat(json.loads(json.dumps(c))) for c in (saved, current, defaults or {}))
+    for k, v in base.items():
         # Only where the saved config has nothing at, above or below this key.
         if not any(o == k or o.startswith(k + ".") or k.startswith(o + ".") for o in old):
             old[k] = v

@@ -472,6 +472,7 @@ class Pretrainer:
             elif self.cfg.train.table_init is not None and self.dmp is None:  # N ranks: done before sharding
                 self._init_tables(self.cfg.train.table_init)
             return False
+        check_same_run(self.out / "config.json", to_dict(self.cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig()))
         state = self._state()
         info = self.ckpt.load(state)
         self._apply_state(state)
@@ -616,8 +617,6 @@ class Pretrainer:
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs, patience, time budget or `max_steps` run out; then test the best model."""
         t = self.cfg.train
-        if self.ckpt.latest() is not None:
-            check_same_run(self.out / "config.json", to_dict(self.cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig()))
         self.maybe_resume()
         if dist.is_initialized():
             dist.barrier()  # every rank has compared config.json before rank 0 rewrites it

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from lumrec.config import load_config, to_dict
+from lumrec.config import check_same_run, load_config, to_dict
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
 
@@ -669,6 +669,8 @@ class EpochJob:
         """Continue from the latest complete checkpoint of this run folder, if any."""
         if self.ckpt.latest() is None:
             return False
+        # Checkpoints written under another config are refused: they would silently mix two experiments.
+        check_same_run(self.out / "config.json", self.config_dict(), self.RESUMABLE_CHANGES)
         state = self._tensors(for_load=True)
         info = self.ckpt.load(state)
         self._load_tensors(state)
@@ -681,13 +683,6 @@ class EpochJob:
     RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.max_minutes", "train.patience",
                          "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "out")
 
-    def _check_same_run(self) -> None:
-        """Refuse to resume checkpoints written under another config (they would silently mix two experiments)."""
-        from lumrec.config import check_same_run
-
-        if self.ckpt.latest() is not None:
-            check_same_run(self.out / "config.json", self.config_dict(), self.RESUMABLE_CHANGES)
-
     # -- the loop ---------------------------------------------------------------------------
     def run(self, max_epochs: int | None = None, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs / patience / budget (or `max_epochs` / `max_steps`: a simulated kill); then report the best epoch."""
@@ -698,7 +693,6 @@ class EpochJob:
         t = self.train
         if self.counts["train"]["samples"] == 0:
             raise ValueError(f"{self.job}: no training samples (counts {self.counts}); check samples.first_day / last_day / split_mode")
-        self._check_same_run()
         self.maybe_resume()
         self._barrier()  # every rank has compared config.json before rank 0 rewrites it
         if self.is_main:
