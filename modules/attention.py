@@ -58,6 +58,8 @@ class AttentionBucket:
     mask: torch.Tensor  # [n, 1, L, L] bool, allowed (query, key) pairs
     positions: torch.Tensor  # [n, L] int64, padded
     timestamps: torch.Tensor | None  # [n, L] int64, padded
+    # Time each query row measures its gaps from (None: its own timestamp); see build_attention_layout.
+    query_timestamps: torch.Tensor | None = None  # [n, L] int64, padded
     # Relative-bias pair indices depend only on positions/timestamps: computed by the first layer, reused by the rest.
     bias_index_cache: dict = field(default_factory=dict)
 
@@ -127,6 +129,7 @@ def build_attention_layout(
     query_flags: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
     min_block: int = 16,
     bucket_ratio: float = 2.0,
 ) -> JaggedAttentionLayout:
@@ -145,6 +148,8 @@ def build_attention_layout(
 
     `positions` (default: index inside the segment) and `timestamps` feed the relative
     bias; they are padded per bucket here, once, so that every layer reuses them.
+    `query_timestamps` (needs `timestamps`) is the time a query token measures its gaps from,
+    e.g. the request time of the event it predicts; default its own timestamp.
     """
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"jagged attention: offsets must be 1-D [B+1], got shape {tuple(offsets.shape)}")
@@ -154,7 +159,11 @@ def build_attention_layout(
         offsets = offsets.to(torch.int64)
         device = offsets.device
         num_tokens = int(offsets[-1])
-        for name, tensor in (("query_flags", query_flags), ("positions", positions), ("timestamps", timestamps)):
+        if query_timestamps is not None and timestamps is None:
+            raise ValueError("jagged attention: query_timestamps needs timestamps")
+        named = (("query_flags", query_flags), ("positions", positions), ("timestamps", timestamps),
+                 ("query_timestamps", query_timestamps))
+        for name, tensor in named:
             if tensor is not None and tensor.shape != (num_tokens,):
                 raise ValueError(
                     f"jagged attention: {name} must have shape [{num_tokens}] (one per token), "
@@ -178,6 +187,7 @@ def build_attention_layout(
 
         perm_positions = positions.to(torch.int64)[perm]
         perm_timestamps = timestamps.to(torch.int64)[perm] if timestamps is not None else None
+        perm_query_ts = query_timestamps.to(torch.int64)[perm] if query_timestamps is not None else None
         perm_query = query_flags.to(torch.bool)[perm] if query_flags is not None else None
 
         buckets: list[AttentionBucket] = []
@@ -210,6 +220,11 @@ def build_attention_layout(
                     timestamps=(
                         jagged_to_padded_dense(perm_timestamps[sl], local_offsets, max_len)
                         if perm_timestamps is not None
+                        else None
+                    ),
+                    query_timestamps=(
+                        jagged_to_padded_dense(perm_query_ts[sl], local_offsets, max_len)
+                        if perm_query_ts is not None
                         else None
                     ),
                 )
@@ -266,7 +281,9 @@ def _bucket_bias(relative_bias: RelativeAttentionBias | None, bucket: AttentionB
         return None
     key = relative_bias.index_key()
     if key not in bucket.bias_index_cache:
-        bucket.bias_index_cache[key] = relative_bias.pair_indices(bucket.positions, bucket.timestamps)
+        bucket.bias_index_cache[key] = relative_bias.pair_indices(
+            bucket.positions, bucket.timestamps, bucket.query_timestamps
+        )
     return relative_bias.bias_from_indices(*bucket.bias_index_cache[key])
 
 
@@ -282,6 +299,7 @@ def jagged_causal_attention(
     query_flags: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
     relative_bias: RelativeAttentionBias | None = None,
     normaliser: Normaliser | None = None,
     scale: float | None = None,
@@ -307,10 +325,11 @@ def jagged_causal_attention(
             query_flags=query_flags,
             positions=positions,
             timestamps=timestamps,
+            query_timestamps=query_timestamps,
             min_block=min_block,
             bucket_ratio=bucket_ratio,
         )
-    elif any(t is not None for t in (segment_ids, query_flags, positions, timestamps)):
+    elif any(t is not None for t in (segment_ids, query_flags, positions, timestamps, query_timestamps)):
         raise ValueError(
             "jagged attention: with a prebuilt layout, pass segments/flags/positions/timestamps to the layout"
         )
@@ -360,6 +379,7 @@ def padded_reference_attention(
     query_flags: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
     relative_bias: RelativeAttentionBias | None = None,
     normaliser: Normaliser | None = None,
     scale: float | None = None,
@@ -389,6 +409,7 @@ def padded_reference_attention(
                 run_start = t
     pos = positions.tolist() if positions is not None else default_pos
     times = timestamps.tolist() if timestamps is not None else [0] * num_tokens
+    query_times = query_timestamps.tolist() if query_timestamps is not None else times
 
     qp = q.new_zeros(rows, lmax, heads, dqk)
     kp = k.new_zeros(rows, lmax, heads, dqk)
@@ -396,6 +417,7 @@ def padded_reference_attention(
     mask = torch.zeros(rows, lmax, lmax, dtype=torch.bool)
     pos_pad = torch.zeros(rows, lmax, dtype=torch.int64)
     time_pad = torch.zeros(rows, lmax, dtype=torch.int64)
+    query_time_pad = torch.zeros(rows, lmax, dtype=torch.int64)
     len_pad = torch.ones(rows, lmax, dtype=q.dtype)
     for b in range(rows):
         s, e = bounds[b], bounds[b + 1]
@@ -405,6 +427,7 @@ def padded_reference_attention(
         for i in range(e - s):
             pos_pad[b, i] = pos[s + i]
             time_pad[b, i] = times[s + i]
+            query_time_pad[b, i] = query_times[s + i]
             len_pad[b, i] = seg_len[s + i]
             for j in range(i + 1):
                 same_segment = seg[s + i] == seg[s + j]
@@ -412,7 +435,9 @@ def padded_reference_attention(
                 mask[b, i, j] = same_segment and visible
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * scale
     if relative_bias is not None:
-        scores = scores + relative_bias(pos_pad, time_pad if timestamps is not None else None).to(scores.dtype)
+        has_times = timestamps is not None
+        bias = relative_bias(pos_pad, time_pad if has_times else None, query_time_pad if has_times else None)
+        scores = scores + bias.to(scores.dtype)
     full_mask = mask[:, None]
     if kind == "softmax":
         # Padding rows see nothing; let them see themselves so softmax stays finite (they are dropped).

@@ -120,6 +120,7 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         query_flags: torch.Tensor | None = None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Apply the layer; pass `layout` (from `build_attention_layout`) to skip rebuilding it."""
         cfg = self.config
@@ -129,9 +130,10 @@ class HSTULayer(nn.Module):
             if offsets is None:
                 raise ValueError("HSTULayer: give offsets or a prebuilt layout")
             layout = build_attention_layout(
-                offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps
+                offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps,
+                query_timestamps=query_timestamps,
             )
-        elif any(t is not None for t in (offsets, segment_ids, timestamps, positions, query_flags)):
+        elif any(t is not None for t in (offsets, segment_ids, timestamps, positions, query_flags, query_timestamps)):
             raise ValueError("HSTULayer: with a prebuilt layout, give offsets/segments/timestamps to the layout only")
         if cfg.use_time_bias and layout.num_tokens > 0 and layout.buckets[0].timestamps is None:
             raise ValueError("HSTULayer: use_time_bias is on but no timestamps were given")
@@ -187,10 +189,12 @@ class HSTUStack(nn.Module):
         timestamps: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         query_flags: torch.Tensor | None = None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run all layers; the segment/bucket layout is built once for the whole stack."""
         layout = build_attention_layout(
-            offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps
+            offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps,
+            query_timestamps=query_timestamps,
         )
         for i, layer in enumerate(self.layers):
             with record_function(f"hstu/layer_{i}"):

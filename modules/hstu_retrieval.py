@@ -26,6 +26,11 @@ and for both: sampled softmax over 128 uniformly sampled negatives (no in-batch 
 (eps 1e-6), AdamW lr 1e-3, betas (0.9, 0.98), weight decay 0, batch 128, 101 epochs; relative
 attention bias on positions plus time gaps bucketed as floor(ln|dt| / 0.301) into 128 buckets
 (i.e. log base e^0.301 = 1.351); absolute learned position embeddings at the input, as for SASRec.
+The reference measures a token's time gaps from the *next* event's timestamp (the request time of
+the prediction it makes; at evaluation the held-out target's), not from its own: that is
+`time_gap_from="request"` here. The default "event" uses the token's own time, which needs no
+knowledge of when the next request comes; with timestamps synthesised from event order (ML-1M as
+shipped in ../shared/data has none) both reduce to a second position bias.
 ``ML1M_LOSS`` holds that loss setting.
 """
 
@@ -56,6 +61,7 @@ __all__ = [
     "NormalInitLinear",
     "XavierUniformLinear",
     "hstu_preset",
+    "next_event_timestamps",
     "stochastic_length_batch",
     "subsample_batch",
 ]
@@ -63,8 +69,28 @@ __all__ = [
 # Time gaps are bucketed as floor(ln(1 + |dt|) / ln(base)); the reference uses ln|dt| / 0.301.
 REFERENCE_TIME_BUCKET_BASE = math.exp(0.301)
 
+# Where a query token's time gaps are measured from: its own event, or the next event (request time).
+TIME_GAP_FROM = ("event", "request")
+
 # The reference loss: 128 uniform negatives, no in-batch negatives, temperature 0.05, L2-normalised.
 ML1M_LOSS = InfoNCEConfig(temperature=0.05, num_sampled_negatives=128, in_batch_negatives=False, l2_normalize=True)
+
+
+def next_event_timestamps(timestamps: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each token's next token's timestamp within its segment; a segment's last token keeps its own.
+
+    Example::
+
+        >>> next_event_timestamps(torch.tensor([5, 7, 9, 1, 4]), torch.tensor([0, 3, 3, 5])).tolist()
+        [7, 9, 9, 4, 4]
+    """
+    following = timestamps.clone()
+    if timestamps.numel() == 0:
+        return following
+    following[:-1] = timestamps[1:]
+    ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1
+    following[ends] = timestamps[ends]
+    return following
 
 
 @dataclass
@@ -74,6 +100,8 @@ class HSTURetrievalConfig:
     `normaliser`: the n of `silu(QK^T + rab) / n` (None = max_len, the reference's N).
     `stochastic_length_alpha`: when set, `prepare_batch` subsamples long training sequences
     (Stochastic Length, keep ~max_len**(alpha/2) events); None = off (the ML-1M runs had it off).
+    `time_gap_from`: "event" = a token's time gaps run from its own timestamp; "request" = from
+    the next event's in its sequence (the reference's choice; the last token keeps its own).
     """
 
     d_model: int = 50
@@ -93,11 +121,16 @@ class HSTURetrievalConfig:
     scale_embeddings: bool = True
     output_norm: OutputNorm = "l2"
     stochastic_length_alpha: float | None = None
+    time_gap_from: str = "event"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_layers", "num_heads", "dqk", "dv", "max_len", "num_time_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HSTURetrievalConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.time_gap_from not in TIME_GAP_FROM:
+            raise ValueError(
+                f"HSTURetrievalConfig: time_gap_from must be one of {list(TIME_GAP_FROM)}, got {self.time_gap_from!r}"
+            )
         check_dropout("HSTURetrievalConfig", "input_dropout", self.input_dropout)
         check_dropout("HSTURetrievalConfig", "linear_dropout", self.linear_dropout)
         if self.stochastic_length_alpha is not None and not 0.0 < self.stochastic_length_alpha <= 2.0:
@@ -307,6 +340,11 @@ class HSTURetrieval(SequentialRecommender):
         timestamps = batch.ts
         if timestamps is None and self.config.use_time_bias:
             timestamps = torch.zeros_like(batch.position)
+        query_timestamps = None
+        if timestamps is not None and self.config.time_gap_from == "request":
+            query_timestamps = next_event_timestamps(timestamps, batch.offsets)
         # Segment offsets as rows: attention inside a row is then exactly attention inside a sequence.
-        x = self.stack(x, batch.offsets, timestamps=timestamps, positions=batch.position)
+        x = self.stack(
+            x, batch.offsets, timestamps=timestamps, positions=batch.position, query_timestamps=query_timestamps
+        )
         return apply_output_norm(x, self.config.output_norm, self.final_norm)

@@ -102,9 +102,16 @@ class RelativeAttentionBias(nn.Module):
         return (self.max_len, self.num_time_buckets, self.time_bucket_base, self.use_position_bias, self.use_time_bias)
 
     def pair_indices(
-        self, positions: torch.Tensor | None, timestamps: torch.Tensor | None
+        self,
+        positions: torch.Tensor | None,
+        timestamps: torch.Tensor | None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Table rows for every pair of padded blocks `[N, L]`: (clipped relative position, time bucket)."""
+        """Table rows for every pair of padded blocks `[N, L]`: (clipped relative position, time bucket).
+
+        The time gap of pair (i, j) is `query_timestamps[i] - timestamps[j]`; `query_timestamps`
+        defaults to `timestamps` (the query token's own time).
+        """
         pos_index = time_index = None
         if self.position_weight is not None:
             if positions is None:
@@ -114,7 +121,13 @@ class RelativeAttentionBias(nn.Module):
         if self.time_weight is not None:
             if timestamps is None:
                 raise ValueError("RelativeAttentionBias: use_time_bias is on but timestamps is None")
-            gaps = timestamps[:, :, None] - timestamps[:, None, :]
+            row_times = timestamps if query_timestamps is None else query_timestamps
+            if row_times.shape != timestamps.shape:
+                raise ValueError(
+                    f"RelativeAttentionBias: query_timestamps {tuple(row_times.shape)} must match "
+                    f"timestamps {tuple(timestamps.shape)}"
+                )
+            gaps = row_times[:, :, None] - timestamps[:, None, :]
             time_index = time_gap_buckets(gaps, self.time_bucket_base, self.num_time_buckets)
         return pos_index, time_index
 
@@ -128,12 +141,17 @@ class RelativeAttentionBias(nn.Module):
             bias = time_bias if bias is None else bias + time_bias
         return bias
 
-    def forward(self, positions: torch.Tensor | None, timestamps: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor | None,
+        timestamps: torch.Tensor | None,
+        query_timestamps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Return the bias `[N, num_heads, L, L]` for padded blocks `positions/timestamps [N, L]`."""
         ref = positions if positions is not None else timestamps
         if ref is None:
             raise ValueError("RelativeAttentionBias: needs positions or timestamps")
-        bias = self.bias_from_indices(*self.pair_indices(positions, timestamps))
+        bias = self.bias_from_indices(*self.pair_indices(positions, timestamps, query_timestamps))
         if bias is None:
             n, length = ref.shape
             dtype = torch.get_default_dtype()

@@ -79,6 +79,7 @@ def _compare(b, kind, normaliser, dtype, use_rab=True, **fast_kwargs):
         segment_ids=b["segment_ids"],
         query_flags=b["query_flags"],
         timestamps=b["timestamps"] if use_rab else None,
+        query_timestamps=b.get("query_timestamps") if use_rab else None,
         relative_bias=rab,
         normaliser=normaliser,
     )
@@ -112,6 +113,18 @@ def test_query_flags_match_reference(flags, packed, kind, normaliser):
     b = _batch(11, torch.float64, packed, flags=flags)
     assert b["query_flags"].any()
     _compare(b, kind, normaliser, torch.float64)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind,normaliser", KINDS)
+def test_query_timestamps_match_reference(packed, kind, normaliser):
+    """Gaps measured from a per-query time (HSTU's request time) agree with the padded reference."""
+    b = _batch(13, torch.float64, packed, flags="random")
+    gen = torch.Generator().manual_seed(3)
+    b["query_timestamps"] = b["timestamps"] + torch.randint(0, 20000, b["timestamps"].shape, generator=gen)
+    with_query_times = _compare(b, kind, normaliser, torch.float64)
+    own_times = _compare({**b, "query_timestamps": None}, kind, normaliser, torch.float64)
+    assert (with_query_times - own_times).abs().max() > 1e-6  # the query times do reach the output
 
 
 @pytest.mark.parametrize("kind,normaliser", KINDS)
@@ -242,6 +255,23 @@ def test_relative_bias_matches_loops():
                     assert torch.isclose(bias[n, h, i, j], expected)
     bias.sum().backward()
     assert rab.position_weight.grad.abs().sum() > 0 and rab.time_weight.grad.abs().sum() > 0
+
+
+def test_relative_bias_query_timestamps_set_the_row_side_of_each_gap():
+    rab = RelativeAttentionBias(max_len=4, num_time_buckets=6, time_bucket_base=2.0, num_heads=1)
+    positions = torch.tensor([[0, 1, 2]])
+    timestamps = torch.tensor([[0, 3, 10]])
+    query_times = torch.tensor([[3, 10, 40]])  # each query asks at the next event's time
+    bias = rab(positions, timestamps, query_times)
+    for i in range(3):
+        for j in range(3):
+            rel = int(positions[0, i] - positions[0, j])
+            bucket = min(6, int(math.floor(math.log(abs(int(query_times[0, i] - timestamps[0, j])) + 1, 2) + 1e-9)))
+            assert torch.isclose(bias[0, 0, i, j], rab.position_weight[0, rel + 3] + rab.time_weight[0, bucket])
+    with pytest.raises(ValueError, match="query_timestamps"):
+        rab(positions, timestamps, query_times[:, :2])
+    with pytest.raises(ValueError, match="query_timestamps needs timestamps"):
+        build_attention_layout(torch.tensor([0, 3]), query_timestamps=torch.tensor([1, 2, 3]))
 
 
 def test_time_gap_buckets_values():

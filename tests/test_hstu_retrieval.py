@@ -88,12 +88,15 @@ def test_presets_are_the_reference_ml1m_settings():
         HSTURetrievalConfig(stochastic_length_alpha=3.0)
     with pytest.raises(ValueError, match="input_dropout"):
         HSTURetrievalConfig(input_dropout=-0.1)
+    assert base.time_gap_from == "event"
+    with pytest.raises(ValueError, match="time_gap_from"):
+        HSTURetrievalConfig(time_gap_from="target")
 
 
-@pytest.mark.parametrize("normaliser", [None, "length"])
-def test_packed_batch_equals_per_user_runs_forward_and_backward(normaliser):
+@pytest.mark.parametrize("normaliser,time_gap_from", [(None, "event"), ("length", "event"), (None, "request")])
+def test_packed_batch_equals_per_user_runs_forward_and_backward(normaliser, time_gap_from):
     torch.manual_seed(0)
-    model = HSTURetrieval(small_config(normaliser=normaliser), NUM_ITEMS).eval()
+    model = HSTURetrieval(small_config(normaliser=normaliser, time_gap_from=time_gap_from), NUM_ITEMS).eval()
     rows = random_rows(1, [5, 1, 9, 3, 7, 12, 2, 20, 4])  # 20 > MAX_LEN: truncated alike in both paths
     tokens = make_tokens(rows, with_category=True)
     packed = one_batch(tokens)
@@ -136,6 +139,27 @@ def test_output_at_a_token_does_not_depend_on_later_items_or_timestamps():
     out = model(one_batch(make_tokens(rows, later_ts)))
     torch.testing.assert_close(out[:6], base[:6])
     assert (out[6:10] - base[6:10]).abs().max() > 1e-6  # the time bias does reach later tokens
+
+
+def test_request_time_gaps_see_the_next_event_time_only():
+    """time_gap_from="request": token i's gaps run from event i+1's time (the reference's request time),
+    so token i depends on when event i+1 happens but still not on its item nor on anything later."""
+    torch.manual_seed(0)
+    rows = random_rows(3, [10, 6])
+    ts = [[100 * k * k for k in range(10)], [7 * k for k in range(6)]]
+    later_ts = [list(ts[0]), list(ts[1])]
+    later_ts[0][7:] = [t + 10**6 for t in later_ts[0][7:]]  # a long break before event 7
+    changed = [list(rows[0]), list(rows[1])]
+    changed[0][7] = (changed[0][7] % (NUM_ITEMS - 1)) + 1
+    for time_gap_from, token_6_moves in (("request", True), ("event", False)):
+        model = HSTURetrieval(small_config(time_gap_from=time_gap_from), NUM_ITEMS).eval()
+        base = model(one_batch(make_tokens(rows, ts)))
+        out = model(one_batch(make_tokens(rows, later_ts)))
+        torch.testing.assert_close(out[:6], base[:6])
+        torch.testing.assert_close(out[10:], base[10:])
+        assert ((out[6] - base[6]).abs().max() > 1e-6) == token_6_moves, time_gap_from
+        out = model(one_batch(make_tokens(changed, ts)))
+        torch.testing.assert_close(out[:7], base[:7])  # the next item itself stays unseen
 
 
 def test_runs_without_timestamps():
