@@ -78,6 +78,36 @@ def flops_per_token(trainer, steps: int = 3) -> float:
     return flops / max(tokens, 1)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path, results: Path) -> None:
+    """The options every ML-1M training benchmark takes: data, budget, threads, seed, folders."""
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
+    parser.add_argument("--minutes", type=float, default=minutes, help="training-time budget")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
+    parser.add_argument("--out", default=str(out), help="working folder for data cache and runs")
+    parser.add_argument("--results", default=str(results), help="JSON file the row is merged into")
+    parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
+
+
+def measured_run(cfg) -> dict:
+    """Train `cfg` to the end of its budget, test it; the row's measured fields (metrics, speed, MFU)."""
+    from lumrec.pipelines.pretrain import Pretrainer
+
+    peak = measure_matmul_peak()
+    trainer = Pretrainer(cfg)
+    fpt = flops_per_token(trainer)
+    t0 = time.perf_counter()
+    result = trainer.run()
+    wall = time.perf_counter() - t0
+    return {
+        "test": result["test"], "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+        "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
+        "resumed_from_step": result["resumed_from_step"], "tokens_per_s": result["tokens_per_s"],
+        "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
+        "mfu": round((result["tokens_per_s"] or 0) * fpt / peak, 5),
+    }
+
+
 def ensure_ml1m(data_root: Path, cache: Path) -> Path:
     """Import ML-1M from the shared folder into the cache once."""
     from lumrec.data.dataset import Dataset
@@ -135,13 +165,7 @@ def format_table(rows: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(RUNS))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
-    parser.add_argument("--minutes", type=float, default=45.0, help="training-time budget")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder for data cache and runs")
-    parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
-    parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
-    parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
+    add_run_arguments(parser, minutes=45.0, out=REPO / "out" / "bench", results=RESULTS)
     parser.add_argument("--variant", default="", help="name of a recipe variant (with overrides): its row is MODEL@VARIANT, its run folder apart")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
@@ -154,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from lumrec.config import load_config
-    from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+    from lumrec.pipelines.pretrain import PretrainConfig
 
     factory_name, config_file, label = RUNS[args.model]
     out = Path(args.out)
@@ -167,19 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
                  f"train.threads={args.threads}", f"model={factory_name}", f"train.seed={args.seed}", *args.overrides]
     cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
-    peak = measure_matmul_peak()
-    trainer = Pretrainer(cfg)
-    fpt = flops_per_token(trainer)
-    t0 = time.perf_counter()
-    result = trainer.run()
-    wall = time.perf_counter() - t0
-    mfu = (result["tokens_per_s"] or 0) * fpt / peak
     row = {
-        "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None, "test": result["test"], "best_epoch": result["best_epoch"],
-        "epochs_run": result["epochs_run"], "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
-        "resumed_from_step": result["resumed_from_step"],
-        "tokens_per_s": result["tokens_per_s"], "flops_per_token": round(fpt, 1), "matmul_peak_gflops": round(peak / 1e9, 2),
-        "mfu": round(mfu, 5), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
+        "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None,
+        **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }

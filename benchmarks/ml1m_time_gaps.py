@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml1m_retrieval import flops_per_token, measure_matmul_peak, with_seed  # noqa: E402  (sibling scripts)
+from ml1m_retrieval import add_run_arguments, measured_run, with_seed  # noqa: E402  (sibling scripts)
 from results_file import merge_row  # noqa: E402
 
 import torch
@@ -145,18 +144,12 @@ def format_table(rows: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", required=True, choices=list(ARMS))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
-    parser.add_argument("--minutes", type=float, default=22.0, help="training-time budget")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="train.seed; the row averages over the seeds run")
-    parser.add_argument("--out", default=str(REPO / "out" / "bench_time_gaps"), help="working folder for data and runs")
-    parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
-    parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
+    add_run_arguments(parser, minutes=22.0, out=REPO / "out" / "bench_time_gaps", results=RESULTS)
     args = parser.parse_args(argv)
 
     from lumrec.cli import setup_logging
     from lumrec.config import load_config
-    from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+    from lumrec.pipelines.pretrain import PretrainConfig
 
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -171,18 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data.path={timed if real_ts else ordered}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
                  f"train.threads={args.threads}", f"train.seed={args.seed}", f"model_config.time_gap_from={gap_from}"]
     cfg = load_config(PretrainConfig, REPO / CONFIG, overrides=overrides)
-    peak = measure_matmul_peak()
-    trainer = Pretrainer(cfg)
-    fpt = flops_per_token(trainer)
-    t0 = time.perf_counter()
-    result = trainer.run()
-    wall = time.perf_counter() - t0
     row = {
-        "label": label, "arm": args.arm, "test": result["test"], "epochs_run": result["epochs_run"],
-        "train_minutes": result["train_minutes"], "wall_minutes": round(wall / 60, 2),
-        "resumed_from_step": result["resumed_from_step"], "tokens_per_s": result["tokens_per_s"],
-        "mfu": round((result["tokens_per_s"] or 0) * fpt / peak, 5), "matmul_peak_gflops": round(peak / 1e9, 2),
-        "threads": args.threads, "budget_minutes": args.minutes, "overrides": overrides[4:],
+        "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes, "overrides": overrides[4:],
         "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")",
     }
     results = Path(args.results)

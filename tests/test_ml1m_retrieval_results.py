@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 
 def _bench():
-    """benchmarks/ml1m_retrieval.py as a module (a script, not part of the package)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("ml1m_retrieval_bench", REPO / "benchmarks" / "ml1m_retrieval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ml1m_retrieval")
 
 
 def run(hr: float, epochs: int) -> dict:
