@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import merge_row  # noqa: E402  (a sibling script module)
@@ -87,6 +89,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path
     parser.add_argument("--out", default=str(out), help="working folder for data cache and runs")
     parser.add_argument("--results", default=str(results), help="JSON file the row is merged into")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
+
+
+def run_overrides(args: argparse.Namespace, key: str, data_path: Path) -> list[str]:
+    """The overrides every run gets: data, its run folder (row `key` at `args.seed`, emptied under
+    --fresh), time budget, threads and seed."""
+    run_dir = Path(args.out) / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
+                     f"train.threads={args.threads}", f"train.seed={args.seed}"]
+
+
+def publish_row(results: Path, key: str, row: dict, seed: int, table: Callable[[dict], str]) -> None:
+    """Merge `row` (one run of `seed`) into the results file under `key`; print `table` of all rows and the JSON line."""
+    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
+    rows = merge_row(results, key, with_seed(earlier, row, seed))
+    print(table(rows))
+    print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
 
 
 def measured_run(cfg) -> dict:
@@ -181,15 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from lumrec.pipelines.pretrain import PretrainConfig
 
     factory_name, config_file, label = RUNS[args.model]
-    out = Path(args.out)
-    data_path = ensure_ml1m(Path(args.data), out / "ml-1m")
-    run_dir = out / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
-    if args.fresh and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    overrides = [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
-                 f"train.threads={args.threads}", f"model={factory_name}", f"train.seed={args.seed}", *args.overrides]
+    data_path = ensure_ml1m(Path(args.data), Path(args.out) / "ml-1m")
+    overrides = [*run_overrides(args, key, data_path), f"model={factory_name}", *args.overrides]
     cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
     row = {
         "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None,
@@ -197,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
-    results = Path(args.results)
-    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
-    rows = merge_row(results, key, with_seed(earlier, row, args.seed))
-    print(format_table(rows))
-    print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
+    publish_row(Path(args.results), key, row, args.seed, format_table)
     return 0
 
 

@@ -23,7 +23,6 @@ table (with each arm's HR@10 / NDCG@10 difference from `order`) is printed:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml1m_retrieval import add_run_arguments, measured_run, with_seed  # noqa: E402  (sibling scripts)
-from results_file import merge_row  # noqa: E402
+from ml1m_retrieval import add_run_arguments, measured_run, publish_row, run_overrides  # noqa: E402  (sibling script)
 
 import torch
 
@@ -153,26 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    ordered, timed = ensure_datasets(Path(args.data), out / "data")
+    ordered, timed = ensure_datasets(Path(args.data), Path(args.out) / "data")
     real_ts, gap_from, label = ARMS[args.arm]
-    run_dir = out / "runs" / (args.arm if args.seed == 0 else f"{args.arm}-seed{args.seed}")
-    if args.fresh and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    overrides = [f"data.path={timed if real_ts else ordered}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
-                 f"train.threads={args.threads}", f"train.seed={args.seed}", f"model_config.time_gap_from={gap_from}"]
+    # The row records what sets the arm apart (as the runs so far recorded it).
+    arm_overrides = [f"train.seed={args.seed}", f"model_config.time_gap_from={gap_from}"]
+    overrides = [*run_overrides(args, args.arm, timed if real_ts else ordered), *arm_overrides]
     cfg = load_config(PretrainConfig, REPO / CONFIG, overrides=overrides)
     row = {
-        "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes, "overrides": overrides[4:],
-        "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")",
+        "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes,
+        "overrides": arm_overrides, "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")",
     }
-    results = Path(args.results)
-    earlier = json.loads(results.read_text()).get(args.arm) if results.exists() else None
-    rows = merge_row(results, args.arm, with_seed(earlier, row, args.seed))
-    print(format_table(rows))
-    print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
+    publish_row(Path(args.results), args.arm, row, args.seed, format_table)
     return 0
 
 

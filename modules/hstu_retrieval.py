@@ -85,8 +85,6 @@ def next_event_timestamps(timestamps: torch.Tensor, offsets: torch.Tensor) -> to
         [7, 9, 9, 4, 4]
     """
     following = timestamps.clone()
-    if timestamps.numel() == 0:
-        return following
     following[:-1] = timestamps[1:]
     ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1
     following[ends] = timestamps[ends]
