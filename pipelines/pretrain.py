@@ -42,6 +42,7 @@ from lumrec.checkpoint import CheckpointManager
 from lumrec.config import check_same_run, load_config, to_dict
 from lumrec.data.batches import PackedBatchLoader
 from lumrec.data.dataset import Dataset, day_bounds, write_text_atomic
+from lumrec.data.packing import history_windows
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig, drop_condition_ids
 from lumrec.faults import failpoint
@@ -66,6 +67,11 @@ class DataConfig:
     start: str | None = None  # first day (YYYY-MM-DD) of behaviours to use; None = all
     end: str | None = None
     max_len: int = 200  # tokens per sequence; the most recent are kept
+    # Histories longer than max_len in training. "last": only the most recent max_len tokens (the
+    # published protocol; the rest is never seen). "windows": the whole history, cut from its end
+    # into windows of max_len tokens that train as separate sequences (every transition once).
+    # Evaluation always reads the most recent max_len tokens.
+    long_history: str = "last"
     condition_features: list[str] = field(default_factory=list)  # LUM: [] = one constant condition
     # LUM: each condition feature of a training event is left empty with this probability (seeded,
     # the same every epoch and on resume), so the model also answers a `none=0` query (no
@@ -83,6 +89,9 @@ class DataConfig:
     # earlier events are context. Users without events on or after it are skipped. None = all.
     target_start: str | None = None
 
+
+# data.long_history choices: the most recent max_len tokens only, or the whole history in windows.
+LONG_HISTORY = ("last", "windows")
 
 # train.embedding_optimizer -> the optimizer class of the embedding tables (one process).
 TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"rowwise_adamw": RowwiseAdamW, "adamw": torch.optim.AdamW}
@@ -247,6 +256,11 @@ class Pretrainer:
                              f"got {cfg.train.embedding_optimizer!r}")
         if cfg.data.train_excludes_last not in (0, 1, 2):
             raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
+        if cfg.data.long_history not in LONG_HISTORY:
+            raise ValueError(f"data.long_history must be one of {LONG_HISTORY}, got {cfg.data.long_history!r}")
+        if cfg.data.long_history == "windows" and cfg.data.target_start is not None:
+            # Older windows would hold no targets on or after target_start: pure cost.
+            raise ValueError("data.long_history=windows cannot be combined with data.target_start")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.keep_freed_host_memory:
@@ -280,6 +294,8 @@ class Pretrainer:
             if not self.lum:
                 raise ValueError(f"data.condition_dropout applies to LUM only; model {cfg.model!r} has no condition tokens")
             tokens = drop_condition_ids(tokens, cfg.data.condition_dropout, seed=cfg.train.seed)
+        if cfg.data.long_history == "windows":
+            tokens = tokens.take_spans(*history_windows(tokens.offsets, tokens.token_type, cfg.data.max_len))
         self.ctx = _distributed_context()
         self.is_main = self.ctx is None or self.ctx.is_main
         part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)

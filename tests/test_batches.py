@@ -13,7 +13,7 @@ from lumrec.data.batches import (
     make_jagged_batch,
     make_padded_batch,
 )
-from lumrec.data.packing import best_fit_decreasing, epoch_plan, pack_sequences, padding_waste, truncate_spans
+from lumrec.data.packing import best_fit_decreasing, epoch_plan, history_windows, pack_sequences, padding_waste, truncate_spans
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_item_sequences, build_lum_tokens
 
@@ -62,6 +62,62 @@ def test_truncate_spans_never_orphans_an_item():
     items = build_item_sequences(sequences_with_lengths([3, 1, 5]), TokenConfig())
     starts, lengths = truncate_spans(items.offsets, items.token_type, 2)
     assert lengths.tolist() == [2, 1, 2] and starts.tolist() == [1, 3, 7]
+
+
+def reference_windows(begin: int, end: int, token_type, max_len: int, lum: bool) -> list[tuple[int, int]]:
+    """History windows of one sequence by a plain loop: [start, end) pairs, newest first."""
+    windows = []
+    while end - begin >= (1 if not windows else 2):
+        start = max(end - max_len, begin)
+        if lum and start > begin and token_type[start] == ITEM:
+            start += 1  # never keep an item without its condition
+        windows.append((start, end))
+        end = start if lum else start + 1
+    return windows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["lum", "items"])
+def test_history_windows_match_reference_and_cover_every_target_once(seed, kind):
+    rng = np.random.default_rng(seed)
+    max_len = int(rng.integers(2, 9))
+    lengths = np.concatenate([[0, 1, max_len, max_len + 1], rng.integers(0, 5 * max_len, 20)])
+    seqs = sequences_with_lengths(lengths, seed)
+    tok = build_lum_tokens(seqs, TokenConfig()) if kind == "lum" else build_item_sequences(seqs, TokenConfig())
+    rows, starts, lens = history_windows(tok.offsets, tok.token_type, max_len)
+    expected = [(r, s, e - s) for r in range(len(tok)) for s, e in
+                reference_windows(int(tok.offsets[r]), int(tok.offsets[r + 1]), tok.token_type, max_len, kind == "lum")]
+    assert list(zip(rows.tolist(), starts.tolist(), lens.tolist())) == expected
+    assert (lens <= max_len).all() and (lens >= 1).all()
+    # The newest window of every non-empty sequence is the one "last" keeps.
+    last_start, last_len = truncate_spans(tok.offsets, tok.token_type, max_len)
+    newest = np.r_[True, rows[1:] != rows[:-1]]
+    assert starts[newest].tolist() == last_start[last_len > 0].tolist()
+    # Every target (an item token with a token before it in its sequence) is a target in exactly one window.
+    hits = np.zeros(tok.num_tokens, dtype=np.int64)
+    for s, n in zip(starts, lens):
+        hits[s + 1 : s + n] += 1
+    target = (tok.token_type == ITEM) & (tok.position > 0)
+    assert (hits[target] == 1).all()
+    if kind == "lum":  # pairs are never cut, and windows do not overlap
+        assert (tok.token_type[starts] == CONDITION).all() and (lens % 2 == 0).all()
+        assert lens.sum() == tok.num_tokens
+
+
+def test_take_spans_copies_the_span_tokens_and_rejects_spans_outside_their_row():
+    tok = lum_tokens([3, 0, 5])
+    rows, starts, lens = history_windows(tok.offsets, tok.token_type, 4)
+    windows = tok.take_spans(rows, starts, lens)
+    assert windows.user_ids.tolist() == tok.user_ids[rows].tolist()
+    assert windows.lengths().tolist() == lens.tolist()
+    idx = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
+    assert windows.item_id.tolist() == tok.item_id[idx].tolist()
+    assert windows.position.tolist() == tok.position[idx].tolist()
+    for key in tok.keys:
+        assert windows.dense_ids(key).tolist() == tok.dense_ids(key, idx).tolist()
+    assert tok.take([2, 0]).item_id.tolist() == tok.item_id[np.r_[6:16, 0:6]].tolist()
+    with pytest.raises(ValueError, match="span 0 .* outside row 1"):
+        tok.take_spans(np.array([1]), np.array([0]), np.array([2]))
 
 
 def test_best_fit_decreasing_fills_bins_and_is_deterministic():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -301,3 +302,37 @@ def test_resume_refuses_another_config_and_accepts_budget_changes(synth_path, tm
     config_file.write_text("{not json")
     with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
         Pretrainer(_config(synth_path, tmp_path / "r", epochs=3)).run()
+
+
+def test_long_history_windows_train_on_every_event_and_resume_identically(synth_path, tmp_path):
+    """`data.long_history: windows` cuts long histories into max_len windows: every training event
+    but each user's first is a target exactly once, and a resumed run matches an uninterrupted one."""
+
+    def config(out, **train):
+        cfg = _config(synth_path, out, epochs=1, **train)
+        cfg.data.max_len, cfg.data.long_history = 8, "windows"
+        return cfg
+
+    last_cfg = _config(synth_path, tmp_path / "last", epochs=1)
+    last_cfg.data.max_len = 8
+    last = Pretrainer(last_cfg)
+    straight = Pretrainer(config(tmp_path / "w"))
+    train_events = straight.split.train.lengths()
+    assert train_events.max() > 8  # the synthetic logs do have histories longer than a window
+    windows = straight.loader.tokens
+    targets_per_window = np.maximum(windows.lengths() - 1, 0)
+    assert targets_per_window.sum() == np.maximum(train_events - 1, 0).sum()
+    assert windows.lengths().max() <= 8 and len(windows) > len(last.loader.tokens)
+    result = straight.run()
+    assert 0.0 <= result["test"]["hr@10"] <= 1.0
+    first = Pretrainer(config(tmp_path / "r"))
+    first.run(max_steps=5)
+    resumed = Pretrainer(config(tmp_path / "r"))
+    assert resumed.run()["test"] == result["test"]
+    bad = config(tmp_path / "bad")
+    bad.data.long_history = "all"
+    with pytest.raises(ValueError, match="data.long_history must be one of"):
+        Pretrainer(bad)
+    bad.data.long_history, bad.data.target_start = "windows", "2024-01-02"
+    with pytest.raises(ValueError, match="long_history=windows cannot be combined with data.target_start"):
+        Pretrainer(bad)

@@ -50,6 +50,41 @@ def truncate_rows(begin: np.ndarray, end: np.ndarray, token_type: np.ndarray | N
     return start, end - start
 
 
+def history_windows(
+    offsets: np.ndarray, token_type: np.ndarray | None, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut every sequence into windows of <= max_len tokens from its end: (sequence, start, length) per window.
+
+    The newest window is `truncate_spans`'s. Each older window ends where the newer one starts,
+    plus one token for item-only sequences: a window's last token has no target inside it, so
+    the overlap makes every next-item transition a target exactly once. LUM sequences need no
+    overlap (a condition's target is the item beside it) and are never cut inside a [c, i] pair.
+    A remnant of fewer than two tokens is dropped (nothing to predict). Windows are listed per
+    sequence, newest first; sequences in order.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 to cut histories into windows, got {max_len}")
+    overlap = 0 if token_type is not None and bool(np.any(token_type == CONDITION)) else 1
+    seqs = np.flatnonzero(np.diff(offsets) > 0)
+    begin, end = offsets[seqs], offsets[seqs + 1]
+    found: list[tuple[np.ndarray, ...]] = []  # (sequence, start, length, age rank) per round
+    rank = 0
+    while len(seqs):
+        start, length = truncate_rows(begin, end, token_type, max_len)
+        found.append((seqs, start, length, np.full(len(seqs), rank)))
+        end = start + overlap
+        more = end - begin >= 2
+        seqs, begin, end = seqs[more], begin[more], end[more]
+        rank += 1
+    if not found:
+        empty = np.zeros(0, np.int64)
+        return empty, empty.copy(), empty.copy()
+    seq, start, length, newest_first = (np.concatenate(parts) for parts in zip(*found))
+    order = np.lexsort((newest_first, seq))
+    return seq[order], start[order], length[order]
+
+
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
     """Assign items of `lengths` (each 1..capacity) to bins of `capacity`: (bin of each item, number of bins).
 
@@ -207,4 +242,4 @@ def padding_waste(row_lengths: np.ndarray, slots_per_row: int | np.ndarray) -> f
     return float(1.0 - np.sum(row_lengths) / slots) if slots else 0.0
 
 
-__all__ = ["PackPlan", "best_fit_decreasing", "epoch_plan", "epoch_rng", "pack_sequences", "padding_waste", "truncate_rows", "truncate_spans"]
+__all__ = ["PackPlan", "best_fit_decreasing", "epoch_plan", "epoch_rng", "history_windows", "pack_sequences", "padding_waste", "truncate_rows", "truncate_spans"]

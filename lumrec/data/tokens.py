@@ -139,10 +139,20 @@ class TokenSequences:
     def take(self, rows: Sequence[int] | np.ndarray) -> "TokenSequences":
         """The sequences at row indices `rows`, in that order."""
         rows = np.asarray(rows, dtype=np.int64)
-        idx = self.token_index(rows)
+        return self.take_spans(rows, self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows])
+
+    def take_spans(self, rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> "TokenSequences":
+        """One sequence per span: tokens `[starts[k], starts[k] + lengths[k])` of row `rows[k]` (a row may repeat)."""
+        rows, starts, lengths = (np.asarray(a, dtype=np.int64) for a in (rows, starts, lengths))
+        inside = (starts >= self.offsets[rows]) & (starts + lengths <= self.offsets[rows + 1]) & (lengths >= 0)
+        if not inside.all():
+            k = int(np.flatnonzero(~inside)[0])
+            raise ValueError(f"span {k} [{int(starts[k])}, {int(starts[k] + lengths[k])}) lies outside row {int(rows[k])}'s tokens "
+                             f"[{int(self.offsets[rows[k]])}, {int(self.offsets[rows[k] + 1])})")
+        idx = ragged_arange(starts, lengths)
         return TokenSequences(
             user_ids=self.user_ids[rows],
-            offsets=offsets_from_lengths(self.offsets[rows + 1] - self.offsets[rows]),
+            offsets=offsets_from_lengths(lengths),
             token_type=self.token_type[idx],
             position=self.position[idx],
             item_id=self.item_id[idx],
