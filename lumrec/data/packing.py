@@ -59,7 +59,7 @@ def history_windows(
     plus one token for item-only sequences: a window's last token has no target inside it, so
     the overlap makes every next-item transition a target exactly once. LUM sequences need no
     overlap (a condition's target is the item beside it) and are never cut inside a [c, i] pair.
-    A remnant of fewer than two tokens is dropped (nothing to predict). Windows are listed per
+    An older remnant of fewer than two tokens is dropped (nothing to predict). Windows are listed per
     sequence, newest first; sequences in order.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
