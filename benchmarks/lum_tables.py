@@ -352,14 +352,19 @@ def query_specs(cfg: LumTablesConfig, data_path: Path, end: str | None, const: b
     return specs
 
 
+def redo(run: Path, fresh: bool) -> Path:
+    """`run`, emptied first under --fresh. Only what an invocation redoes is emptied: rows it does not rerun keep their runs."""
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    return run
+
+
 def build_knowledge(run: Path, store: Path, days: list[str], specs: list, data_path: Path, fresh: bool) -> list[str]:
     """Step 2: a knowledge partition of `store` as of each of `days` (existing complete partitions kept unless `fresh`)."""
     from lumrec.data.knowledge import knowledge_days
     from lumrec.pipelines.query import QueryConfig, run_query
 
-    if fresh and store.exists():
-        shutil.rmtree(store)
-    have = set(knowledge_days(store))
+    have = set(knowledge_days(redo(store, fresh)))
     for day in days:
         if day in have:
             continue
@@ -441,8 +446,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_bench_config(args.dataset, args.tiny)
     key = f"{args.dataset}{'-tiny' if args.tiny else ''}/{args.model}"
     work = Path(args.out) / "lum_tables" / key.replace("/", "-")
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
     data_path = ensure_dataset(cfg.source, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
     data = Dataset(data_path)
     source_path = ensure_lum_dataset(cfg, Path(args.data), Path(args.out), args.dataset, data_path)
@@ -476,11 +479,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     stores = {"lum": work / "store"}
     # Rows without LUM features (base, hstu-e2e) need no LUM: `--rows hstu-e2e` pre-trains none.
     if not args.rows or set(args.rows.split(",")) - set(LUM_FREE_ROWS):
-        pre["lum"] = pretrain_lum(cfg, lum_data, work / "lum", end, args.minutes, args.threads, max_steps=max_steps)
+        pre["lum"] = pretrain_lum(cfg, lum_data, redo(work / "lum", args.fresh), end, args.minutes, args.threads, max_steps=max_steps)
         build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
     # The constant-condition LUM only serves the no-condition row (skipped when --rows leaves that row out).
     if args.ablations and (not args.rows or "no-condition" in args.rows.split(",")):
-        pre["lum-const"] = pretrain_lum(cfg, lum_data, work / "lum-const", end, args.minutes, args.threads, [], max_steps=max_steps)
+        pre["lum-const"] = pretrain_lum(cfg, lum_data, redo(work / "lum-const", args.fresh), end, args.minutes, args.threads, [],
+                                        max_steps=max_steps)
         stores["lum-const"] = work / "store-const"
         build_knowledge(work / "lum-const", stores["lum-const"], store_days, query_specs(cfg, lum_data, end, True), lum_data, args.fresh)
 
@@ -515,7 +519,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             continue
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             rcfg = copy.deepcopy(base_cfg)
-            rcfg.out, rcfg.lum, rcfg.train.seed = str(work / "rank" / name / f"seed{seed}"), lum, seed
+            rcfg.out, rcfg.lum, rcfg.train.seed = str(redo(work / "rank" / name / f"seed{seed}", args.fresh)), lum, seed
             if lum == "hstu":
                 rcfg.model, rcfg.lum = "hstu", None
             result = run_rank(rcfg, samples=samples)
@@ -580,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
     parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder: data cache, runs, stores")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
-    parser.add_argument("--fresh", action="store_true", help="ignore an earlier invocation's runs and stores")
+    parser.add_argument("--fresh", action="store_true",
+                        help="redo from scratch the LUMs, stores and rank runs this invocation needs (other rows' runs are kept)")
     args = parser.parse_args(argv)
     if args.tiny and args.dataset != "synthetic":
         parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic)")

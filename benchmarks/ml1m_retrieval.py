@@ -92,18 +92,90 @@ def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path
 
 
 def run_overrides(args: argparse.Namespace, key: str, data_path: Path) -> list[str]:
-    """The overrides every run gets: data, its run folder (row `key` at `args.seed`, emptied under
-    --fresh), time budget, threads and seed."""
+    """The overrides every run gets: data, its run folder (row `key` at `args.seed`), time budget, threads and seed."""
     run_dir = Path(args.out) / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
     return [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
                      f"train.threads={args.threads}", f"train.seed={args.seed}"]
 
 
-def publish_row(results: Path, key: str, row: dict, seed: int, table: Callable[[dict], str]) -> None:
-    """Merge `row` (one run of `seed`) into the results file under `key`; print `table` of all rows and the JSON line."""
+def start_run(args: argparse.Namespace, cfg, results: Path, key: str) -> dict:
+    """Before any work: refuse a seed of another recipe in row `key`, then empty the run folder under --fresh; the recipe."""
+    recipe = run_recipe(cfg)
+    refuse_mixed_recipes(results, key, recipe, args.seed)
+    if args.fresh and Path(cfg.out).exists():
+        shutil.rmtree(cfg.out)
+    return recipe
+
+
+def run_recipe(cfg) -> dict:
+    """The resolved config a run trains with, less what differs between seeds of one row (seed, folders)."""
+    from lumrec.config import to_dict
+
+    recipe = json.loads(json.dumps(to_dict(cfg), default=str))
+    recipe.pop("out", None)
+    recipe["data"].pop("path", None)  # the data cache sits under --out
+    recipe["train"].pop("seed", None)
+    return recipe
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def recipe_conflicts(earlier: dict | None, recipe: dict, seed: int) -> list[str]:
+    """How `recipe` differs from the recipe of each of the earlier row's other seeds (empty: they may share a row).
+
+    Seeds recorded before recipes were (sessions 1-14) are checked on the row's threads and budget only.
+    """
+    if not earlier:
+        return []
+    mine = flatten(recipe)
+    conflicts = []
+    for other, run in sorted((earlier.get("per_seed") or {"0": earlier}).items()):
+        if other == str(seed):
+            continue  # a rerun of this seed replaces it
+        if "recipe" in run:
+            theirs = flatten(run["recipe"])
+            keys = set(theirs) | set(mine)
+        else:
+            theirs = {"train.threads": earlier.get("threads"), "train.max_minutes": earlier.get("budget_minutes")}
+            keys = set(theirs)
+        for k in sorted(keys):
+            if theirs.get(k) != mine.get(k):
+                conflicts.append(f"seed {other} ran with {k}={theirs.get(k)!r}, this run has {mine.get(k)!r}")
+    return conflicts
+
+
+def refuse_mixed_recipes(results: Path, key: str, recipe: dict, seed: int) -> None:
+    """Stop before training when this seed would share row `key` of `results` with seeds of another recipe."""
     earlier = json.loads(results.read_text()).get(key) if results.exists() else None
+    conflicts = recipe_conflicts(earlier, recipe, seed)
+    if conflicts:
+        shown = "; ".join(conflicts[:6]) + (f"; and {len(conflicts) - 6} more" if len(conflicts) > 6 else "")
+        raise SystemExit(f"{results}: row {key!r} holds seeds of another recipe ({shown}). Its mean would mix them: "
+                         f"write this run to another file (--results) or, for ml1m_retrieval.py, a row of its own (--variant NAME).")
+
+
+def publish_row(results: Path, key: str, row: dict, seed: int, table: Callable[[dict], str], run_dir: Path | None = None) -> None:
+    """Merge `row` (one run of `seed`) into the results file under `key`; print `table` of all rows and the JSON line.
+
+    The row is first saved in `run_dir` (if given), so a run that cannot be merged is not lost.
+    """
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "benchmark_row.json").write_text(json.dumps({"key": key, "seed": seed, "row": row}, indent=2, sort_keys=True))
+    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
+    conflicts = recipe_conflicts(earlier, row["recipe"], seed) if "recipe" in row else []
+    if conflicts:  # another invocation wrote this row while we trained
+        raise SystemExit(f"{results}: row {key!r} now holds seeds of another recipe ({conflicts[0]}); "
+                         f"this run's row is kept in {run_dir}/benchmark_row.json")
     rows = merge_row(results, key, with_seed(earlier, row, seed))
     print(table(rows))
     print(json.dumps(rows, separators=(",", ":"), sort_keys=True))
@@ -142,7 +214,7 @@ def ensure_ml1m(data_root: Path, cache: Path) -> Path:
 
 # wall_minutes counts this process only: a run resumed from a checkpoint says so in resumed_from_step.
 PER_SEED_FIELDS = ("test", "epochs_run", "train_minutes", "wall_minutes", "resumed_from_step", "tokens_per_s", "mfu",
-                   "matmul_peak_gflops", "overrides")
+                   "matmul_peak_gflops", "overrides", "threads", "budget_minutes", "recipe")
 MEAN_FIELDS = ("epochs_run", "tokens_per_s", "mfu")
 
 
@@ -201,16 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     from lumrec.pipelines.pretrain import PretrainConfig
 
     factory_name, config_file, label = RUNS[args.model]
-    data_path = ensure_ml1m(Path(args.data), Path(args.out) / "ml-1m")
+    data_path = Path(args.out) / "ml-1m"
     overrides = [*run_overrides(args, key, data_path), f"model={factory_name}", *args.overrides]
     cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
+    recipe = start_run(args, cfg, Path(args.results), key)
+    ensure_ml1m(Path(args.data), data_path)
     row = {
         "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None,
         **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
-        "published_hr@10_ndcg@10": PUBLISHED.get(args.model),
+        "published_hr@10_ndcg@10": PUBLISHED.get(args.model), "recipe": recipe,
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
-    publish_row(Path(args.results), key, row, args.seed, format_table)
+    publish_row(Path(args.results), key, row, args.seed, format_table, Path(cfg.out))
     return 0
 
 

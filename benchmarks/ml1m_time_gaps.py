@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml1m_retrieval import add_run_arguments, measured_run, publish_row, run_overrides  # noqa: E402  (sibling script)
+from ml1m_retrieval import add_run_arguments, measured_run, publish_row, run_overrides, start_run  # noqa: E402  (sibling script)
 
 import torch
 
@@ -151,17 +151,19 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     torch.set_num_threads(args.threads)
-    ordered, timed = ensure_datasets(Path(args.data), Path(args.out) / "data")
+    cache = Path(args.out) / "data"
     real_ts, gap_from, label = ARMS[args.arm]
     # The row records what sets the arm apart (as the runs so far recorded it).
     arm_overrides = [f"train.seed={args.seed}", f"model_config.time_gap_from={gap_from}"]
-    overrides = [*run_overrides(args, args.arm, timed if real_ts else ordered), *arm_overrides]
+    overrides = [*run_overrides(args, args.arm, cache / ("timed" if real_ts else "order")), *arm_overrides]
     cfg = load_config(PretrainConfig, REPO / CONFIG, overrides=overrides)
+    recipe = start_run(args, cfg, Path(args.results), args.arm)
+    ensure_datasets(Path(args.data), cache)
     row = {
         "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes,
-        "overrides": arm_overrides, "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")",
+        "overrides": arm_overrides, "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")", "recipe": recipe,
     }
-    publish_row(Path(args.results), args.arm, row, args.seed, format_table)
+    publish_row(Path(args.results), args.arm, row, args.seed, format_table, Path(cfg.out))
     return 0
 
 

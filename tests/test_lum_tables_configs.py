@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,19 @@ def test_summaries_keep_the_validation_auc_through_extended_seeds():
                            "lum": [{"test": {"auc": 0.74, "ne": 0.9}, "valid": {"auc": 0.84}}]})
     merged = bench.extend_seeds(first, new, first_seed=1)
     assert merged["lum"]["valid_auc"] == [0.82, 0.84] and merged["lum"]["valid_auc_mean"] == pytest.approx(0.83)
+
+
+def test_fresh_redoes_only_what_the_invocation_reruns(tmp_path):
+    """--fresh (forced by --tiny) empties the runs an invocation redoes; other rows' LUM, store and runs stay."""
+    bench = _bench()
+    args = ["--tiny", "--seeds", "1", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "r.json")]
+    assert bench.main(args) == 0
+    work = tmp_path / "out" / "lum_tables" / "synthetic-tiny-sim"
+    markers = [work / "lum" / "marker", work / "store" / "marker", work / "rank" / "lum" / "seed0" / "marker",
+               work / "rank" / "base" / "seed0" / "marker"]
+    for marker in markers:
+        marker.write_text("earlier invocation")
+    assert bench.main([*args, "--rows", "base"]) == 0  # Base alone needs no LUM
+    assert [m.exists() for m in markers] == [True, True, True, False]
+    rows = json.loads((tmp_path / "r.json").read_text())["synthetic-tiny/sim"]
+    assert rows["rows_kept_from_earlier_invocation"] == ["lum"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from benchmark_scripts import load_benchmark
 
@@ -40,3 +42,51 @@ def test_recipe_variants_are_rows_of_their_own_listed_after_their_model():
     assert "[decay-0.5]" in lines[2] and "0.3097" in lines[2]  # the variant sits beside its model's published figure
     with pytest.raises(SystemExit):  # overrides without a variant name would mix recipes in one row
         bench.main(["--model", "hstu", "train.lr=0.001"])
+
+
+def _recipe(**train) -> dict:
+    return {"model": "hstu", "data": {"max_len": 200}, "train": {"lr": 0.003, "threads": 2, "max_minutes": 45.0, **train},
+            "model_config": {}}
+
+
+def test_seeds_of_another_recipe_are_refused_before_training(tmp_path):
+    bench = _bench()
+    row = bench.with_seed(None, {**run(0.30, 120), "threads": 2, "budget_minutes": 45.0, "recipe": _recipe()}, seed=0)
+    assert bench.recipe_conflicts(row, _recipe(), seed=1) == []
+    conflicts = bench.recipe_conflicts(row, _recipe(lr=0.001, threads=1), seed=1)
+    assert conflicts == ["seed 0 ran with train.lr=0.003, this run has 0.001",
+                         "seed 0 ran with train.threads=2, this run has 1"]
+    assert bench.recipe_conflicts(row, _recipe(lr=0.001), seed=0) == []  # a rerun of seed 0 replaces it
+    # A row written before recipes were recorded is checked on its threads and budget.
+    old = {**run(0.30, 120), "threads": 2, "budget_minutes": 45.0, "per_seed": {"0": run(0.30, 120)}}
+    assert bench.recipe_conflicts(old, _recipe(lr=0.001), seed=1) == []
+    assert bench.recipe_conflicts(old, _recipe(max_minutes=22.0), seed=1) == [
+        "seed 0 ran with train.max_minutes=45.0, this run has 22.0"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"hstu": row}))
+    with pytest.raises(SystemExit, match=r"results.json: row 'hstu' holds seeds of another recipe \(seed 0 ran with train.lr"):
+        bench.refuse_mixed_recipes(results, "hstu", _recipe(lr=0.001), seed=1)
+    bench.refuse_mixed_recipes(results, "hstu@lr", _recipe(lr=0.001), seed=1)  # a row of its own is fine
+
+
+def test_the_benchmark_refuses_a_mixed_seed_before_it_touches_data_or_runs(tmp_path):
+    bench = _bench()
+    results = tmp_path / "results.json"
+    row = {**run(0.30, 120), "threads": 1, "budget_minutes": 45.0}
+    results.write_text(json.dumps({"hstu": row}))
+    run_dir = tmp_path / "out" / "runs" / "hstu-seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="train.threads=1, this run has 2"):
+        bench.main(["--model", "hstu", "--seed", "1", "--threads", "2", "--fresh", "--data", str(tmp_path / "no-data"),
+                    "--out", str(tmp_path / "out"), "--results", str(results)])
+    assert (run_dir / "checkpoints").exists() and not (tmp_path / "out" / "ml-1m").exists()
+
+
+def test_a_row_is_saved_beside_its_run_before_it_is_merged(tmp_path):
+    bench = _bench()
+    results = tmp_path / "results.json"
+    mine = {**run(0.31, 100), "threads": 2, "budget_minutes": 45.0, "recipe": _recipe()}
+    bench.publish_row(results, "hstu", mine, 0, bench.format_table, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "benchmark_row.json").read_text())
+    assert saved["key"] == "hstu" and saved["row"]["test"]["hr@10"] == 0.31
+    assert json.loads(results.read_text())["hstu"]["per_seed"]["0"]["recipe"] == _recipe()
