@@ -19,6 +19,9 @@ class InfoNCEConfig:
     num_sampled_negatives: int = 128
     in_batch_negatives: bool = True
     l2_normalize: bool = True
+    # Full softmax only: leave the items a query's own sequence already holds out of its negatives,
+    # so training ranks the candidates an `exclude_seen` evaluation ranks (its target always stays).
+    exclude_seen: bool = False
 
 
 class _MatmulCrossEntropy(torch.autograd.Function):
@@ -29,11 +32,13 @@ class _MatmulCrossEntropy(torch.autograd.Function):
     skips the log-softmax output, the zero-filled one-hot gradient and the softmax-backward
     pass: the [Q, N] passes that dominate a full-softmax step on CPU. With `logit_bound` (known
     |logit| <= bound, e.g. 1/temperature for l2-normalised vectors) the row-max pass is skipped
-    too: exp(logit - bound) can neither overflow nor vanish for bound <= 40.
+    too: exp(logit - bound) can neither overflow nor vanish for bound <= 40. `masked` (row, column)
+    pairs get exp = 0: out of that row's softmax, and no gradient through them.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, logit_bound: float | None) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, logit_bound: float | None,
+                masked: torch.Tensor | None) -> torch.Tensor:
         logits = q @ c.T
         target_logits = logits.gather(1, targets.view(-1, 1)).squeeze(1)
         if logit_bound is not None and logit_bound <= 40.0:
@@ -41,6 +46,8 @@ class _MatmulCrossEntropy(torch.autograd.Function):
         else:
             shift = logits.max(dim=1).values
         exp = logits.sub_(shift.view(-1, 1)).exp_()  # in place: the logits are not needed again
+        if masked is not None:
+            exp[masked[0], masked[1]] = 0.0
         row_sum = exp.sum(dim=1)
         loss = (row_sum.log() + shift - target_logits).mean()
         ctx.save_for_backward(q, c, targets, exp, row_sum)
@@ -55,19 +62,23 @@ class _MatmulCrossEntropy(torch.autograd.Function):
         probs[torch.arange(len(targets), device=targets.device), targets] -= scale
         grad_q = probs @ c if ctx.needs_input_grad[0] else None
         grad_c = probs.T @ q if ctx.needs_input_grad[1] else None
-        return grad_q, grad_c, None, None
+        return grad_q, grad_c, None, None, None
 
 
 def matmul_cross_entropy(
-    q: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, logit_bound: float | None = None
+    q: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, logit_bound: float | None = None,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`F.cross_entropy(q @ candidates.T, targets)`, faster and leaner for large candidate sets.
 
     `logit_bound`: a promise that every |logit| <= bound (it skips the row-max pass).
+    `masked`: [2, P] (row, column) pairs whose logit is -inf (never a row's target).
     """
     if q.dtype != candidates.dtype:
         raise TypeError(f"matmul_cross_entropy: q is {q.dtype} but candidates are {candidates.dtype}")
-    return _MatmulCrossEntropy.apply(q, candidates, targets, logit_bound)
+    if masked is not None and bool((masked[1] == targets[masked[0]]).any()):
+        raise ValueError("matmul_cross_entropy: a masked pair is its row's target")
+    return _MatmulCrossEntropy.apply(q, candidates, targets, logit_bound, masked)
 
 
 def gather_ids(ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
@@ -118,6 +129,8 @@ class InfoNCELoss(torch.nn.Module):
 
     def __init__(self, config: InfoNCEConfig, num_items: int, process_group: dist.ProcessGroup | None = None):
         super().__init__()
+        if config.exclude_seen and config.num_sampled_negatives >= 0:
+            raise ValueError("InfoNCEConfig.exclude_seen needs the full softmax (num_sampled_negatives=-1)")
         self.config = config
         self.num_items = num_items  # ids 1..num_items-1 are real items; 0 is padding
         self.process_group = process_group
@@ -133,13 +146,17 @@ class InfoNCELoss(torch.nn.Module):
         targets: torch.Tensor,
         embed_items,
         generator: torch.Generator | None = None,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean loss over queries [Q, d] with target ids [Q]; `embed_items(ids)` gives [n, d]."""
+        """Mean loss over queries [Q, d] with target ids [Q]; `embed_items(ids)` gives [n, d].
+
+        `seen`: [2, P] (query, item id) pairs left out of that query's negatives (`exclude_seen`).
+        """
         cfg = self.config
         if queries.shape[0] == 0 and not self.collective:
             return queries.sum() * 0.0
         if cfg.num_sampled_negatives < 0:
-            return self._full_softmax(queries, targets, embed_items)
+            return self._full_softmax(queries, targets, embed_items, seen if cfg.exclude_seen else None)
         sampled = None
         if cfg.num_sampled_negatives > 0:
             sampled = torch.randint(
@@ -173,12 +190,14 @@ class InfoNCELoss(torch.nn.Module):
         q = self._normalize(queries) / self.config.temperature
         return matmul_cross_entropy(q, cand, inverse[first : first + targets.numel()], self._logit_bound())
 
-    def _full_softmax(self, queries, targets, embed_items) -> torch.Tensor:
-        """Cross-entropy of each target against every real item (ids 1..num_items-1)."""
+    def _full_softmax(self, queries, targets, embed_items, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of each target against every real item (ids 1..num_items-1), less its `seen` pairs."""
         cand = self._normalize(embed_items(torch.arange(1, self.num_items, device=targets.device)))
         if queries.shape[0] == 0:
             return _no_query_loss(queries, cand)
-        return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, self._logit_bound())
+        masked = None if seen is None else torch.stack([seen[0], seen[1] - 1])  # item id -> candidate column
+        return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, self._logit_bound(),
+                                    masked)
 
     def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
         """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""

@@ -17,7 +17,7 @@ from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import CONDITION, ITEM
 from lumrec.modules.losses import InfoNCELoss
 
-__all__ = ["CONDITION", "ITEM", "SequentialRecommender", "next_item_queries", "last_token_index", "RetrievalTrain"]
+__all__ = ["CONDITION", "ITEM", "SequentialRecommender", "next_item_queries", "seen_item_pairs", "last_token_index", "RetrievalTrain"]
 
 
 class SequentialRecommender(nn.Module):
@@ -52,6 +52,23 @@ def next_item_queries(batch: JaggedBatch, predicts_from: int) -> tuple[torch.Ten
     is_query = (batch.token_type[:-1] == predicts_from) & (batch.token_type[1:] == ITEM) & same_seq
     index = torch.nonzero(is_query).squeeze(1)
     return index, batch.item_id[index + 1]
+
+
+def seen_item_pairs(batch: JaggedBatch, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[2, P] (query, item id): the items of each query token's sequence up to and including it, less its target.
+
+    These are the items an `exclude_seen` evaluation never ranks for that position. A repeat of
+    the target stays out of the pairs: the target is always in its own softmax.
+    """
+    seq_of = torch.repeat_interleave(torch.arange(batch.num_segments, device=batch.offsets.device), batch.lengths())
+    starts = batch.offsets[seq_of[index]]
+    counts = index - starts + 1  # tokens from the sequence's start to the query, both included
+    query = torch.repeat_interleave(torch.arange(index.numel(), device=index.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    token = starts[query] + torch.arange(int(counts.sum()), device=index.device) - first[query]
+    item = batch.item_id[token]
+    keep = (batch.token_type[token] == ITEM) & (item > 0) & (item != targets[query])
+    return torch.stack([query[keep], item[keep]])
 
 
 def last_token_index(batch: JaggedBatch) -> torch.Tensor:
@@ -100,7 +117,8 @@ class RetrievalTrain(nn.Module):
         if index.numel() == 0 and not getattr(self.loss, "collective", False):
             # No target in this batch: a zero loss that still reaches every parameter (optimizers skip nothing oddly).
             return hidden.sum() * 0.0, 0
-        loss = self.loss(hidden[index], targets, self.model.item_embeddings, negatives_generator)
+        seen = seen_item_pairs(batch, index, targets) if getattr(self.loss.config, "exclude_seen", False) else None
+        loss = self.loss(hidden[index], targets, self.model.item_embeddings, negatives_generator, seen=seen)
         if index.numel() == 0:
             loss = loss + hidden.sum() * 0.0
         return loss, int(index.numel())

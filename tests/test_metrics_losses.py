@@ -133,3 +133,48 @@ def test_matmul_cross_entropy_large_logits_unbounded_is_stable():
     assert torch.isfinite(torch.autograd.grad(out, q)[0]).all()
     with pytest.raises(TypeError, match="float64"):
         matmul_cross_entropy(q.double(), c, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matmul_cross_entropy_with_masked_pairs_matches_torch(seed):
+    """Masked (row, column) pairs behave as logits of -inf: same value and gradients as F.cross_entropy."""
+    from lumrec.modules.losses import matmul_cross_entropy
+
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_c, d = (int(x) for x in torch.randint(2, 40, (3,), generator=g))
+    q = torch.randn(n_q, d, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(n_c, d, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, n_c, (n_q,), generator=g)
+    rows = torch.randint(0, n_q, (3 * n_q,), generator=g)
+    cols = torch.randint(0, n_c, (3 * n_q,), generator=g)
+    keep = cols != targets[rows]  # a row's target is never masked (duplicates are kept: masking twice is masking once)
+    masked = torch.stack([rows[keep], cols[keep]])
+    out = matmul_cross_entropy(q, c, targets, None, masked)
+    logits = (q @ c.T).index_put((masked[0], masked[1]), torch.tensor(float("-inf"), dtype=torch.float64))
+    ref = torch.nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, c)), torch.autograd.grad(ref, (q, c))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="masked pair is its row's target"):
+        matmul_cross_entropy(q, c, targets, None, torch.stack([torch.tensor([0]), targets[:1]]))
+
+
+def test_full_softmax_leaves_seen_items_out_of_each_querys_negatives():
+    torch.manual_seed(5)
+    table = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([4, 9, 2])
+    seen = torch.tensor([[0, 0, 2, 2, 2], [1, 7, 3, 11, 1]])  # (query, item id)
+    loss_fn = InfoNCELoss(InfoNCEConfig(temperature=0.5, num_sampled_negatives=-1, exclude_seen=True), num_items=12)
+    out = loss_fn(q, targets, lambda ids: table[ids], seen=seen)
+    unit_q, unit_t = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(table, dim=-1)
+    ref = 0.0
+    for k in range(3):  # per query: softmax over every real item except its seen ones
+        items = [i for i in range(1, 12) if i not in seen[1][seen[0] == k].tolist()]
+        logits = unit_q[k] @ unit_t[items].T / 0.5
+        ref = ref - torch.log_softmax(logits, 0)[items.index(int(targets[k]))] / 3
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, table)), torch.autograd.grad(ref, (q, table))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="exclude_seen needs the full softmax"):
+        InfoNCELoss(InfoNCEConfig(num_sampled_negatives=128, exclude_seen=True), num_items=12)

@@ -336,3 +336,11 @@ def test_long_history_windows_train_on_every_event_and_resume_identically(synth_
     bad.data.long_history, bad.data.target_start = "windows", "2024-01-02"
     with pytest.raises(ValueError, match="long_history=windows cannot be combined with data.target_start"):
         Pretrainer(bad)
+
+
+def test_loss_excluding_seen_items_trains_and_needs_the_full_softmax(synth_path, tmp_path):
+    """train.loss_excludes_seen: a run trains and learns; the key is refused, by name, with sampled negatives."""
+    result = Pretrainer(_config(synth_path, tmp_path / "s", epochs=3, num_negatives=-1, loss_excludes_seen=True)).run()
+    assert result["test"]["hr@50"] > 50 / 79  # beats chance, as the default loss does (test_results_and_learning)
+    with pytest.raises(ValueError, match="train.loss_excludes_seen needs the full softmax"):
+        Pretrainer(_config(synth_path, tmp_path / "bad", loss_excludes_seen=True))

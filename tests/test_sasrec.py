@@ -11,7 +11,7 @@ import torch
 import lumrec.modules.sasrec as sasrec_mod
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
-from lumrec.data.tokens import TokenConfig, TokenSequences, build_item_sequences
+from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences
 from lumrec.modules.sasrec import SASRec, SASRecConfig
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
@@ -179,3 +179,25 @@ def test_meta_model_is_sharded_by_dmp_and_matches_unsharded(tmp_path):
         torch.testing.assert_close(dmp.module.item_embeddings(ids), ref.item_embeddings(ids))
     finally:
         cleanup()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seen_item_pairs_match_a_loop_over_packed_segments(seed):
+    """Each query's pairs are the items of its own segment up to it (repeats of its target left out)."""
+    from lumrec.modules.sequence_model import next_item_queries, seen_item_pairs
+
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(1, 8, n).tolist() for n in rng.integers(1, MAX_LEN + 1, 9)]  # 7 items: many repeats
+    batch = one_batch(make_tokens(rows))
+    index, targets = next_item_queries(batch, ITEM)
+    pairs = seen_item_pairs(batch, index, targets)
+    expected = set()
+    for k, t in enumerate(index.tolist()):
+        seg = int(torch.searchsorted(batch.offsets, torch.tensor(t), right=True)) - 1
+        for j in range(int(batch.offsets[seg]), t + 1):
+            item = int(batch.item_id[j])
+            if item != int(targets[k]):
+                expected.add((k, item))
+    got = list(zip(pairs[0].tolist(), pairs[1].tolist()))
+    assert set(got) == expected and len(expected) > 0
+    assert batch.num_segments > batch.num_rows  # packing put several users in a row
