@@ -101,7 +101,7 @@ def run_overrides(args: argparse.Namespace, key: str, data_path: Path) -> list[s
 def start_run(args: argparse.Namespace, cfg, results: Path, key: str) -> dict:
     """Before any work: refuse a seed of another recipe in row `key`, then empty the run folder under --fresh; the recipe."""
     recipe = run_recipe(cfg)
-    refuse_mixed_recipes(results, key, recipe, args.seed)
+    refuse_mixed_recipes(results, key, read_row(results, key), recipe, args.seed)
     if args.fresh and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     return recipe
@@ -153,14 +153,22 @@ def recipe_conflicts(earlier: dict | None, recipe: dict, seed: int) -> list[str]
     return conflicts
 
 
-def refuse_mixed_recipes(results: Path, key: str, recipe: dict, seed: int) -> None:
-    """Stop before training when this seed would share row `key` of `results` with seeds of another recipe."""
-    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
+def read_row(results: Path, key: str) -> dict | None:
+    """Row `key` of the results file, None if the file or the row does not exist yet."""
+    return json.loads(results.read_text()).get(key) if results.exists() else None
+
+
+def refuse_mixed_recipes(results: Path, key: str, earlier: dict | None, recipe: dict, seed: int, kept: Path | None = None) -> None:
+    """Stop when this seed would share row `key` (`earlier`, as read from `results`) with seeds of another recipe.
+
+    `kept`: where this run's row is saved, when the check comes after training.
+    """
     conflicts = recipe_conflicts(earlier, recipe, seed)
     if conflicts:
         shown = "; ".join(conflicts[:6]) + (f"; and {len(conflicts) - 6} more" if len(conflicts) > 6 else "")
+        where = f" This run's row is kept in {kept}." if kept is not None else ""
         raise SystemExit(f"{results}: row {key!r} holds seeds of another recipe ({shown}). Its mean would mix them: "
-                         f"write this run to another file (--results) or, for ml1m_retrieval.py, a row of its own (--variant NAME).")
+                         f"write this run to another file (--results) or, for ml1m_retrieval.py, a row of its own (--variant NAME).{where}")
 
 
 def publish_row(results: Path, key: str, row: dict, seed: int, table: Callable[[dict], str], run_dir: Path | None = None) -> None:
@@ -168,14 +176,14 @@ def publish_row(results: Path, key: str, row: dict, seed: int, table: Callable[[
 
     The row is first saved in `run_dir` (if given), so a run that cannot be merged is not lost.
     """
+    saved = None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "benchmark_row.json").write_text(json.dumps({"key": key, "seed": seed, "row": row}, indent=2, sort_keys=True))
-    earlier = json.loads(results.read_text()).get(key) if results.exists() else None
-    conflicts = recipe_conflicts(earlier, row["recipe"], seed) if "recipe" in row else []
-    if conflicts:  # another invocation wrote this row while we trained
-        raise SystemExit(f"{results}: row {key!r} now holds seeds of another recipe ({conflicts[0]}); "
-                         f"this run's row is kept in {run_dir}/benchmark_row.json")
+        saved = run_dir / "benchmark_row.json"
+        saved.write_text(json.dumps({"key": key, "seed": seed, "row": row}, indent=2, sort_keys=True))
+    earlier = read_row(results, key)
+    if "recipe" in row:  # again: another invocation may have written this row while we trained
+        refuse_mixed_recipes(results, key, earlier, row["recipe"], seed, kept=saved)
     rows = merge_row(results, key, with_seed(earlier, row, seed))
     print(table(rows))
     print(json.dumps(rows, separators=(",", ":"), sort_keys=True))

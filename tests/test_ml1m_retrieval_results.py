@@ -65,8 +65,8 @@ def test_seeds_of_another_recipe_are_refused_before_training(tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"hstu": row}))
     with pytest.raises(SystemExit, match=r"results.json: row 'hstu' holds seeds of another recipe \(seed 0 ran with train.lr"):
-        bench.refuse_mixed_recipes(results, "hstu", _recipe(lr=0.001), seed=1)
-    bench.refuse_mixed_recipes(results, "hstu@lr", _recipe(lr=0.001), seed=1)  # a row of its own is fine
+        bench.refuse_mixed_recipes(results, "hstu", bench.read_row(results, "hstu"), _recipe(lr=0.001), seed=1)
+    bench.refuse_mixed_recipes(results, "hstu@lr", bench.read_row(results, "hstu@lr"), _recipe(lr=0.001), seed=1)  # a row of its own is fine
 
 
 def test_the_benchmark_refuses_a_mixed_seed_before_it_touches_data_or_runs(tmp_path):
@@ -90,3 +90,8 @@ def test_a_row_is_saved_beside_its_run_before_it_is_merged(tmp_path):
     saved = json.loads((tmp_path / "run" / "benchmark_row.json").read_text())
     assert saved["key"] == "hstu" and saved["row"]["test"]["hr@10"] == 0.31
     assert json.loads(results.read_text())["hstu"]["per_seed"]["0"]["recipe"] == _recipe()
+    other = {**mine, "recipe": _recipe(lr=0.001)}  # as if another invocation had written seed 0 during training
+    with pytest.raises(SystemExit, match=r"train.lr=0.003, this run has 0.001.*row is kept in .*run2.benchmark_row.json"):
+        bench.publish_row(results, "hstu", other, 1, bench.format_table, tmp_path / "run2")
+    assert json.loads((tmp_path / "run2" / "benchmark_row.json").read_text())["row"]["recipe"] == _recipe(lr=0.001)
+    assert json.loads(results.read_text())["hstu"]["seeds"] == [0]
