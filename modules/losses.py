@@ -19,7 +19,7 @@ class InfoNCEConfig:
     num_sampled_negatives: int = 128
     in_batch_negatives: bool = True
     l2_normalize: bool = True
-    # Full softmax only: leave the items a query's own sequence already holds out of its negatives,
+    # Leave the items a query's own sequence already holds out of its negatives (whichever kind),
     # so training ranks the candidates an `exclude_seen` evaluation ranks (its target always stays).
     exclude_seen: bool = False
 
@@ -103,6 +103,15 @@ def gather_ids(ids: torch.Tensor, group: dist.ProcessGroup | None = None) -> tup
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
+def seen_columns(seen: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """[2, P'] (query, column): the `seen` (query, item id) pairs whose item is among the sorted, unique `candidate_ids`."""
+    if candidate_ids.numel() == 0:
+        return seen.new_zeros(2, 0)
+    cols = torch.searchsorted(candidate_ids, seen[1]).clamp_(max=candidate_ids.numel() - 1)
+    hit = candidate_ids[cols] == seen[1]
+    return torch.stack([seen[0][hit], cols[hit]])
+
+
 def _no_query_loss(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """A zero loss that still reaches the queries and candidates (every parameter keeps a gradient, zero)."""
     return queries.sum() * 0.0 + candidates.sum() * 0.0
@@ -129,8 +138,6 @@ class InfoNCELoss(torch.nn.Module):
 
     def __init__(self, config: InfoNCEConfig, num_items: int, process_group: dist.ProcessGroup | None = None):
         super().__init__()
-        if config.exclude_seen and config.num_sampled_negatives >= 0:
-            raise ValueError("InfoNCEConfig.exclude_seen needs the full softmax (num_sampled_negatives=-1)")
         self.config = config
         self.num_items = num_items  # ids 1..num_items-1 are real items; 0 is padding
         self.process_group = process_group
@@ -155,18 +162,19 @@ class InfoNCELoss(torch.nn.Module):
         cfg = self.config
         if queries.shape[0] == 0 and not self.collective:
             return queries.sum() * 0.0
+        seen = seen if cfg.exclude_seen else None
         if cfg.num_sampled_negatives < 0:
-            return self._full_softmax(queries, targets, embed_items, seen if cfg.exclude_seen else None)
+            return self._full_softmax(queries, targets, embed_items, seen)
         sampled = None
         if cfg.num_sampled_negatives > 0:
             sampled = torch.randint(
                 1, self.num_items, (cfg.num_sampled_negatives,), generator=generator, device=targets.device
             )
         if cfg.in_batch_negatives:
-            return self._in_batch(queries, targets, sampled, embed_items)
+            return self._in_batch(queries, targets, sampled, embed_items, seen)
         if sampled is None:
             raise ValueError("InfoNCE needs negatives: enable in_batch_negatives or num_sampled_negatives > 0")
-        return self._sampled_only(queries, targets, sampled, embed_items)
+        return self._sampled_only(queries, targets, sampled, embed_items, seen)
 
     def _logit_bound(self) -> float | None:
         """Unit vectors bound every logit by 1/temperature (plus rounding slack); None if unnormalised."""
@@ -175,9 +183,10 @@ class InfoNCELoss(torch.nn.Module):
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.config.l2_normalize else x
 
-    def _in_batch(self, queries, targets, sampled, embed_items) -> torch.Tensor:
+    def _in_batch(self, queries, targets, sampled, embed_items, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Candidates = unique(in-batch targets + sampled); each id appears once, so a query's
-        own target is exactly its positive column and plain cross-entropy is the InfoNCE loss."""
+        own target is exactly its positive column and plain cross-entropy is the InfoNCE loss.
+        A query's `seen` items among the candidates are left out of its softmax."""
         batch_targets, first = gather_ids(targets, self.process_group) if self.collective else (targets, 0)
         ids = batch_targets if sampled is None else torch.cat([batch_targets, sampled])
         if ids.numel() == 0:  # no query on any rank and no sampled negative: nothing to look up anywhere
@@ -188,7 +197,8 @@ class InfoNCELoss(torch.nn.Module):
             return _no_query_loss(queries, cand)
         # Scale the [Q, d] queries, not the [Q, U] logits: one pass over the small matrix.
         q = self._normalize(queries) / self.config.temperature
-        return matmul_cross_entropy(q, cand, inverse[first : first + targets.numel()], self._logit_bound())
+        masked = None if seen is None else seen_columns(seen, uniq)
+        return matmul_cross_entropy(q, cand, inverse[first : first + targets.numel()], self._logit_bound(), masked)
 
     def _full_softmax(self, queries, targets, embed_items, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of each target against every real item (ids 1..num_items-1), less its `seen` pairs."""
@@ -199,8 +209,8 @@ class InfoNCELoss(torch.nn.Module):
         return matmul_cross_entropy(self._normalize(queries) / self.config.temperature, cand, targets - 1, self._logit_bound(),
                                     masked)
 
-    def _sampled_only(self, queries, targets, sampled, embed_items) -> torch.Tensor:
-        """Positive plus K shared sampled negatives; a sampled id equal to the target is masked."""
+    def _sampled_only(self, queries, targets, sampled, embed_items, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Positive plus K shared sampled negatives; a sampled id equal to the target, or among the query's `seen`, is masked."""
         sampled = torch.unique(sampled)  # same candidate set semantics as the in-batch path
         q = self._normalize(queries) / self.config.temperature
         if self.collective:
@@ -214,6 +224,10 @@ class InfoNCELoss(torch.nn.Module):
             pos_emb, neg_emb = self._normalize(embed_items(targets)), self._normalize(embed_items(sampled))
         pos = (q * pos_emb).sum(-1, keepdim=True)  # [Q, 1]
         neg = q @ neg_emb.T  # [Q, K]
-        neg = neg.masked_fill(sampled.view(1, -1) == targets.view(-1, 1), float("-inf"))
+        out = sampled.view(1, -1) == targets.view(-1, 1)
+        if seen is not None:
+            rows, cols = seen_columns(seen, sampled)
+            out[rows, cols] = True
+        neg = neg.masked_fill(out, float("-inf"))
         logits = torch.cat([pos, neg], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(targets))

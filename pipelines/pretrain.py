@@ -117,8 +117,8 @@ class TrainConfig:
     temperature: float = 0.05
     num_negatives: int = 128  # shared uniform negatives per step; -1 = every item (full softmax)
     in_batch_negatives: bool = True  # other queries' targets are negatives too
-    # Full softmax: a position's earlier items of its own sequence are not its negatives (the
-    # candidates an exclude_seen evaluation ranks); the target always is its positive.
+    # A position's earlier items of its own sequence are not its negatives, whether full-softmax,
+    # in-batch or sampled (the candidates an exclude_seen evaluation ranks); the target always is its positive.
     loss_excludes_seen: bool = False
     eval_every_epochs: int = 1
     patience: int = 5  # evaluations without a better validation HR@10 before stopping
@@ -264,8 +264,6 @@ class Pretrainer:
         if cfg.data.long_history == "windows" and cfg.data.target_start is not None:
             # Older windows would hold no targets on or after target_start: pure cost.
             raise ValueError("data.long_history=windows cannot be combined with data.target_start")
-        if cfg.train.loss_excludes_seen and cfg.train.num_negatives >= 0:
-            raise ValueError(f"train.loss_excludes_seen needs the full softmax (train.num_negatives: -1), got {cfg.train.num_negatives}")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.keep_freed_host_memory:

@@ -176,5 +176,44 @@ def test_full_softmax_leaves_seen_items_out_of_each_querys_negatives():
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(out, (q, table)), torch.autograd.grad(ref, (q, table))):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="exclude_seen needs the full softmax"):
-        InfoNCELoss(InfoNCEConfig(num_sampled_negatives=128, exclude_seen=True), num_items=12)
+
+
+def _seen_sets(seen: torch.Tensor, n_queries: int) -> list[set[int]]:
+    return [set(seen[1][seen[0] == k].tolist()) for k in range(n_queries)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_sampled_and_in_batch_negatives_leave_seen_items_out(seed, in_batch):
+    """exclude_seen with in-batch and/or sampled negatives: a per-query softmax over its own candidate list, less its seen items."""
+    g = torch.Generator().manual_seed(seed)
+    num_items, d, n_q, k = 30, 5, int(torch.randint(2, 12, (1,), generator=g)), 8
+    table = torch.randn(num_items, d, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(n_q, d, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, num_items, (n_q,), generator=g)
+    pairs = torch.stack([torch.randint(0, n_q, (4 * n_q,), generator=g), torch.randint(1, num_items, (4 * n_q,), generator=g)])
+    seen = pairs[:, pairs[1] != targets[pairs[0]]]  # as seen_item_pairs: never the query's own target
+    cfg = InfoNCEConfig(temperature=0.5, num_sampled_negatives=k, in_batch_negatives=in_batch, exclude_seen=True)
+    out = InfoNCELoss(cfg, num_items=num_items)(q, targets, lambda ids: table[ids], torch.Generator().manual_seed(seed), seen=seen)
+    sampled = torch.randint(1, num_items, (k,), generator=torch.Generator().manual_seed(seed))  # the loss's draw
+    unit_q, unit_t = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(table, dim=-1)
+    ref = 0.0
+    for row, (t, own_seen) in enumerate(zip(targets.tolist(), _seen_sets(seen, n_q))):
+        negatives = set(sampled.tolist()) | (set(targets.tolist()) if in_batch else set())
+        items = [t, *sorted(negatives - own_seen - {t})]  # the positive first, then each other candidate once
+        logits = unit_q[row] @ unit_t[items].T / 0.5
+        ref = ref - torch.log_softmax(logits, 0)[0] / n_q
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (q, table)), torch.autograd.grad(ref, (q, table))):
+        torch.testing.assert_close(a, b)
+    plain = InfoNCELoss(InfoNCEConfig(temperature=0.5, num_sampled_negatives=k, in_batch_negatives=in_batch), num_items=num_items)
+    assert plain(q, targets, lambda ids: table[ids], torch.Generator().manual_seed(seed), seen=seen) > out  # fewer negatives
+
+
+def test_seen_columns_finds_each_seen_item_among_the_candidates():
+    from lumrec.modules.losses import seen_columns
+
+    seen = torch.tensor([[0, 0, 1, 2, 2], [3, 8, 5, 1, 9]])
+    cols = seen_columns(seen, torch.tensor([1, 3, 5, 7]))
+    assert cols.tolist() == [[0, 1, 2], [1, 2, 0]]  # items 8 and 9 are no candidate (9 is past the last one)
+    assert seen_columns(seen, torch.tensor([], dtype=torch.long)).shape == (2, 0)

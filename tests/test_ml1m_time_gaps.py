@@ -57,3 +57,14 @@ def test_table_shows_each_arm_against_event_order():
     lines = bench.format_table(rows).splitlines()[2:]
     assert [line.split()[0] for line in lines] == ["order", "request"]
     assert "+0.0200" in lines[1] and "+0.0000" in lines[0]
+
+
+def test_arms_keep_the_loss_their_rows_were_measured_with():
+    # The benchmark config adopted train.loss_excludes_seen after these rows were measured; a new seed must not mix losses.
+    from lumrec.config import load_config
+    from lumrec.pipelines.pretrain import PretrainConfig
+
+    bench = _bench()
+    assert load_config(PretrainConfig, bench.REPO / bench.CONFIG).train.loss_excludes_seen
+    pinned = load_config(PretrainConfig, bench.REPO / bench.CONFIG, overrides=bench.PINNED_OVERRIDES)
+    assert not pinned.train.loss_excludes_seen
