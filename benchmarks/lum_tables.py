@@ -382,7 +382,7 @@ def build_knowledge(run: Path, store: Path, days: list[str], specs: list, data_p
 
 def lum_row_config(spec: FeatureSpec, store: Path, as_of: str | None, history_data: Path | None, **changes: Any):
     """RankLUMConfig of one row."""
-    from lumrec.pipelines.rank import RankLUMConfig
+    from lumrec.modules.lum_join import RankLUMConfig
 
     values = {**asdict(spec), **changes}
     values.pop("label")

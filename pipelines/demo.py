@@ -204,7 +204,8 @@ def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dic
 
 def ranker_parts(cfg: DemoConfig, store: Path):
     """The demo ranker's sizes, training and LUM settings (step 3, and the daily DLRM of step 4)."""
-    from lumrec.pipelines.rank import RankLUMConfig, RankModelConfig, RankTrainConfig
+    from lumrec.modules.lum_join import RankLUMConfig
+    from lumrec.pipelines.rank import RankModelConfig, RankTrainConfig
 
     # No user_id table: with one day of training impressions per-user embeddings only overfit (measured).
     sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],

@@ -27,17 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from lumrec.config import to_dict
 from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
 from lumrec.pipelines.rank import (
-    EpochJob,
-    LUMJoin,
-    RankLUMConfig,
     RankTrainConfig,
     check_train_config,
     context_keys,
     load_job_config,
-    seed_everything,
     vocab_size,
 )
+from lumrec.train import EpochJob, seed_everything
 
 if TYPE_CHECKING:
     import torch
