@@ -17,9 +17,11 @@ import os
 import re
 import shutil
 import uuid
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,18 @@ log = logging.getLogger(__name__)
 
 META_FILE = "lumrec_meta.json"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+@contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's "torch.distributed is disabled ... assuming ... a single process" warning.
+
+    DCP warns on every save/load with ``no_dist=True``; lumrec passes it exactly when there is no
+    process group (or a plain model is loaded by one rank alone), so the assumption is the intent.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 class CheckpointError(RuntimeError):
@@ -117,7 +131,8 @@ class CheckpointManager:
         if _rank() == 0:
             tmp.mkdir(parents=True, exist_ok=False)
         _barrier()
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         _barrier()
         if _rank() == 0:
             digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -161,7 +176,8 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointError(f"{self.root}: no complete checkpoint to load")
         info = self.verify(step)
-        dcp.load(state, checkpoint_id=str(self.step_dir(step)), no_dist=not dist.is_initialized())
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(self.step_dir(step)), no_dist=not dist.is_initialized())
         return info
 
     def _prune(self) -> None:
@@ -184,7 +200,8 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, prefix: 
     # A plain (unsharded) model is loaded by this process alone, even inside a process group: the
     # other ranks may be doing something else (e.g. rank 0 querying a LUM while the others wait).
     local = not dist.is_initialized() or not any(_is_sharded(v) for v in state[prefix].values())
-    dcp.load(state, checkpoint_id=str(folder), no_dist=local)
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=local)
     model.load_state_dict(state[prefix])
 
 

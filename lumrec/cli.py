@@ -13,6 +13,7 @@ import logging
 import sys
 import typing
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("lumrec")
@@ -116,6 +117,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from lumrec.plots import plot_paths
+
+    for path in plot_paths([Path(p) for p in args.inputs], Path(args.out)):
+        print(path)
+    return 0
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import a public data set into lumrec's Parquet layout")
     p.add_argument("kind", help="ml-1m | ml-1m-ratings | ml-100k | amazon")
@@ -143,6 +152,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     add_dataclass_args(p, SynthConfig)
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("plot", help="draw PNGs from result files: training curves, daily next-day AUC, Base vs Base+LUM bars")
+    p.add_argument("inputs", nargs="+", help="run folders (results.json / tb/), daily folders (report.tsv), "
+                   "demo folders, or a lum_tables results JSON")
+    p.add_argument("--out", default="plots", help="folder the PNGs are written to (default plots/)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("validate", help="read every table of a dataset and check it against the schemas")
     p.add_argument("dir")

@@ -20,7 +20,7 @@ EmbOptimType..., "learning_rate": ...}`) go to torchrec's stock sharder and FUSE
 CPU form of `lumrec.optim.fused_params_for` (RowwiseAdamW, which fbgemm's CPU kernel lacks) goes
 to `RowwiseAdamWEmbeddingBagCollectionSharder` and the DENSE kernel. torchrec 1.8's planner
 refuses DENSE kernels on anything but data-parallel tables ("DENSE kernel requires
-DATA_PARALLEL sharding"), so that path falls back to `dense_kernel_sharding_plan` and logs why.
+DATA_PARALLEL sharding"), so that path uses `dense_kernel_sharding_plan` directly (said once at INFO).
 """
 
 from __future__ import annotations
@@ -265,6 +265,16 @@ def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharder: Any, eb
     return out
 
 
+_LOGGED_ONCE: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    """Log an expected, explained condition at INFO once per process instead of at every occurrence."""
+    if key not in _LOGGED_ONCE:
+        _LOGGED_ONCE.add(key)
+        log.info("%s", message)
+
+
 def _plan_on_rank0(planner: Any, model: nn.Module, sharders: list[Any], ctx: DistContext) -> tuple[Any, Optional[str]]:
     """(plan, None) or (None, error) from the planner run on rank 0 and broadcast.
 
@@ -340,8 +350,8 @@ def shard_model(
 
     `table_optimizer`: fbgemm fused params, or `lumrec.optim.fused_params_for(device, ...)`.
     `plan`: "auto" (TorchRec's EmbeddingShardingPlanner on a Topology of `ctx.world_size` ranks
-    of `ctx.device`'s type, with a logged fallback to `dense_kernel_sharding_plan` where it
-    refuses) or an explicit ShardingPlan. The plan is logged on rank 0, one line per table.
+    of `ctx.device`'s type; for RowwiseAdamW's DENSE kernel, which the planner does not place,
+    `dense_kernel_sharding_plan`) or an explicit ShardingPlan. The plan is logged on rank 0, one line per table.
     `copy_weights` copies the tables' weights into the shards (DMP re-initialises them), so a
     model built and seeded alike on every rank, or warm-started, keeps its weights.
     Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
@@ -369,25 +379,17 @@ def shard_model(
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {plan!r}")
-        # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
-        topology = TopologyFactory.create_topology(
-            trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
-            kernel_config=KernelConfig(compute_device=ctx.device.type),
-        )
-        constraints = _constraints(kind, table_optimizer, sharder, ebcs, ctx.device.type)
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        plan, error = _plan_on_rank0(planner, model, [sharder], ctx)
-        source = "planner"
-        if plan is None:
-            if kind != "rowwise_adamw":
-                raise RuntimeError(f"shard_model: the TorchRec planner found no plan: {error}")
+        if kind == "rowwise_adamw":
+            # RowwiseAdamW runs in the DENSE kernel, which torchrec 1.8's planner never plans for
+            # non-data-parallel tables ("DENSE kernel requires DATA_PARALLEL"): asking it would only
+            # produce a refusal per sharded model. Our own table-wise plan is the one that runs.
+            _log_once(
+                "dense-kernel-plan",
+                "shard_model: RowwiseAdamW tables use the DENSE kernel, which TorchRec's planner does not place; "
+                "they are sharded table-wise, round-robin over ranks (lumrec.optim.sharding.dense_kernel_sharding_plan)",
+            )
             from lumrec.optim.sharding import dense_kernel_sharding_plan
 
-            log.warning(
-                "shard_model: TorchRec's planner refused the DENSE-kernel plan that RowwiseAdamW needs "
-                "(%s); using dense_kernel_sharding_plan (table-wise, round-robin over ranks)",
-                " ".join(line.strip() for line in error.splitlines()[:2]),
-            )
             plan = ShardingPlan(
                 {
                     fqn: dense_kernel_sharding_plan(
@@ -396,7 +398,19 @@ def shard_model(
                     for fqn, ebc in ebcs.items()
                 }
             )
-            source = "fallback"
+            source = "fallback"  # the plan the planner cannot make
+        else:
+            # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
+            topology = TopologyFactory.create_topology(
+                trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
+                kernel_config=KernelConfig(compute_device=ctx.device.type),
+            )
+            constraints = _constraints(kind, table_optimizer, sharder, ebcs, ctx.device.type)
+            planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+            plan, error = _plan_on_rank0(planner, model, [sharder], ctx)
+            source = "planner"
+            if plan is None:
+                raise RuntimeError(f"shard_model: the TorchRec planner found no plan: {error}")
     elif not isinstance(plan, ShardingPlan):
         raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {type(plan).__name__}")
 

@@ -11,12 +11,29 @@ and creates the writer at the first scalar, so a job that logs nothing leaves no
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from tqdm import tqdm
+
 log = logging.getLogger("lumrec")
 
-__all__ = ["ScalarLog", "count_parameters", "job_summary", "log_job_start"]
+__all__ = ["ScalarLog", "count_parameters", "job_summary", "log_job_start", "progress_bar", "progress_enabled"]
+
+
+def progress_enabled(main_process: bool = True) -> bool:
+    """Whether a progress bar is drawn: on the main process, on a terminal, unless TQDM_DISABLE is set."""
+    if not main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"):
+        return False
+    return sys.stderr.isatty()
+
+
+def progress_bar(total: int | None = None, desc: str = "", main_process: bool = True, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr that draws only where `progress_enabled` (logs and CI stay free of bar lines)."""
+    return tqdm(total=total, desc=desc, disable=not progress_enabled(main_process), dynamic_ncols=True,
+                mininterval=kwargs.pop("mininterval", 1.0), **kwargs)
 
 
 def count_parameters(module: Any) -> int:

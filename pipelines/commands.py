@@ -13,6 +13,9 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job on embedded synthetic logs (no download)")
     p.add_argument("--out", default="out/demo", help="working folder (default out/demo)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per packed row")
+    p.add_argument("--pretrain-minutes", type=float, default=None,
+                   help="wall-clock cap on step 1 (default none: 15 epochs, the same numbers on every machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of step 1 (default 2)")
     add_dataclass_args(p, SynthConfig)
     p.set_defaults(func=_run("lumrec.pipelines.demo", "main"))
 

@@ -1,7 +1,7 @@
 """The README's demo job: LUM's three steps on embedded synthetic logs, Base vs Base+LUM, then three daily runs.
 
     synthetic logs (11 days) -> stats, [condition, item] tokens, one packed batch
-    step 1: pre-train a small LUM on days 1-7 (15 short epochs, at most a minute)
+    step 1: pre-train a small LUM on days 1-7 (15 short epochs, 330 steps)
     step 2: grouped query under every scenario and query -> knowledge store as of days 7, 8, 9
     step 3: rank day 8 / 9 / 10 impressions (train / valid / test) with SIM, without and with LUM features
             (each day's samples read the knowledge as of the day before)
@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from lumrec.data.batches import make_jagged_batch
-from lumrec.data.dataset import Dataset
+from lumrec.data.dataset import Dataset, write_text_atomic
 from lumrec.data.packing import epoch_plan, padding_waste
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.stats import dataset_stats
@@ -60,8 +60,8 @@ class DemoConfig:
     seed: int = 0
     # -- step 1 -----------------------------------------------------------------------------
     pretrain_days: int = 7  # the LUM trains on the first N days; the ranker's samples start the day after
-    pretrain_epochs: int = 15  # about 330 steps; ~20 s on one idle core
-    pretrain_minutes: float = 1.0  # a cap on slow or busy machines (the result then depends on the steps reached)
+    pretrain_epochs: int = 15  # 330 steps: the budget is in epochs, so every machine prints the same numbers
+    pretrain_minutes: float = 0.0  # optional wall-clock cap (0 = none); with a cap the numbers depend on the machine
     pretrain_steps: int | None = None  # a step budget instead (tests)
     lum_max_len: int = 64  # tokens per LUM sequence (32 most recent events)
     lum_d_model: int = 32
@@ -236,6 +236,8 @@ def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day
         runs[name] = [run_rank(rcfg, samples=samples)]
     seconds = time.perf_counter() - t0
     summary = summarize_seeds(runs)
+    # Kept beside the runs: `lumrec plot out/demo` draws Base vs Base+LUM from it.
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(f"step 3: {cfg.rank_model.upper()} ranker, train {counts['train']['samples']:,} / valid {counts['valid']['samples']:,} / "
           f"test {counts['test']['samples']:,} impressions, {cfg.rank_epochs} epochs each, {seconds:.0f} s; "
           f"LUM features: {runs['lum'][0]['lum_dim']} (interest matching under feed, search, the request's query + missing flags)\n")
@@ -272,21 +274,39 @@ def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> d
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         statuses = run_daily(dcfg)
     seconds = time.perf_counter() - t0
-    table = (daily_out / "report.tsv").read_text().rstrip()
+    reports = [json.loads((daily_out / "days" / f"ds={d}" / "report.json").read_text()) for d in days]
     print(f"\nstep 4: daily pipeline, days {days[0]}..{days[-1]} (continue LUM on the day, refresh the knowledge of its "
           f"active users, train {cfg.rank_model.upper()} warm-started from the day before, next-day AUC) in {seconds:.0f} s:\n")
-    print(_aligned(table))
-    reports = [json.loads((daily_out / "days" / f"ds={d}" / "report.json").read_text()) for d in days]
+    print(daily_table(reports, first_source=out / "rank" / "base"))
     return {"daily_s": round(seconds, 1), "daily_status": [s["status"] for s in statuses],
             "daily_next_day_auc": [round(r["eval"]["auc"], 4) for r in reports],
             "daily_refreshed": [r["query"]["refreshed_users"] for r in reports]}
 
 
-def _aligned(tsv: str) -> str:
-    """A tab-separated table with aligned columns."""
-    rows = [line.split("\t") for line in tsv.splitlines()]
+def daily_table(reports: list[dict], first_source: Path) -> str:
+    """The demo's per-day table: what each day of the daily pipeline did and its next-day AUC (a markdown table)."""
+    rows = [["day", "LUM steps", "knowledge refresh", "refreshed / carried users", "DLRM warm start", "next-day AUC", "NE"]]
+    for r in reports:
+        source = Path(r["rank"].get("warm_start", {}).get("source", ""))
+        if not r["rank"].get("warm_start"):
+            start = "none"
+        elif source.parent == first_source or source == first_source / "checkpoints":
+            start = "from step 3's Base"
+        else:  # DAILY/days/ds=YYYY-MM-DD/rank/checkpoints: the day before
+            start = "from " + source.parent.parent.name.removeprefix("ds=")[5:]
+        rows.append([r["ds"], str(r["pretrain"]["steps"]), r["query"]["refresh"],
+                     f"{r['query']['refreshed_users']} / {r['query']['carried_over_users']}", start,
+                     f"{r['eval']['auc']:.4f}", f"{r['eval']['ne']:.4f}"])
+    return _markdown(rows, right=(1, 3, 5, 6))
+
+
+def _markdown(rows: list[list[str]], right: tuple[int, ...] = ()) -> str:
+    """An aligned markdown table (`right`: right-aligned columns), readable as printed and as rendered."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    cell = lambda text, i: text.rjust(widths[i]) if i in right else text.ljust(widths[i])  # noqa: E731
+    rule = ["-" * (w - 1) + ":" if i in right else "-" * w for i, w in enumerate(widths)]
+    lines = [rows[0], rule] + rows[1:]
+    return "\n".join("| " + " | ".join(cell(c, i) if r is not rule else c for i, c in enumerate(r)) + " |" for r in lines)
 
 
 def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
