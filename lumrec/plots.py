@@ -154,10 +154,15 @@ def draw_daily(folders: Sequence[Path], out: Path) -> Path:
     """`daily_auc.png`: next-day AUC per day, one line per daily run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for curve in daily_auc(folders):
-        ax.plot(curve.x, curve.y, "o-", label=curve.label)
-        for x, y in zip(curve.x, curve.y):
+    curves = daily_auc(folders)
+    # Days are labels, placed by position: runs over different days share one axis.
+    days = sorted({day for curve in curves for day in curve.x})
+    for curve in curves:
+        xs = [days.index(day) for day in curve.x]
+        ax.plot(xs, curve.y, "o-", label=curve.label)
+        for x, y in zip(xs, curve.y):
             ax.annotate(f"{y:.4f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(range(len(days)), days)
     ax.set_xlabel("training day (AUC measured on the next day)")
     ax.set_ylabel("next-day AUC")
     ax.set_title("daily pipeline: next-day AUC")
@@ -165,6 +170,9 @@ def draw_daily(folders: Sequence[Path], out: Path) -> Path:
     path = out / "daily_auc.png"
     _save(fig, path)
     return path
+
+
+_ROW_LABELS = {"base": "Base", "lum": "Base+LUM"}
 
 
 @dataclass
@@ -185,8 +193,7 @@ def bars_from_lum_tables(path: Path, rows: Sequence[str] = ("base", "lum")) -> l
         bars = {}
         for row in rows:
             if row in entry["rows"]:
-                label = entry.get("labels", {}).get(row, row)
-                label = "Base+LUM" if row == "lum" else label
+                label = _ROW_LABELS.get(row) or entry.get("labels", {}).get(row, row)
                 bars[label] = (float(entry["rows"][row]["auc_mean"]), float(entry["rows"][row].get("auc_std", 0.0)))
         if len(bars) == len(rows):
             groups.append(BarGroup(key.split("/")[0], bars))

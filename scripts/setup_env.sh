@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 VENV=${LUMREC_VENV:-.venv}
 STAMP="$VENV/.lumrec-stack"
 # The stamp records what was installed; bump STACK when a pin changes.
-STACK="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 torchx==0.7.0 pins-v2"
+STACK="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 torchx==0.7.0 pins-v3"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STACK" ] && [ pyproject.toml -ot "$STAMP" ]; then
   exit 0
 fi
@@ -25,7 +25,7 @@ $PIP install "torch==2.13.0"
 $PIP install "fbgemm-gpu-cpu==1.8.0"
 $PIP install --no-deps "torchrec==1.8.0"
 $PIP install tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 tqdm==4.70.1 iopath==0.1.10 "torchx==0.7.0" \
-  pyarrow==26.0.1 numpy==2.4.6 pyyaml==6.0.3 tensorboard==2.21.0 pytest==9.2.0
+  pyarrow==26.0.1 numpy==2.4.6 pyyaml==6.0.3 tensorboard==2.21.0 pytest==9.2.0 matplotlib==3.11.2
 $PIP install --no-deps -e .
-"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, lumrec" 
+"$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, matplotlib, lumrec" 
 echo "$STACK" > "$STAMP"
