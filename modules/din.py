@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.modules.jagged import jagged_positions, jagged_to_padded_dense, lengths_to_offsets, offsets_to_ids, offsets_to_lengths
+from lumrec.modules.ops import jagged_positions, jagged_to_padded_dense, lengths_to_offsets, offsets_to_ids, offsets_to_lengths
 from lumrec.modules.ranking import (
     Dense,
     LogitArch,

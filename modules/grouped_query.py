@@ -43,7 +43,7 @@ from torch.profiler import record_function
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.knowledge import Condition, parse_condition
 from lumrec.data.tokens import CONDITION, CONSTANT_CONDITION_KEY, ITEM, condition_key
-from lumrec.modules.jagged import lengths_to_offsets, ranges_to_indices
+from lumrec.modules.ops import lengths_to_offsets, ranges_to_indices
 from lumrec.modules.lum import LUM
 
 __all__ = [

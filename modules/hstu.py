@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from lumrec.modules.attention import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
-from lumrec.modules.jagged import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
+from lumrec.modules.ops import (
+    JaggedAttentionLayout,
+    build_attention_layout,
+    jagged_causal_attention,
+    lengths_to_offsets,
+    offsets_to_ids,
+    offsets_to_lengths,
+)
 from lumrec.modules.relative_bias import RelativeAttentionBias
 
 __all__ = ["HSTUConfig", "HSTULayer", "HSTUStack", "stochastic_length_subsample"]

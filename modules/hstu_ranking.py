@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.modules.din import BehaviourModelConfig, SequenceArch, compact, context_arch, keep_most_recent
 from lumrec.modules.hstu import HSTUConfig, HSTUStack
-from lumrec.modules.jagged import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
+from lumrec.modules.ops import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
 from lumrec.modules.ranking import Dense, LogitArch, RankingTrain, dense_part, select_keys
 from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
 

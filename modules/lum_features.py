@@ -29,7 +29,7 @@ from torch import nn
 from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lumrec.modules.jagged import jagged_positions, lengths_to_offsets
+from lumrec.modules.ops import jagged_positions, lengths_to_offsets
 
 __all__ = [
     "FEATURE_GROUPS",

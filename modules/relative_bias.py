@@ -1,4 +1,8 @@
-"""Relative attention bias of HSTU: learned biases over relative position and log-bucketed time gaps."""
+"""Relative attention bias of HSTU: learned biases over relative position and log-bucketed time gaps.
+
+The tables are read through ``lumrec.modules.ops.gather_columns`` (a fast-gradient gather with
+its reference beside it); the attention ops take this module as their ``relative_bias``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 
 import torch
 from torch import nn
+
+from lumrec.modules.ops import gather_columns
 
 
 def time_gap_buckets(gaps: torch.Tensor, base: float, num_buckets: int) -> torch.Tensor:
@@ -15,33 +21,6 @@ def time_gap_buckets(gaps: torch.Tensor, base: float, num_buckets: int) -> torch
     # The epsilon puts exact powers of `base` (e.g. gap 3 in base 2) on the upper bucket despite rounding.
     buckets = torch.floor(torch.log1p(magnitude) / math.log(base) + 1e-9)
     return buckets.clamp(0, num_buckets).to(torch.int64)
-
-
-class _GatherColumns(torch.autograd.Function):
-    """`weight[:, index]` whose backward sums gradients with `index_add_`.
-
-    Autograd's own backward for advanced indexing accumulates through a sorted `index_put_`,
-    about 15x slower on CPU for the ~1M pairs of a bucket landing in a few hundred bias entries.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.num_entries = weight.shape[1]
-        return weight[:, index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        heads = grad.shape[0]
-        grad_weight = grad.new_zeros(heads, ctx.num_entries)
-        grad_weight.index_add_(1, index.reshape(-1), grad.reshape(heads, -1))
-        return grad_weight, None
-
-
-def gather_columns(weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`weight[:, index]` ([H, K] table, any-shaped index) with a fast gradient for the table."""
-    return _GatherColumns.apply(weight, index)
 
 
 class RelativeAttentionBias(nn.Module):

@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import ITEM
-from lumrec.modules.attention import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
+from lumrec.modules.ops import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
 from lumrec.modules.sequence_model import SequentialRecommender
 
 __all__ = [
@@ -241,7 +241,7 @@ class SASRecBlock(nn.Module):
     Example::
 
         >>> import torch
-        >>> from lumrec.modules.attention import build_attention_layout
+        >>> from lumrec.modules.ops import build_attention_layout
         >>> block = SASRecBlock(SASRecConfig(d_model=8, num_heads=2, dropout=0.0))
         >>> layout = build_attention_layout(torch.tensor([0, 3, 5]))   # two sequences
         >>> block(torch.randn(5, 8), layout).shape

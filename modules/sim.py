@@ -19,7 +19,7 @@ from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.modules.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, context_arch, keep_most_recent
-from lumrec.modules.jagged import offsets_to_ids
+from lumrec.modules.ops import offsets_to_ids
 from lumrec.modules.ranking import Dense, LogitArch, RankingTrain, dense_part, select_keys
 from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from lumrec.modules.attention import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
+from lumrec.modules.ops import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention, segment_positions
 
-__all__ = ["TransformerConfig", "TransformerBlock", "TransformerStack", "segment_positions"]
+__all__ = ["TransformerConfig", "TransformerBlock", "TransformerStack"]
 
 
 @dataclass
@@ -40,22 +40,6 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig: d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig: dropout must be in [0, 1), got {self.dropout}")
-
-
-def segment_positions(offsets: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of every token inside its segment (rows cut by `offsets`, further cut where `segment_ids` changes)."""
-    offsets = offsets.to(torch.int64)
-    num_tokens = int(offsets[-1])
-    device = offsets.device
-    is_start = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    lengths = offsets[1:] - offsets[:-1]
-    is_start[offsets[:-1][lengths > 0]] = True
-    if segment_ids is not None and num_tokens > 1:
-        is_start[1:] |= segment_ids[1:] != segment_ids[:-1]
-    index = torch.arange(num_tokens, device=device)
-    # Running max of each token's latest segment start.
-    start_of = torch.cummax(torch.where(is_start, index, torch.zeros_like(index)), dim=0).values
-    return index - start_of
 
 
 class TransformerBlock(nn.Module):

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
-import lumrec.modules.attention as attention_mod
-import lumrec.modules.jagged as jagged_mod
+import lumrec.modules.ops.attention as attention_mod
+import lumrec.modules.ops.jagged as jagged_mod
+import lumrec.modules.ops.layout as layout_mod
 import lumrec.modules.relative_bias as relative_bias_mod
-from lumrec.modules.attention import build_attention_layout, jagged_causal_attention, padded_reference_attention
-from lumrec.modules.jagged import (
+from lumrec.modules.ops import (
+    build_attention_layout,
+    jagged_causal_attention,
+    jagged_causal_attention_reference,
     jagged_positions,
     jagged_to_padded_dense,
     lengths_to_offsets,
@@ -84,7 +87,7 @@ def _compare(b, kind, normaliser, dtype, use_rab=True, **fast_kwargs):
         normaliser=normaliser,
     )
     fast = jagged_causal_attention(b["q"], b["k"], b["v"], b["offsets"], min_block=4, **common, **fast_kwargs)
-    ref = padded_reference_attention(b["q"], b["k"], b["v"], b["offsets"], **common)
+    ref = jagged_causal_attention_reference(b["q"], b["k"], b["v"], b["offsets"], **common)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast, ref, **tol)
     weight = torch.randn(fast.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
@@ -179,7 +182,7 @@ def test_empty_and_tiny_batches():
         v = torch.randn(total, HEADS, 3, dtype=torch.float64)
         for kind, norm in KINDS:
             out = jagged_causal_attention(q, q, v, offsets, kind=kind, normaliser=norm)
-            ref = padded_reference_attention(q, q, v, offsets, kind=kind, normaliser=norm)
+            ref = jagged_causal_attention_reference(q, q, v, offsets, kind=kind, normaliser=norm)
             assert out.shape == (total, HEADS, 3)
             torch.testing.assert_close(out, ref)
     # A single token attends only to itself: softmax returns its own value.
@@ -308,7 +311,8 @@ def test_jagged_helpers_fbgemm_matches_fallback(trailing):
 
 
 def test_docstring_examples_run():
-    for module in (jagged_mod, attention_mod, relative_bias_mod):
+    for module in (jagged_mod, attention_mod, layout_mod, relative_bias_mod):
         result = doctest.testmod(module, raise_on_error=False)
         assert result.failed == 0, module.__name__
     assert doctest.testmod(attention_mod).attempted > 0
+    assert doctest.testmod(layout_mod).attempted > 0

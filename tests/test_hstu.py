@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import lumrec.modules.hstu as hstu_mod
-from lumrec.modules.attention import padded_reference_attention
 from lumrec.modules.hstu import HSTUConfig, HSTULayer, HSTUStack, stochastic_length_subsample
-from lumrec.modules.jagged import lengths_to_offsets, offsets_to_ids
+from lumrec.modules.ops import jagged_causal_attention_reference, lengths_to_offsets, offsets_to_ids
 
 
 def _config(**overrides) -> HSTUConfig:
@@ -35,7 +34,7 @@ def _reference_layer(layer: HSTULayer, x, offsets, **mask_kwargs):
     t, h = x.shape[0], cfg.num_heads
     uvqk = F.silu(layer.f1(layer.input_norm(x)))
     u, v, q, k = torch.split(uvqk, [h * cfg.dv, h * cfg.dv, h * cfg.dqk, h * cfg.dqk], dim=-1)
-    attn = padded_reference_attention(
+    attn = jagged_causal_attention_reference(
         q.reshape(t, h, cfg.dqk),
         k.reshape(t, h, cfg.dqk),
         v.reshape(t, h, cfg.dv),
@@ -219,18 +218,3 @@ def test_docstring_examples_run():
     result = doctest.testmod(hstu_mod)
     assert result.failed == 0 and result.attempted > 0
 
-
-@pytest.mark.parametrize("seed", range(4))
-def test_gather_columns_matches_indexing(seed):
-    """The relative-bias gather with index_add_ backward equals plain advanced indexing."""
-    from lumrec.modules.relative_bias import gather_columns
-
-    g = torch.Generator().manual_seed(seed)
-    heads, entries = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 30, (1,), generator=g))
-    weight = torch.randn(heads, entries, generator=g, dtype=torch.float64, requires_grad=True)
-    index = torch.randint(0, entries, (3, 7, 7), generator=g)
-    grad = torch.randn(heads, 3, 7, 7, generator=g, dtype=torch.float64)
-    fast = gather_columns(weight, index)
-    ref = weight[:, index]
-    torch.testing.assert_close(fast, ref)
-    torch.testing.assert_close(torch.autograd.grad(fast, weight, grad)[0], torch.autograd.grad(ref, weight, grad)[0])

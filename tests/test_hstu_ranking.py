@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import lumrec.modules.hstu_ranking as hstu_ranking_mod
-from lumrec.modules.attention import build_attention_layout
+from lumrec.modules.ops import build_attention_layout
 from lumrec.modules.hstu import HSTULayer
 from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig, append_candidates, with_timestamps
 from lumrec.modules.ranking import RankingBatch, RankingTrain, TableConfig

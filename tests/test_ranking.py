@@ -17,7 +17,7 @@ from lumrec.modules.din import (
     keep_most_recent,
     target_attention_padded_reference,
 )
-from lumrec.modules.jagged import lengths_to_offsets
+from lumrec.modules.ops import lengths_to_offsets
 from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, EmbeddingMLPTrain, RankingBatch, TableConfig
 from lumrec.modules.sim import SIM, SIMConfig, SIMTrain, hard_search_mask
 from lumrec.ranking_metrics import auc
