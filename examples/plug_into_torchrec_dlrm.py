@@ -11,7 +11,7 @@ the items they clicked under that condition before day D, and an item's vector i
 vector. Pass any other ``KnowledgeSource`` (e.g. step 2's store) through ``main(knowledge=...)``.
 The DLRM only sees wider dense features: nothing in torchrec changes.
 
-    python examples/plug_into_torchrec_dlrm.py            # LUM vs no-LUM, ~10 s on one core
+    .venv/bin/python examples/plug_into_torchrec_dlrm.py       # DLRM with and without LUM features; prints both AUCs and its time
 """
 
 from __future__ import annotations
