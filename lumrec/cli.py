@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
+from lumrec.library_noise import silence_known_library_noise
+
 log = logging.getLogger("lumrec")
 
 
@@ -38,6 +40,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler.addFilter(_DropLibraryChatter())
     # torchrec's import trips a torch.fx deprecation notice that says nothing about lumrec.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    silence_known_library_noise()
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
