@@ -55,7 +55,8 @@ from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.modules.lum_join import CANDIDATE_FEATURES, LUMJoin, RankLUMConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
-from lumrec.train import EpochJob, RankState, seed_everything
+from lumrec.tracking import count_parameters
+from lumrec.train import EpochJob, seed_everything
 
 if TYPE_CHECKING:
     import torch
@@ -356,6 +357,7 @@ class Ranker(EpochJob):
             cfg.model, cfg.sizes, self.vocab, self.stats.width if self.stats else 0, self.lum.output_dim if self.lum else 0
         )
         self._input_width = int(self.model.in_features)
+        self.num_parameters = count_parameters(self.model)  # before sharding: the whole model's size
         self.ctx = _rank_context()
         self.warm_start_report = self._warm_start(cfg)  # into the unsharded model: sharding copies the weights
         self.optimizer = self._shard() if self.ctx is not None else self._optimizers(self.model, _table_parameters(self.model))

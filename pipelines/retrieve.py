@@ -11,7 +11,7 @@ picks the best epoch.
 
 With ``lum`` set, the user tower also gets the LUM outputs `o_q` under the configured fixed
 conditions and the item tower the item-token embedding `e_i`, both from the knowledge store
-under the same point-in-time rule as ``lumrec rank`` (``lumrec.pipelines.rank.LUMJoin``): the
+under the same point-in-time rule as ``lumrec rank`` (``lumrec.modules.lum_join.LUMJoin``): the
 items a test user is scored against carry the `e_i` of the same partition as the user's `o_q`.
 """
 
@@ -23,11 +23,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.config import to_dict
+from lumrec.data.dataset import Dataset
 from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.data.ranking.reading import item_categories
+from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
+from lumrec.modules.ranking import TableConfig
+from lumrec.modules.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
+from lumrec.pipelines.model_factory import split_parameters
 from lumrec.pipelines.rank import (
     RankTrainConfig,
     check_train_config,
@@ -36,11 +46,6 @@ from lumrec.pipelines.rank import (
     vocab_size,
 )
 from lumrec.train import EpochJob, seed_everything
-
-if TYPE_CHECKING:
-    import torch
-
-    from lumrec.data.ranking_samples import RankingSampleBatch, RankingSamples
 
 log = logging.getLogger("lumrec.retrieve")
 
@@ -76,8 +81,6 @@ class RetrieveConfig:
 
 def build_two_tower(sizes: TwoTowerSizes, vocab: dict[str, int], lum_user_dim: int = 0, lum_item_dim: int = 0):
     """(TwoTower, TwoTowerTrain) with tables sized from the manifest vocabularies."""
-    from lumrec.modules.ranking import TableConfig
-    from lumrec.modules.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
     d = sizes.embedding_dim
     context = context_keys(sizes.context_keys, vocab)
     hist_source = {"hist_item_id": "item_id", "hist_category_id": "category_id"}
@@ -103,14 +106,7 @@ class Retriever(EpochJob):
     job = "retrieve"
     metric = "recall@10"
 
-    def __init__(self, cfg: RetrieveConfig, samples: "RankingSamples | None" = None) -> None:
-        import numpy as np
-        import torch
-
-        from lumrec.data.dataset import Dataset
-        from lumrec.data.ranking.reading import item_categories
-        from lumrec.data.ranking_samples import RankingBatchLoader, build_ranking_samples
-
+    def __init__(self, cfg: RetrieveConfig, samples: RankingSamples | None = None) -> None:
         self.cfg = cfg
         t = self.train = cfg.train
         check_train_config(t)
@@ -157,10 +153,8 @@ class Retriever(EpochJob):
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.cfg)
 
-    def two_tower_batch(self, batch: "RankingSampleBatch"):
+    def two_tower_batch(self, batch: RankingSampleBatch):
         """The towers' input: one KJT for both (each tower pools its own keys), LUM user / item features."""
-        from lumrec.modules.two_tower import TwoTowerBatch
-
         sparse = batch.sparse_features
         lum_user = lum_item = None
         if self.lum is not None:
@@ -168,23 +162,21 @@ class Retriever(EpochJob):
             lum_item = self._item_lum(batch)
         return TwoTowerBatch(sparse, sparse, batch.item_id, lum_user=lum_user, lum_item=lum_item)
 
-    def _item_lum(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+    def _item_lum(self, batch: RankingSampleBatch) -> torch.Tensor:
         """e_i of each sample's item, from the partition its day uses."""
-        import torch
-
         out = torch.zeros(len(batch), self.lum.dim + 1)
         for as_of, rows in self.lum._groups(batch.day):
             out[rows] = self.lum.item_features(batch.item_id[rows], as_of)
         return out
 
-    def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+    def step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
         return self.trainer(self.two_tower_batch(batch))[0]
 
-    def _catalogue(self, as_of: str | None, with_lum: bool) -> "torch.Tensor":
-        """Item vectors [num_items, d] of the whole catalogue (row = item id)."""
-        import torch
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    def _dense_parameters(self) -> list[torch.Tensor]:
+        return split_parameters(self.model)[1]  # one Adam for all: the gradient norm reads the towers' dense layers
 
+    def _catalogue(self, as_of: str | None, with_lum: bool) -> torch.Tensor:
+        """Item vectors [num_items, d] of the whole catalogue (row = item id)."""
         ids = torch.arange(self.num_items)
         ones = torch.ones(2 * self.num_items, dtype=torch.int32)
         kjt = KeyedJaggedTensor(keys=["item_id", "category_id"], values=torch.cat([ids, self.item_category]), lengths=ones,
@@ -194,10 +186,6 @@ class Retriever(EpochJob):
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Recall@K of `split`'s positives against every item (grouped by knowledge partition when LUM is on)."""
-        import torch
-
-        from lumrec.modules.two_tower import recall_at_k
-
         self.model.eval()
         users, targets, groups = [], [], []
         with torch.no_grad():
@@ -228,7 +216,7 @@ class Retriever(EpochJob):
 
 
 def run_retrieve(cfg: RetrieveConfig, max_epochs: int | None = None, max_steps: int | None = None,
-                 samples: "RankingSamples | None" = None) -> dict[str, Any]:
+                 samples: RankingSamples | None = None) -> dict[str, Any]:
     """Train and evaluate one retrieval run (resuming from `cfg.out` if it holds checkpoints); returns results.json's content."""
     return Retriever(cfg, samples).run(max_epochs=max_epochs, max_steps=max_steps)
 
