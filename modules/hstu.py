@@ -9,7 +9,7 @@ Per layer, following "Actions Speak Louder than Words" (Zhai et al., 2024):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -26,29 +26,29 @@ from lumrec.modules.ops import (
 )
 from lumrec.modules.relative_bias import RelativeAttentionBias
 
-__all__ = ["HSTUConfig", "HSTULayer", "HSTUStack", "stochastic_length_subsample"]
+__all__ = ["HSTUAttentionConfig", "HSTUConfig", "HSTULayer", "HSTUStack", "stochastic_length_subsample"]
 
 
 @dataclass
-class HSTUConfig:
-    """Sizes and options of one HSTU layer.
+class HSTUAttentionConfig:
+    """HSTU's attention options, apart from the layer's shape: per-head widths, relative bias, normaliser.
 
+    A model whose own sizes (d_model, heads, dropout, max_len) also shape its HSTU layers, as
+    LUM's do, nests this part and builds the layer with `HSTUConfig.with_shape`.
+
+    `dqk` / `dv`: per-head widths of q/k and v; None: `d_model // num_heads` (at least 1).
     `normaliser`: the `n` dividing `silu(QK^T + rab)`; None means `max_len` (the paper's N),
     "length" each segment's own length, a number that constant.
 
     Example::
 
-        >>> cfg = HSTUConfig(d_model=8, num_heads=2, dqk=4, dv=4, max_len=16)
-        >>> cfg.f1_out_dim, cfg.resolved_normaliser
-        (32, 16.0)
+        >>> HSTUConfig.with_shape(HSTUAttentionConfig(normaliser="length"), d_model=12, num_heads=3, dropout=0.0,
+        ...                       max_len=8).dqk
+        4
     """
 
-    d_model: int = 64
-    num_heads: int = 2
-    dqk: int = 32
-    dv: int = 32
-    dropout: float = 0.0
-    max_len: int = 256
+    dqk: int | None = None
+    dv: int | None = None
     num_time_buckets: int = 64
     use_time_bias: bool = True
     use_position_bias: bool = True
@@ -56,15 +56,53 @@ class HSTUConfig:
     time_bucket_base: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "dqk", "dv", "max_len", "num_time_buckets"):
+        owner = type(self).__name__
+        for name in ("dqk", "dv", "num_time_buckets"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+        if isinstance(self.normaliser, str) and self.normaliser != "length":
+            raise ValueError(f"{owner}: normaliser must be null, 'length' or a number, got {self.normaliser!r}")
+        if isinstance(self.normaliser, (int, float)) and self.normaliser <= 0:
+            raise ValueError(f"{owner}: normaliser must be positive, got {self.normaliser}")
+
+
+@dataclass
+class HSTUConfig(HSTUAttentionConfig):
+    """Sizes and options of one HSTU layer: its shape plus the `HSTUAttentionConfig` fields.
+
+    Example::
+
+        >>> cfg = HSTUConfig(d_model=8, num_heads=2, dqk=4, dv=4, max_len=16)
+        >>> cfg.f1_out_dim, cfg.resolved_normaliser
+        (32, 16.0)
+        >>> HSTUConfig(d_model=8, num_heads=2).dqk              # None: d_model // num_heads
+        4
+    """
+
+    d_model: int = 64
+    num_heads: int = 2
+    dropout: float = 0.0
+    max_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HSTUConfig: {name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HSTUConfig: dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.normaliser, str) and self.normaliser != "length":
-            raise ValueError(f"HSTUConfig: normaliser must be null, 'length' or a number, got {self.normaliser!r}")
-        if isinstance(self.normaliser, (int, float)) and self.normaliser <= 0:
-            raise ValueError(f"HSTUConfig: normaliser must be positive, got {self.normaliser}")
+        per_head = max(self.d_model // self.num_heads, 1)
+        self.dqk = per_head if self.dqk is None else self.dqk
+        self.dv = per_head if self.dv is None else self.dv
+
+    @classmethod
+    def with_shape(
+        cls, attention: HSTUAttentionConfig, *, d_model: int, num_heads: int, dropout: float, max_len: int
+    ) -> HSTUConfig:
+        """The layer config of `attention`'s options at a host model's shape."""
+        options = {f.name: getattr(attention, f.name) for f in fields(HSTUAttentionConfig)}
+        return cls(d_model=d_model, num_heads=num_heads, dropout=dropout, max_len=max_len, **options)
 
     @property
     def f1_out_dim(self) -> int:

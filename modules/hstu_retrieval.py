@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -62,6 +63,7 @@ __all__ = [
     "XavierUniformLinear",
     "hstu_preset",
     "next_event_timestamps",
+    "reference_layer",
     "stochastic_length_batch",
     "subsample_batch",
 ]
@@ -91,79 +93,71 @@ def next_event_timestamps(timestamps: torch.Tensor, offsets: torch.Tensor) -> to
     return following
 
 
+def reference_layer(**overrides) -> HSTUConfig:
+    """The ML-1M `hstu` preset's layer: d 50, 1 head of 50, dropout 0.2, length 200, 128 time buckets of base e^0.301."""
+    values = dict(
+        d_model=50, num_heads=1, dqk=50, dv=50, dropout=0.2, max_len=200, num_time_buckets=128,
+        time_bucket_base=REFERENCE_TIME_BUCKET_BASE,
+    )
+    values.update(overrides)
+    return HSTUConfig(**values)
+
+
 @dataclass
 class HSTURetrievalConfig:
-    """HSTU retrieval model; defaults = the ML-1M `hstu` preset (see the module docstring for sources).
+    """HSTU retrieval model: `num_layers` layers of `hstu` plus the input and output around them.
 
-    `normaliser`: the n of `silu(QK^T + rab) / n` (None = max_len, the reference's N).
+    Defaults = the ML-1M `hstu` preset (see the module docstring for sources). `hstu` is the
+    layer config (``HSTUConfig``): its `d_model` is also the item-embedding width, its `max_len`
+    the position-table size, its `dropout` the reference's linear dropout.
     `stochastic_length_alpha`: when set, `prepare_batch` subsamples long training sequences
     (Stochastic Length, keep ~max_len**(alpha/2) events); None = off (the ML-1M runs had it off).
     `time_gap_from`: "event" = a token's time gaps run from its own timestamp; "request" = from
     the next event's in its sequence (the reference's choice; the last token keeps its own).
     """
 
-    d_model: int = 50
+    hstu: HSTUConfig = field(default_factory=reference_layer)
     num_layers: int = 2
-    num_heads: int = 1
-    dqk: int = 50
-    dv: int = 50
     input_dropout: float = 0.2
-    linear_dropout: float = 0.2
-    max_len: int = 200
-    num_time_buckets: int = 128
-    time_bucket_base: float = REFERENCE_TIME_BUCKET_BASE
-    use_time_bias: bool = True
-    use_position_bias: bool = True
     use_position_embedding: bool = True
-    normaliser: float | str | None = None
     scale_embeddings: bool = True
     output_norm: OutputNorm = "l2"
     stochastic_length_alpha: float | None = None
     time_gap_from: str = "event"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_layers", "num_heads", "dqk", "dv", "max_len", "num_time_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HSTURetrievalConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_layers < 1:
+            raise ValueError(f"HSTURetrievalConfig: num_layers must be >= 1, got {self.num_layers}")
         if self.time_gap_from not in TIME_GAP_FROM:
             raise ValueError(
                 f"HSTURetrievalConfig: time_gap_from must be one of {list(TIME_GAP_FROM)}, got {self.time_gap_from!r}"
             )
         check_dropout("HSTURetrievalConfig", "input_dropout", self.input_dropout)
-        check_dropout("HSTURetrievalConfig", "linear_dropout", self.linear_dropout)
         if self.stochastic_length_alpha is not None and not 0.0 < self.stochastic_length_alpha <= 2.0:
             raise ValueError(
                 f"HSTURetrievalConfig: stochastic_length_alpha must be in (0, 2] or null, got {self.stochastic_length_alpha}"
             )
 
-    def layer_config(self) -> HSTUConfig:
-        """The per-layer `HSTUConfig` of the stack."""
-        return HSTUConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            dqk=self.dqk,
-            dv=self.dv,
-            dropout=self.linear_dropout,
-            max_len=self.max_len,
-            num_time_buckets=self.num_time_buckets,
-            use_time_bias=self.use_time_bias,
-            use_position_bias=self.use_position_bias,
-            normaliser=self.normaliser,
-            time_bucket_base=self.time_bucket_base,
-        )
-
 
 HSTU_PRESETS: dict[str, HSTURetrievalConfig] = {
     "hstu": HSTURetrievalConfig(),
-    "hstu-large": HSTURetrievalConfig(num_layers=8, num_heads=2, dqk=25, dv=25),
+    "hstu-large": HSTURetrievalConfig(hstu=reference_layer(num_heads=2, dqk=25, dv=25), num_layers=8),
 }
 
 
-def hstu_preset(name: str, **overrides) -> HSTURetrievalConfig:
-    """The preset `name` ("hstu" or "hstu-large"), with any fields replaced by `overrides`."""
+def hstu_preset(name: str, hstu: Mapping[str, Any] | None = None, **overrides: Any) -> HSTURetrievalConfig:
+    """The preset `name` ("hstu" or "hstu-large"), its layer fields replaced by `hstu`, its own by `overrides`.
+
+    Example::
+
+        >>> cfg = hstu_preset("hstu-large", hstu=dict(d_model=8, dqk=4, dv=4), num_layers=1)
+        >>> cfg.hstu.num_heads, cfg.hstu.dqk, cfg.num_layers
+        (2, 4, 1)
+    """
     if name not in HSTU_PRESETS:
         raise KeyError(f"unknown HSTU preset {name!r}; known presets: {sorted(HSTU_PRESETS)}")
-    return replace(HSTU_PRESETS[name], **overrides)
+    preset = HSTU_PRESETS[name]
+    return replace(preset, hstu=replace(preset.hstu, **(hstu or {})), **overrides)
 
 
 def _take_kjt(kjt: KeyedJaggedTensor, token_index: torch.Tensor) -> KeyedJaggedTensor:
@@ -277,7 +271,7 @@ class HSTURetrieval(SequentialRecommender):
         ...                      np.array([10, 20, 90, 5, 6]), z.astype(np.int32), z.astype(np.int32), z, z)
         >>> tokens = build_item_sequences(seqs, TokenConfig(item_features=["item_id"]))
         >>> batch = next(iter_packed_batches(tokens, max_len=8, rows_per_batch=4))
-        >>> model = HSTURetrieval(hstu_preset("hstu", d_model=8, dqk=4, dv=4, max_len=8), num_items=6)
+        >>> model = HSTURetrieval(hstu_preset("hstu", hstu=dict(d_model=8, dqk=4, dv=4, max_len=8)), num_items=6)
         >>> model(batch).shape
         torch.Size([5, 8])
     """
@@ -288,10 +282,11 @@ class HSTURetrieval(SequentialRecommender):
         super().__init__()
         self.config = config
         self._num_items = num_items
+        layer = config.hstu
         self.input = ItemInputArch(
             num_items,
-            config.d_model,
-            config.max_len,
+            layer.d_model,
+            layer.max_len,
             config.input_dropout,
             use_position_embedding=config.use_position_embedding,
             scale_embeddings=config.scale_embeddings,
@@ -299,8 +294,8 @@ class HSTURetrieval(SequentialRecommender):
         )
         # HSTULayer takes no device argument: build it under the device context (e.g. meta).
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.stack = HSTUStack(config.layer_config(), config.num_layers)
-            self.final_norm = nn.LayerNorm(config.d_model, eps=1e-6) if config.output_norm == "layer_norm" else None
+            self.stack = HSTUStack(layer, config.num_layers)
+            self.final_norm = nn.LayerNorm(layer.d_model, eps=1e-6) if config.output_norm == "layer_norm" else None
         # The reference's init: fused U/V/Q/K projection N(0, 0.02), output projection Xavier-uniform.
         for layer in self.stack.layers:
             layer.f1 = _with_init(layer.f1, NormalInitLinear)
@@ -329,14 +324,14 @@ class HSTURetrieval(SequentialRecommender):
         alpha = self.config.stochastic_length_alpha
         if not self.training or alpha is None:
             return batch
-        return stochastic_length_batch(batch, alpha, self.config.max_len, generator)
+        return stochastic_length_batch(batch, alpha, self.config.hstu.max_len, generator)
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         """Hidden state `[T, d]` of every token; token t sees only earlier tokens of its own sequence."""
         with record_function("hstu_retrieval/input"):
             x = self.input(batch)
         timestamps = batch.ts
-        if timestamps is None and self.config.use_time_bias:
+        if timestamps is None and self.config.hstu.use_time_bias:
             timestamps = torch.zeros_like(batch.position)
         query_timestamps = None
         if timestamps is not None and self.config.time_gap_from == "request":

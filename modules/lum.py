@@ -12,7 +12,7 @@ in-sequence items and retrieval candidates live in one space. Train with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
@@ -21,7 +21,7 @@ from torch.profiler import record_function
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import CONDITION
-from lumrec.modules.hstu import HSTUConfig, HSTUStack
+from lumrec.modules.hstu import HSTUAttentionConfig, HSTUConfig, HSTUStack
 from lumrec.modules.sequence_model import SequentialRecommender
 from lumrec.modules.token_encoder import ItemFeatureLookup, TokenEncoder, TokenEncoderConfig
 from lumrec.modules.transformer import TransformerConfig, TransformerStack
@@ -31,7 +31,19 @@ __all__ = ["LUMConfig", "LUM"]
 
 @dataclass
 class LUMConfig:
-    """Size and backbone of the LUM user encoder (HSTU options apply only to `backbone="hstu"`)."""
+    """Size and backbone of the LUM user encoder.
+
+    `d_model`, `num_heads`, `dropout` and `max_len` shape either backbone (and the token
+    encoder, the knowledge store's vectors and grouped querying read them); `ffn_dim` is the
+    transformer's; `hstu` holds the HSTU backbone's own options (per-head widths, relative
+    bias, normaliser), applied only with `backbone="hstu"` (time bias there needs batch.ts).
+
+    Example::
+
+        >>> cfg = LUMConfig(d_model=8, num_heads=2, backbone="hstu", hstu=HSTUAttentionConfig(normaliser="length"))
+        >>> cfg.hstu.normaliser, cfg.hstu.dqk                 # dqk None: d_model // num_heads in the layer
+        ('length', None)
+    """
 
     d_model: int = 64
     num_layers: int = 2
@@ -40,12 +52,7 @@ class LUMConfig:
     dropout: float = 0.0
     max_len: int = 256  # tokens per sequence (condition + item), the position table / relative-bias range
     backbone: Literal["transformer", "hstu"] = "transformer"
-    hstu_dqk: int | None = None  # per-head q/k width; None: d_model // num_heads
-    hstu_dv: int | None = None  # per-head v width; None: d_model // num_heads
-    hstu_use_time_bias: bool = True  # needs batch.ts
-    hstu_use_position_bias: bool = True
-    hstu_normaliser: float | str | None = None  # None: max_len (the paper's N); "length": per segment
-    hstu_num_time_buckets: int = 64
+    hstu: HSTUAttentionConfig = field(default_factory=HSTUAttentionConfig)  # backbone "hstu" only
 
     def __post_init__(self) -> None:
         if self.backbone not in ("transformer", "hstu"):
@@ -59,17 +66,6 @@ class LUMConfig:
         return TransformerConfig(
             d_model=self.d_model, num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
             max_len=self.max_len, learned_positions=True, final_norm=False,
-        )
-
-    def hstu_config(self) -> HSTUConfig:
-        """The backbone config for `backbone="hstu"`."""
-        per_head = max(self.d_model // self.num_heads, 1)
-        return HSTUConfig(
-            d_model=self.d_model, num_heads=self.num_heads,
-            dqk=self.hstu_dqk or per_head, dv=self.hstu_dv or per_head, dropout=self.dropout,
-            max_len=self.max_len, num_time_buckets=self.hstu_num_time_buckets,
-            use_time_bias=self.hstu_use_time_bias, use_position_bias=self.hstu_use_position_bias,
-            normaliser=self.hstu_normaliser,
         )
 
 
@@ -116,7 +112,11 @@ class LUM(SequentialRecommender):
             self.backbone: nn.Module = TransformerStack(config.transformer_config(), config.num_layers)
             self.input_dropout = nn.Identity()  # the transformer stack drops out after adding positions
         else:
-            self.backbone = HSTUStack(config.hstu_config(), config.num_layers)
+            layer = HSTUConfig.with_shape(
+                config.hstu, d_model=config.d_model, num_heads=config.num_heads, dropout=config.dropout,
+                max_len=config.max_len,
+            )
+            self.backbone = HSTUStack(layer, config.num_layers)
             self.input_dropout = nn.Dropout(config.dropout)
             self._init_hstu_residual_outputs()
         self.final_norm = nn.LayerNorm(config.d_model)
@@ -162,8 +162,8 @@ class LUM(SequentialRecommender):
         if self.config.backbone == "transformer":
             h = self.backbone(x, offsets, segment_ids=segment_ids, positions=positions, query_flags=query_flags)
         else:
-            if self.config.hstu_use_time_bias and timestamps is None:
-                raise ValueError("LUM: the HSTU backbone has hstu_use_time_bias=True but the batch has no timestamps (ts)")
+            if self.config.hstu.use_time_bias and timestamps is None:
+                raise ValueError("LUM: the HSTU backbone has hstu.use_time_bias=True but the batch has no timestamps (ts)")
             h = self.backbone(
                 x, offsets, segment_ids=segment_ids, timestamps=timestamps, positions=positions, query_flags=query_flags
             )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import asdict
+from typing import Any, Callable, Mapping
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 from lumrec.config import from_dict
 from lumrec.data.dataset import Dataset, DatasetMeta
-from lumrec.data.tokens import TokenConfig
+from lumrec.data.tokens import CONSTANT_CONDITION_KEY, TokenConfig, condition_key
+from lumrec.modules.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
+from lumrec.modules.lum import LUM, LUMConfig
+from lumrec.modules.sasrec import SASRec, SASRecConfig
 from lumrec.modules.sequence_model import SequentialRecommender
+from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
 
 
 # A builder gets (model_config dict, dataset manifest, dataset, token config, max_len).
@@ -73,21 +78,26 @@ def _config(cls: type, model_config: dict[str, Any], max_len: int) -> Any:
 
 @register_model("sasrec")
 def _build_sasrec(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
-    from lumrec.modules.sasrec import SASRec, SASRecConfig
-
     return SASRec(_config(SASRecConfig, model_config, max_len), _num_items(meta))
+
+
+def _hstu_values(preset: str, model_config: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """The preset's values with the config's keys on top, `hstu` merged key by key; hstu.max_len defaults to the data's."""
+    values = asdict(hstu_preset(preset))
+    layer = {k: v for k, v in values.pop("hstu").items() if k != "max_len"}
+    layer["max_len"] = max_len
+    values.update(model_config)
+    given = model_config.get("hstu", {})
+    # A non-mapping `hstu` goes through unmerged, so that from_dict names the key in its error.
+    values["hstu"] = {**layer, **given} if isinstance(given, Mapping) else given
+    return values
 
 
 def _build_hstu_preset(preset: str) -> ModelBuilder:
     def build(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
-        from dataclasses import asdict
-
-        from lumrec.modules.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
-
-        # The preset's values, then the config's keys on top (checked against the dataclass).
-        merged = {k: v for k, v in asdict(hstu_preset(preset)).items() if k != "max_len"}  # max_len: the data's
-        merged.update(model_config)
-        return HSTURetrieval(_config(HSTURetrievalConfig, merged, max_len), _num_items(meta))
+        config = from_dict(HSTURetrievalConfig, _hstu_values(preset, model_config, max_len),
+                           source="pretrain config", prefix="model_config")
+        return HSTURetrieval(config, _num_items(meta))
 
     return build
 
@@ -99,10 +109,6 @@ register_model("hstu-large")(_build_hstu_preset("hstu-large"))
 @register_model("lum")
 def _build_lum(model_config, meta, data, token_config, max_len) -> SequentialRecommender:
     """LUM over [condition, item] tokens; tables derived from the dataset's vocabularies."""
-    from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
-    from lumrec.modules.lum import LUM, LUMConfig
-    from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
-
     values = dict(model_config)
     embedding_dim = values.pop("embedding_dim", None)  # table width; default d_model rounded up to a multiple of 4
     config = _config(LUMConfig, values, max_len)

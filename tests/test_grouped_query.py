@@ -21,6 +21,7 @@ from lumrec.modules.grouped_query import (
     query_encode,
     separate_queries,
 )
+from lumrec.modules.hstu import HSTUAttentionConfig
 from lumrec.modules.lum import LUM, LUMConfig
 from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
 
@@ -225,7 +226,7 @@ def test_errors_name_the_problem():
         grouped_query(lum, batch, CONDITIONS, as_of_ts=torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="'cond_category_id' has ids in \\[9, 9\\]"):
         grouped_query(lum, batch, [("category_id", 9)])
-    length_norm = _lum(tokens, "hstu", hstu_normaliser="length")
+    length_norm = _lum(tokens, "hstu", hstu=HSTUAttentionConfig(normaliser="length"))
     with pytest.raises(ValueError, match="separate_queries"):
         grouped_query(length_norm, batch, CONDITIONS, as_of_ts=0)
     # One query is exact even there, and separate passes always are.

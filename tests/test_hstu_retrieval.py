@@ -63,10 +63,11 @@ def make_tokens(
     return build_item_sequences(seqs, TokenConfig(item_features=features, include_timestamps=timestamps))
 
 
-def small_config(**overrides) -> HSTURetrievalConfig:
-    base = dict(d_model=16, num_layers=2, num_heads=2, dqk=8, dv=8, input_dropout=0.0, linear_dropout=0.0, max_len=MAX_LEN, num_time_buckets=32)
-    base.update(overrides)
-    return hstu_preset("hstu", **base)
+def small_config(hstu: dict | None = None, **overrides) -> HSTURetrievalConfig:
+    """The `hstu` preset at test size; `hstu` replaces layer (HSTUConfig) fields, `overrides` the model's own."""
+    layer = dict(d_model=16, num_heads=2, dqk=8, dv=8, dropout=0.0, max_len=MAX_LEN, num_time_buckets=32)
+    layer.update(hstu or {})
+    return hstu_preset("hstu", hstu=layer, **{"num_layers": 2, "input_dropout": 0.0, **overrides})
 
 
 def test_doctests():
@@ -75,13 +76,13 @@ def test_doctests():
 
 def test_presets_are_the_reference_ml1m_settings():
     base, large = HSTU_PRESETS["hstu"], HSTU_PRESETS["hstu-large"]
-    assert (base.d_model, base.num_layers, base.num_heads, base.dqk, base.dv) == (50, 2, 1, 50, 50)
-    assert (large.d_model, large.num_layers, large.num_heads, large.dqk, large.dv) == (50, 8, 2, 25, 25)
+    assert (base.hstu.d_model, base.num_layers, base.hstu.num_heads, base.hstu.dqk, base.hstu.dv) == (50, 2, 1, 50, 50)
+    assert (large.hstu.d_model, large.num_layers, large.hstu.num_heads, large.hstu.dqk, large.hstu.dv) == (50, 8, 2, 25, 25)
     for cfg in (base, large):
-        assert (cfg.input_dropout, cfg.linear_dropout, cfg.max_len, cfg.num_time_buckets) == (0.2, 0.2, 200, 128)
+        assert (cfg.input_dropout, cfg.hstu.dropout, cfg.hstu.max_len, cfg.hstu.num_time_buckets) == (0.2, 0.2, 200, 128)
         assert cfg.output_norm == "l2" and cfg.stochastic_length_alpha is None
     assert (ML1M_LOSS.num_sampled_negatives, ML1M_LOSS.temperature, ML1M_LOSS.in_batch_negatives) == (128, 0.05, False)
-    assert hstu_preset("hstu-large", max_len=50).max_len == 50
+    assert hstu_preset("hstu-large", hstu=dict(max_len=50)).hstu.max_len == 50
     with pytest.raises(KeyError, match="hstu-large"):
         hstu_preset("hstu-xl")
     with pytest.raises(ValueError, match="stochastic_length_alpha"):
@@ -96,7 +97,7 @@ def test_presets_are_the_reference_ml1m_settings():
 @pytest.mark.parametrize("normaliser,time_gap_from", [(None, "event"), ("length", "event"), (None, "request")])
 def test_packed_batch_equals_per_user_runs_forward_and_backward(normaliser, time_gap_from):
     torch.manual_seed(0)
-    model = HSTURetrieval(small_config(normaliser=normaliser, time_gap_from=time_gap_from), NUM_ITEMS).eval()
+    model = HSTURetrieval(small_config(hstu=dict(normaliser=normaliser), time_gap_from=time_gap_from), NUM_ITEMS).eval()
     rows = random_rows(1, [5, 1, 9, 3, 7, 12, 2, 20, 4])  # 20 > MAX_LEN: truncated alike in both paths
     tokens = make_tokens(rows, with_category=True)
     packed = one_batch(tokens)
@@ -237,7 +238,7 @@ def test_stochastic_length_only_in_training_and_targets_follow():
 
 def test_learns_a_planted_successor_rule():
     torch.manual_seed(0)
-    model = HSTURetrieval(small_config(d_model=32, dqk=16, dv=16, linear_dropout=0.1, input_dropout=0.1), num_items=30)
+    model = HSTURetrieval(small_config(hstu=dict(d_model=32, dqk=16, dv=16, dropout=0.1), input_dropout=0.1), num_items=30)
     before, after = train_on_planted_rule(model, successor_rows, make_tokens)
     assert before < 0.2
     assert after > 0.9, (before, after)
@@ -245,7 +246,7 @@ def test_learns_a_planted_successor_rule():
 
 def test_learns_a_rule_that_needs_attention():
     torch.manual_seed(0)
-    model = HSTURetrieval(small_config(d_model=32, dqk=16, dv=16, linear_dropout=0.1, input_dropout=0.1), num_items=30)
+    model = HSTURetrieval(small_config(hstu=dict(d_model=32, dqk=16, dv=16, dropout=0.1), input_dropout=0.1), num_items=30)
     before, after = train_on_planted_rule(model, alternating_rows, make_tokens, min_position=1)
     assert before < 0.2
     assert after > 0.8, (before, after)
@@ -254,7 +255,7 @@ def test_learns_a_rule_that_needs_attention():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 def test_meta_model_is_sharded_by_dmp_and_matches_unsharded(tmp_path):
     # d_model 50 (the paper's, not a multiple of 4) needs the dense kernel: fbgemm's fused one refuses it.
-    config = small_config(d_model=50, num_heads=1, dqk=8, dv=8)
+    config = small_config(hstu=dict(d_model=50, num_heads=1, dqk=8, dv=8))
     dmp, cleanup = shard_like_training(HSTURetrieval(config, NUM_ITEMS, device="meta"), tmp_path)
     try:
         # DMP materialised the dense layers through their own reset_parameters: the reference init, not torch's default.

@@ -18,11 +18,13 @@ from lumrec.data.packing import pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths, sequences_from_dataset
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens, item_dense_matrix, item_lists_from_table
+from lumrec.modules.hstu import HSTUAttentionConfig
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.lum import LUM, LUMConfig
+from lumrec.modules.ops import segment_positions
 from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
 from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
-from lumrec.modules.transformer import TransformerConfig, TransformerStack, segment_positions
+from lumrec.modules.transformer import TransformerConfig, TransformerStack
 
 MAX_LEN = 24
 BACKBONES = ["transformer", "hstu"]
@@ -125,7 +127,8 @@ def synthetic(tmp_path_factory):
 
 
 def _lum(tokens, vocab, lookup, backbone, dense_dim=0, **overrides):
-    cfg = dict(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, max_len=MAX_LEN, backbone=backbone, hstu_normaliser="length")
+    cfg = dict(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, max_len=MAX_LEN, backbone=backbone,
+               hstu=HSTUAttentionConfig(normaliser="length"))
     cfg.update(overrides)
     enc = token_encoder_config_from_tokens(tokens, vocab, dim=8, d_model=cfg["d_model"], dense_dim=dense_dim)
     return LUM(LUMConfig(**cfg), enc, lookup)
@@ -203,7 +206,7 @@ def test_grouped_queries_see_history_and_themselves(synthetic, backbone):
     tokens, vocab, dense, lookup = synthetic
     torch.manual_seed(0)
     # A constant HSTU normaliser: with "length", N queries would lengthen the segment and change the scale.
-    model = _lum(tokens, vocab, lookup, backbone, dense_dim=dense.shape[1], hstu_normaliser=None).eval()
+    model = _lum(tokens, vocab, lookup, backbone, dense_dim=dense.shape[1], hstu=HSTUAttentionConfig(normaliser=None)).eval()
     user = int(np.flatnonzero((tokens.lengths() >= 8) & (tokens.lengths() <= MAX_LEN - 2))[0])
     _, batch = _packed(tokens, rows=[user], dense=dense)
     n_hist = batch.num_tokens

@@ -34,7 +34,7 @@ ATOL = 1e-5
 
 _LUM = {"d_model": 8, "num_layers": 1, "num_heads": 2, "ffn_dim": 16}
 _LUM_DATA = dict(condition_features=["scenario", "category_id"], item_features=["item_id", "category_id"])
-_HSTU = {"d_model": 8, "num_layers": 1, "num_heads": 2, "dqk": 4, "dv": 4, "input_dropout": 0.0, "linear_dropout": 0.0}
+_HSTU = {"num_layers": 1, "input_dropout": 0.0, "hstu": {"d_model": 8, "num_heads": 2, "dqk": 4, "dv": 4, "dropout": 0.0}}
 
 # name -> (model, data options, model_config, train options, max_steps (None: the whole epoch))
 SCENARIOS: dict[str, tuple[str, dict, dict, dict, int | None]] = {

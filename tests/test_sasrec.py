@@ -7,12 +7,14 @@ import doctest
 import numpy as np
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import lumrec.modules.sasrec as sasrec_mod
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences
 from lumrec.modules.sasrec import SASRec, SASRecConfig
+from lumrec.modules.sequence_model import next_item_queries, seen_item_pairs
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
     MAX_LEN,
@@ -129,8 +131,6 @@ def test_meta_device_then_materialise_matches_a_cpu_model():
 def test_bad_inputs_are_rejected_with_the_key_named():
     model = SASRec(small_config(), NUM_ITEMS)
     batch = one_batch(make_tokens(random_rows(6, [5, 3])))
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     renamed = KeyedJaggedTensor(keys=["other"], values=batch.kjt.values(), lengths=batch.kjt.lengths(), stride=batch.num_tokens)
     with pytest.raises(ValueError, match="item_id"):
         model(JaggedBatch(**{**batch.__dict__, "kjt": renamed}))
@@ -184,8 +184,6 @@ def test_meta_model_is_sharded_by_dmp_and_matches_unsharded(tmp_path):
 @pytest.mark.parametrize("seed", range(4))
 def test_seen_item_pairs_match_a_loop_over_packed_segments(seed):
     """Each query's pairs are the items of its own segment up to it (repeats of its target left out)."""
-    from lumrec.modules.sequence_model import next_item_queries, seen_item_pairs
-
     rng = np.random.default_rng(seed)
     rows = [rng.integers(1, 8, n).tolist() for n in rng.integers(1, MAX_LEN + 1, 9)]  # 7 items: many repeats
     batch = one_batch(make_tokens(rows))
