@@ -394,7 +394,7 @@ def extend_seeds(earlier: dict[str, dict], new: dict[str, dict], first_seed: int
 
     An earlier row that already has these seeds (Base, rerun by every invocation) keeps its values,
     which every earlier row was paired against; a rerun that differs is logged and recorded in the
-    row as `rerun_auc` (float rounding in a different session can move a seeded run slightly).
+    row as `rerun_auc` (float rounding in another process can move a seeded run slightly).
     """
     from lumrec.pipelines.rank import summarize_seeds
 

@@ -132,7 +132,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def recipe_conflicts(earlier: dict | None, recipe: dict, seed: int) -> list[str]:
     """How `recipe` differs from the recipe of each of the earlier row's other seeds (empty: they may share a row).
 
-    Seeds recorded before recipes were (sessions 1-14) are checked on the row's threads and budget only.
+    Seeds recorded without a recipe are checked on the row's threads and budget only.
     """
     if not earlier:
         return []

@@ -5,8 +5,8 @@ benchmark's HSTU sees time gaps synthesised from positions. The published HSTU n
 code that had real timestamps and measured each token's gaps from the *next* event's time (the
 request time; at evaluation the held-out target's). `ratings_partial_first487650.dat.gz` has the
 real timestamps of users 1-2999 (every one of their ratings), so on exactly those users and
-events this script trains `configs/ml1m_hstu.yaml` (with the softmax over all items that the
-config had when these rows were measured) under one of three arms:
+events this script trains `configs/ml1m_hstu.yaml` (with `train.loss_excludes_seen=false`: the
+softmax over all items these rows were measured with) under one of three arms:
 
     order    timestamps synthesised from the event order (what the main benchmark has)
     event    real timestamps, gaps from the token's own event (time_gap_from=event)
@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ml1m_time_gaps.json"
 RATINGS_FILE = "ratings_partial_first487650.dat.gz"
 CONFIG = "configs/ml1m_hstu.yaml"
-# The rows were measured (sessions 12-14) before the config adopted train.loss_excludes_seen; keeping
-# that loss lets a new seed or arm join them, since rows that old carry no recipe to check it by.
+# The rows were measured with the softmax over all items (configs/ml1m_hstu.yaml sets
+# train.loss_excludes_seen true); pinning it lets a new seed or arm join them, because these rows
+# carry no recorded recipe to check a mix against.
 PINNED_OVERRIDES = ["train.loss_excludes_seen=false"]
 # arm -> (data set with real timestamps?, time_gap_from, what the row means)
 ARMS = {

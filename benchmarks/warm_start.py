@@ -128,7 +128,7 @@ def ml1m_ratings_setup() -> Setup:
         query_conditions=[{"feature": "category_id", "values": "all"}],
         # four frequent genres (Action 1, Comedy 5, Drama 8, Thriller 16) and the candidate's own: as in lum_tables' ml1m-ratings
         # LUM features: interest matching + missing flags, as on the synthetic logs. With all four groups
-        # (+ o_q and e_i, ~200 more inputs) a DLRM trained on one day of 5-12k ratings did worse (seed 0, README).
+        # (+ o_q and e_i, ~200 more inputs) a DLRM trained on one day of 5-12k ratings did worse (seed 0, docs/results/warm_start.md).
         lum={"conditions": ["category_id=1", "category_id=5", "category_id=8", "category_id=16"],
              "candidate_condition_feature": "category_id", "features": ["sim", "missing"]},
         context_keys=None, item_stats=[], max_history=200,
