@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lumrec.data.dataset import Dataset
 from lumrec.data.schema import ACTION_CLICK
 from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.knowledge import latest_as_of, load_knowledge
 from lumrec.modules.lum_features import KnowledgeSource, LUMFeatureConfig, LUMFeatureModule, candidates_kjt, lum_dense_input
 from lumrec.ranking_metrics import RankingMetrics
 
@@ -168,7 +169,6 @@ def _train_and_eval(
 
 def _store_knowledge(store: Path) -> Callable[[str], KnowledgeSource]:
     """Knowledge usable on day ds from step 2's store: the newest partition strictly before ds."""
-    from lumrec.data.knowledge import latest_as_of, load_knowledge
 
     def for_day(ds: str) -> KnowledgeSource:
         as_of = latest_as_of(store, ds)
