@@ -4,6 +4,11 @@ Determinism: batches come from a packing plan fixed by (seed, epoch); dropout an
 sampling are seeded by (seed, global step). A run resumed from any checkpoint therefore
 continues with the same batches and the same loss curve as an uninterrupted one.
 
+The loop itself (resume, budgets, patience, best checkpoint, results, TensorBoard) is
+`lumrec.train.TrainLoop`; pre-training gives it its step (the warmup-stable-decay lr, tokens
+counted), the validation HR@10 every `eval_every_epochs` epochs, rank 0's clock, and epoch-end
+saves only after an evaluation or at the end. `lumrec.pipelines.pretrain_config` holds the config.
+
 N ranks (torchrun / torchx with WORLD_SIZE > 1; gloo on CPU, like the one-process path): the
 embedding tables are sharded with TorchRec's DistributedModelParallel (RowwiseAdamW fused into
 their backward), the dense rest is replicated under DDP with AdamW, and each rank trains on a
@@ -26,157 +31,58 @@ import logging
 import math
 import os
 import re
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, ShardMetadata, TensorProperties
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from tqdm import tqdm
+from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from lumrec.allocator import keep_freed_host_memory
 from lumrec.checkpoint import CheckpointManager
-from lumrec.config import check_same_run, load_config, to_dict
-from lumrec.data.batches import PackedBatchLoader
+from lumrec.config import load_config, to_dict
+from lumrec.data.batches import JaggedBatch, PackedBatchLoader
 from lumrec.data.dataset import Dataset, day_bounds, write_text_atomic
 from lumrec.data.packing import history_windows
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig, drop_condition_ids
-from lumrec.faults import failpoint
-from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.distributed import DistContext, dense_optimizer, from_rank0, global_mean_loss, init_distributed, shard_model
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.sequence_model import RetrievalTrain, SequentialRecommender
-from lumrec.optim import RowwiseAdamW
+from lumrec.modules.warm_start import load_source_state, warm_start
+from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.optim import fused_params_for
 from lumrec.pipelines.model_factory import build_model, split_parameters
+from lumrec.pipelines.pretrain_config import (  # the configs are importable from here too
+    LONG_HISTORY,
+    RESUMABLE_CHANGES,
+    TABLE_OPTIMIZERS,
+    DataConfig,
+    PretrainConfig,
+    TrainConfig,
+)
 from lumrec.pipelines.retrieval_eval import build_tokens, evaluate_retrieval, leave_one_out
-
-if TYPE_CHECKING:
-    from lumrec.distributed import DistContext
+from lumrec.tracking import count_parameters, log_job_start
+from lumrec.train import (
+    Budget,
+    EvalResult,
+    Evaluation,
+    GradNormProbe,
+    Rank0Clock,
+    RunCheckpoints,
+    RunConfig,
+    SavePolicy,
+    StepResult,
+    TrainLoop,
+    TrainState,
+    dense_parameters,
+)
+from lumrec.train.sharded_state import ShardedCheckpointState
 
 log = logging.getLogger("lumrec.pretrain")
 
-
-@dataclass
-class DataConfig:
-    """Which events to train on and how they become tokens."""
-
-    path: str = "out/ml-1m"  # a lumrec dataset folder (`lumrec import` / `lumrec synth`)
-    start: str | None = None  # first day (YYYY-MM-DD) of behaviours to use; None = all
-    end: str | None = None
-    max_len: int = 200  # tokens per sequence; the most recent are kept
-    # Histories longer than max_len in training. "last": only the most recent max_len tokens (the
-    # published protocol; the rest is never seen). "windows": the whole history, cut from its end
-    # into windows of max_len tokens that train as separate sequences (every transition once).
-    # Evaluation always reads the most recent max_len tokens.
-    long_history: str = "last"
-    condition_features: list[str] = field(default_factory=list)  # LUM: [] = one constant condition
-    # LUM: each condition feature of a training event is left empty with this probability (seeded,
-    # the same every epoch and on resume), so the model also answers a `none=0` query (no
-    # condition) and any subset of its conditions. Evaluation and queries use full conditions.
-    condition_dropout: float = 0.0
-    item_features: list[str] = field(default_factory=lambda: ["item_id"])
-    min_history: int = 1  # users need min_history + 2 events (train + valid + test targets)
-    # Events at the end of each history that training never sees. 2: validation and test are
-    # held out and early stopping uses validation (strict). 1: only the test event is held out,
-    # as in the published ML-1M protocol (Meta's code has no validation split); there is then no
-    # validation metric, so the model at the end of the budget is the one tested. 0: nothing is
-    # held out and there is no test (continued daily pre-training: the next day tests it).
-    train_excludes_last: int = 2
-    # Streaming continuation: only items on or after this day (YYYY-MM-DD) are training targets;
-    # earlier events are context. Users without events on or after it are skipped. None = all.
-    target_start: str | None = None
-
-
-# data.long_history choices: the most recent max_len tokens only, or the whole history in windows.
-LONG_HISTORY = ("last", "windows")
-
-# train.embedding_optimizer -> the optimizer class of the embedding tables (one process).
-TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"rowwise_adamw": RowwiseAdamW, "adamw": torch.optim.AdamW}
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, evaluation, checkpoints and budget."""
-
-    seed: int = 0
-    epochs: int = 100
-    rows_per_batch: int = 128  # packed rows of max_len tokens per step
-    lr: float = 1e-3
-    embedding_lr: float | None = None  # None = lr
-    weight_decay: float = 0.0
-    embedding_weight_decay: float = 0.0
-    # Optimizer of the embedding tables: "rowwise_adamw" (one second moment per row: fbgemm's
-    # PARTIAL_ROWWISE_ADAM, the memory a large table needs) or "adamw" (one per element, as
-    # Meta's research trainer uses on ML-1M; one process only, and 2x the table's memory).
-    embedding_optimizer: str = "rowwise_adamw"
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    temperature: float = 0.05
-    num_negatives: int = 128  # shared uniform negatives per step; -1 = every item (full softmax)
-    in_batch_negatives: bool = True  # other queries' targets are negatives too
-    # A position's earlier items of its own sequence are not its negatives, whether full-softmax,
-    # in-batch or sampled (the candidates an exclude_seen evaluation ranks); the target always is its positive.
-    loss_excludes_seen: bool = False
-    eval_every_epochs: int = 1
-    patience: int = 5  # evaluations without a better validation HR@10 before stopping
-    max_minutes: float = 0.0  # training-time budget (0 = none); evaluation time is not counted
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 2
-    threads: int = 0  # torch threads (0 = torch's default)
-    keep_freed_host_memory: bool = True  # glibc: reuse freed large buffers (see lumrec.allocator)
-    eval_rows_per_batch: int = 64
-    exclude_seen: bool = True  # rank only items outside the user's visible history (published protocol)
-    log_every_steps: int = 20
-    # A checkpoint (a run's checkpoints/ folder, or one step-NNNNNNNN in it) whose model and
-    # optimizer state a fresh run starts from: continued pre-training (daily: D-1's LUM). Ignored
-    # when the run has checkpoints of its own (it resumes from them).
-    init_from: str | None = None
-    # Feature warm-up: a fresh run (no checkpoints, no init_from) copies the embedding tables of an
-    # existing DLRM into the token encoder (names mapped by `name_map`; only same-shape tensors are
-    # copied, the rest is reported). Declare the LUM's tables like the DLRM's (model_config.embedding_dim).
-    table_init: WarmStartConfig | None = None
-    # Warmup-stable-decay: the lr stays constant, then falls linearly to lr * lr_final_ratio over
-    # the last `lr_decay_fraction` of the run. The run's length is the time budget when one is set
-    # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
-    lr_decay_fraction: float = 0.0
-    lr_final_ratio: float = 0.0
-
-
-@dataclass
-class PretrainConfig:
-    """A whole pre-training run."""
-
-    model: str = "sasrec"  # sasrec | hstu | hstu-large | lum
-    out: str = "runs/pretrain"
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model_config: dict[str, Any] = field(default_factory=dict)  # keys of the model's own config dataclass
-
-
-# Keys a resumed run may change: they do not alter what its checkpoints mean (budget, logging,
-# threads; init_from and table_init only act on a fresh run). Any other change is refused.
-RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.patience", "train.eval_every_epochs",
-                     "train.eval_rows_per_batch", "train.threads", "train.keep_freed_host_memory", "train.log_every_steps",
-                     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init")
-
-
-@dataclass
-class RunState:
-    """Progress that a checkpoint carries besides tensors."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # next batch of `epoch`
-    best_metric: float = -1.0
-    best_epoch: int = -1
-    bad_evals: int = 0
-    train_seconds: float = 0.0
-    tokens: int = 0
-    history: list[dict] = field(default_factory=list)
-    done: bool = False
+__all__ = ["DataConfig", "PretrainConfig", "Pretrainer", "TrainConfig", "main"]
 
 
 _STEP_DIR = re.compile(r"^step-\d{8}$")
@@ -192,7 +98,7 @@ def _rank_seed(step_seed: int, rank: int) -> int:
     return (step_seed + rank * 104_729) % (2**63 - 1)
 
 
-def _distributed_context() -> "DistContext | None":
+def _distributed_context() -> DistContext | None:
     """The process group when torchrun/torchx started WORLD_SIZE > 1 ranks; None in one process (the plain path).
 
     gloo on CPU whatever the machine: the pre-trainer runs on CPU in one process too.
@@ -204,42 +110,7 @@ def _distributed_context() -> "DistContext | None":
         raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
     if world <= 1:
         return None
-    from lumrec.distributed import init_distributed
-
     return init_distributed("gloo")
-
-
-@dataclass
-class _TableSlot:
-    """Where this rank's shard of one table lives in a DENSE kernel: its RowwiseAdamW, flat weight, segment."""
-
-    optimizer: torch.optim.Optimizer
-    weight: torch.Tensor
-    offset: int  # first element of the table in the flat weight
-    rows: int
-    dim: int
-    row_base: int  # first row of the table in the optimizer's per-row state
-
-
-def _sharded_like(weight: ShardedTensor, local_meta: ShardMetadata, local: torch.Tensor, rows_only: bool) -> ShardedTensor:
-    """A ShardedTensor placed like `weight` (`rows_only`: its row dimension alone) with `local` as this rank's shard."""
-
-    def cut(m: ShardMetadata) -> ShardMetadata:
-        if rows_only:
-            return ShardMetadata([m.shard_offsets[0]], [m.shard_sizes[0]], m.placement)
-        return ShardMetadata(list(m.shard_offsets), list(m.shard_sizes), m.placement)
-
-    meta = weight.metadata()
-    size = torch.Size(list(meta.size)[:1] if rows_only else list(meta.size))
-    global_meta = ShardedTensorMetadata([cut(m) for m in meta.shards_metadata], size, TensorProperties(dtype=local.dtype))
-    return ShardedTensor._init_from_local_shards_and_global_metadata([Shard(local, cut(local_meta))], global_meta)
-
-
-def _unprefixed(name: str, prefix: str = "model.") -> str:
-    """A sharded RetrievalTrain's parameter name as the bare model's (`model.x` -> `x`)."""
-    if not name.startswith(prefix):
-        raise RuntimeError(f"dense parameter {name!r} is outside the model (expected the prefix {prefix!r})")
-    return name[len(prefix) :]
 
 
 class Pretrainer:
@@ -309,22 +180,46 @@ class Pretrainer:
             exclude_seen=t.loss_excludes_seen,
         ), self.model.num_items, process_group=None if self.ctx is None else self.ctx.process_group)
         self.trainer = RetrievalTrain(self.model, loss, min_target_ts=self.min_target_ts)
-        self.ckpt = CheckpointManager(self.out / "checkpoints", keep=t.keep_checkpoints)
-        self.best = CheckpointManager(self.out / "best", keep=1)
+        self.num_parameters = count_parameters(self.model)  # before sharding: the whole model's size
+        self.checkpoints = RunCheckpoints(self.out, t.keep_checkpoints, lambda for_load: self._state(for_save=not for_load),
+                                          self._apply_state, lambda: {"model": self.model.state_dict()})
         self.dmp = None  # the DistributedModelParallel of `trainer` on N ranks
         if self.ctx is None:
             self.optimizers = self._build_optimizers()
+            self.grad_norm = GradNormProbe(split_parameters(self.model)[1])
         else:
-            if self.ckpt.latest() is None and not t.init_from and t.table_init is not None:
+            if self.checkpoints.latest() is None and not t.init_from and t.table_init is not None:
                 self._init_tables(t.table_init)  # into the unsharded model: sharding copies the tables
             self.optimizers = self._shard()
+            self.grad_norm = GradNormProbe(dense_parameters(self.dense_optimizer))  # tables step inside backward
         # The configured lr of every optimizer group: the schedule scales these (not the groups'
         # current values, which a checkpoint may carry decayed).
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self._lr_factor = 1.0
-        self.state = RunState()
-        self.resumed_from_step: int | None = None  # set when run() continues an earlier process's checkpoint
-        self.writer = None
+        self._total_steps: int | None = None  # epochs x batches, the lr schedule's length without a time budget
+        self.loop = TrainLoop(
+            "pretrain", self.out, self.loader, self._loop_step,
+            Evaluation("hr@10", self._validate, every_epochs=t.eval_every_epochs, enabled=self.validates),
+            self.checkpoints, RunConfig(to_dict(cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig())),
+            # Patience 0 stops at the first evaluation without a better HR@10, as patience 1 does.
+            Budget(t.epochs, max_minutes=t.max_minutes, patience=max(1, t.patience), checkpoint_every_steps=t.checkpoint_every_steps,
+                   log_every_steps=t.log_every_steps),
+            self._results, clock=Rank0Clock(self.ctx), ctx=self.ctx,
+            # Epoch ends are saved only where state beyond the step checkpoints changed (an evaluation, the end):
+            # with short epochs an every-epoch save cost more than training (Beauty: 21 steps per epoch).
+            saves=SavePolicy(every_epoch=False),
+            train_mode=lambda: (self.dmp if self.dmp is not None else self.model).train(), on_fresh_start=self._fresh_start,
+        )
+
+    @property
+    def state(self) -> TrainState:
+        """Where the run stands (step, loader position, best validation HR@10, history)."""
+        return self.loop.state
+
+    @property
+    def resumed_from_step(self) -> int | None:
+        """The step this process's run continued from (None for a fresh run)."""
+        return self.loop.resumed_from_step
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         """`train.embedding_optimizer` for the embedding tables (RowwiseAdamW by default), AdamW for dense parameters."""
@@ -345,11 +240,6 @@ class Pretrainer:
         `self.dmp`) and `self.model` its SequentialRecommender, whose state_dict has one
         process's names (tables as ShardedTensors).
         """
-        from torchrec.modules.embedding_modules import EmbeddingCollection
-
-        from lumrec.distributed import dense_optimizer, shard_model
-        from lumrec.optim import fused_params_for
-
         t = self.cfg.train
         if t.embedding_optimizer != "rowwise_adamw":
             raise ValueError(f"train.embedding_optimizer={t.embedding_optimizer!r} runs in one process only; "
@@ -364,37 +254,15 @@ class Pretrainer:
         self.trainer = self.dmp.module
         self.model = self.trainer.model
         self.dense_optimizer = dense_optimizer(self.dmp, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-        self._table_slots = self._find_table_slots()
-        # A one-process RowwiseAdamW group's keys, for checkpoints that one process can read.
-        probe = RowwiseAdamW([torch.zeros(1, 1, requires_grad=True)], **table_opt["optimizer_kwargs"])
-        self._table_group = {k: v for k, v in probe.param_groups[0].items() if k != "params"}
+        self.sharded_state = ShardedCheckpointState(self.model, self.dense_optimizer, table_opt["optimizer_kwargs"])
         return [self.dense_optimizer, *self.dmp.lumrec_table_sharder.attached_optimizers]
-
-    def _find_table_slots(self) -> dict[str, _TableSlot]:
-        """This rank's table shards by the state-dict key of their weight: optimizer, flat weight and segment."""
-        from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
-
-        from lumrec.optim.sharding import dense_kernel_segments, iter_dense_kernels
-
-        slots: dict[str, _TableSlot] = {}
-        for fqn, module in self.model.named_modules():
-            if not isinstance(module, ShardedEmbeddingBagCollection):
-                continue
-            prefix = f"{fqn}.embedding_bags." if fqn else "embedding_bags."
-            for kernel in iter_dense_kernels(module):
-                weight = kernel.emb_module.weights
-                optimizer = weight._in_backward_optimizers[-1]  # the RowwiseAdamW the sharder attached
-                row_base = 0
-                for table, (offset, rows, dim) in zip(kernel.config.embedding_tables, dense_kernel_segments(kernel)):
-                    slots[f"{prefix}{table.name}.weight"] = _TableSlot(optimizer, weight, offset, rows, dim, row_base)
-                    row_base += rows
-        return slots
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self, for_save: bool = False) -> dict[str, Any]:
         """What a checkpoint holds: {"model": ..., "optim": ...} with one process's names on any world size."""
         if self.dmp is not None:
-            return self._sharded_state(param_groups=for_save)
+            table_lr = (self.cfg.train.embedding_lr or self.cfg.train.lr) * self._lr_factor
+            return self.sharded_state.state_dict(param_groups=for_save, table_lr=table_lr)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
         return {"model": model_sd, "optim": optim_sd}
 
@@ -407,100 +275,20 @@ class Pretrainer:
         # so that torchrec copies the table shards whatever DCP did with them.
         self.model.load_state_dict(state["model"])
 
-    def _sharded_state(self, param_groups: bool) -> dict[str, Any]:
-        """This rank's part of a checkpoint, named and laid out like one process's `get_state_dict`.
-
-        Dense parameters and their AdamW state are replicated tensors (DCP writes them once);
-        tables and their RowwiseAdamW moments (exp_avg [rows, dim], exp_avg_sq_row and row_step
-        [rows]) are ShardedTensors over views of the live shards and state, so loading is in place
-        and DCP reshards between world sizes. `param_groups` (for saving) adds the hyper-parameters
-        one process restores; on N ranks the lrs always come from this run's config and schedule.
-        """
-        model_sd = self.model.state_dict()
-        state: dict[str, Any] = {}
-        dense = dict(self.dense_optimizer.optimizers).get("dense")
-        dense_names: list[str] = []
-        if dense is not None:
-            self._init_dense_state(dense)
-            for name, param in dense.params.items():
-                dense_names.append(_unprefixed(name))
-                state[dense_names[-1]] = dict(dense.state[param])
-        table_names = sorted(k for k, v in model_sd.items() if isinstance(v, ShardedTensor))
-        for key in table_names:
-            table_state = self._table_state(key, model_sd[key])
-            if table_state is not None:  # else another rank holds this table
-                state[key] = table_state
-        optim: dict[str, Any] = {"state": state}
-        if param_groups:
-            groups = []
-            if dense is not None:
-                groups.append({**{k: v for k, v in dense.param_groups[0].items() if k != "params"}, "params": dense_names})
-            if table_names:
-                lr = (self.cfg.train.embedding_lr or self.cfg.train.lr) * self._lr_factor
-                groups.append({**self._table_group, "lr": lr, "params": table_names})
-            optim["param_groups"] = groups
-        return {"model": model_sd, "optim": optim}
-
-    @staticmethod
-    def _init_dense_state(dense: Any) -> None:
-        """Create AdamW's lazy state (a step with zero gradients at lr 0, as torch's get_state_dict does) so DCP can load into it."""
-        inner = dense._optimizer
-        params = list(dense.params.values())
-        if all(inner.state.get(p) for p in params):
-            return
-        lrs = [group["lr"] for group in inner.param_groups]
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-        inner.step()
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
-        inner.zero_grad(set_to_none=True)
-
-    def _table_state(self, key: str, weight: ShardedTensor) -> dict[str, Any] | None:
-        """RowwiseAdamW state of this rank's shard of table `key` as ShardedTensors; None when it holds none."""
-        shards = weight.local_shards()
-        if not shards:
-            return None
-        slot = self._table_slots.get(key)
-        if slot is None or len(shards) != 1 or list(shards[0].metadata.shard_sizes) != [slot.rows, slot.dim]:
-            raise RuntimeError(f"{key}: expected one local shard of whole rows in a DENSE kernel; found {len(shards)} "
-                               f"shard(s), kernel segment {slot}")
-        opt = slot.optimizer
-        st = opt._init_state(opt.param_groups[0], slot.weight)  # lazy state must exist before DCP loads into it
-        rows = slice(slot.row_base, slot.row_base + slot.rows)
-        exp_avg = st["exp_avg"][slot.offset : slot.offset + slot.rows * slot.dim].view(slot.rows, slot.dim)
-        meta = shards[0].metadata
-        return {
-            "step": st["step"],
-            "exp_avg": _sharded_like(weight, meta, exp_avg, rows_only=False),
-            "exp_avg_sq_row": _sharded_like(weight, meta, st["exp_avg_sq_row"][rows], rows_only=True),
-            "row_step": _sharded_like(weight, meta, st["row_step"][rows], rows_only=True),
-        }
-
     def save(self) -> None:
         """Checkpoint tensors plus run state (data position, best metric, history)."""
-        self.state.epoch, self.state.batch = self.loader.epoch, self.loader.batch
-        self.ckpt.save(self.state.step, self._state(for_save=True), extra=asdict(self.state))
+        self.loop.save()
 
     def maybe_resume(self) -> bool:
         """Load the latest complete checkpoint of this run, if any (else `train.init_from`'s weights, if set)."""
-        if self.ckpt.latest() is None:
-            if self.cfg.train.init_from:
-                self._init_from(self.cfg.train.init_from)
-            elif self.cfg.train.table_init is not None and self.dmp is None:  # N ranks: done before sharding
-                self._init_tables(self.cfg.train.table_init)
-            return False
-        check_same_run(self.out / "config.json", to_dict(self.cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig()))
-        state = self._state()
-        info = self.ckpt.load(state)
-        self._apply_state(state)
-        self.state = RunState(**info.extra)
-        self.loader.epoch, self.loader.batch = self.state.epoch, self.state.batch
-        self.resumed_from_step = self.state.step
-        log.info("resumed from step %d (epoch %d, batch %d)", self.state.step, self.state.epoch, self.state.batch)
-        return True
+        return self.loop.resume()
+
+    def _fresh_start(self) -> None:
+        """A run without checkpoints of its own: `train.init_from`'s weights, or `train.table_init`'s tables, if set."""
+        if self.cfg.train.init_from:
+            self._init_from(self.cfg.train.init_from)
+        elif self.cfg.train.table_init is not None and self.dmp is None:  # N ranks: done before sharding
+            self._init_tables(self.cfg.train.table_init)
 
     def _init_from(self, source: str) -> None:
         """Start from another run's model and optimizer state (a checkpoints/ folder or one step in it)."""
@@ -521,8 +309,6 @@ class Pretrainer:
 
     def _init_tables(self, cfg: WarmStartConfig) -> None:
         """Feature warm-up: the token encoder's tables from an existing DLRM's (see TrainConfig.table_init)."""
-        from lumrec.modules.warm_start import load_source_state, warm_start
-
         if not cfg.source:
             raise ValueError("train.table_init.source is empty; give the DLRM's checkpoint folder or torch.save file")
         cfg = WarmStartConfig(source=cfg.source, name_map=cfg.name_map, strict_shapes=False, exclude=cfg.exclude,
@@ -540,22 +326,11 @@ class Pretrainer:
                              "(check name_map and model_config.embedding_dim)")
         self.table_init_report = {"source": cfg.source, "tables": copied}
         if self.is_main:  # kept beside the checkpoints: a resumed run reports it too
-            from lumrec.data.dataset import write_text_atomic
-
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "table_init.json", json.dumps(self.table_init_report, indent=2))
         log.info("token encoder tables initialised from %s: %s", cfg.source, copied)
 
     # -- training ---------------------------------------------------------------------------
-    def _log_scalar(self, name: str, value: float, step: int) -> None:
-        if not self.is_main:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        self.writer.add_scalar(name, value, step)
-
     def lr_multiplier(self, progress: float) -> float:
         """Factor on the base lr at `progress` in [0, 1] of the run (warmup-stable-decay)."""
         t = self.cfg.train
@@ -576,21 +351,26 @@ class Pretrainer:
         return factor
 
     def _rank0(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (decisions such as the time budget must agree); itself in one process."""
-        from lumrec.distributed import from_rank0
-
+        """Rank 0's `value` on every rank (decisions such as early stopping must agree); itself in one process."""
         return from_rank0(self.ctx, value)
 
-    def _seconds(self, t0: float) -> float:
-        """Training seconds so far; on N ranks rank 0's clock, so that lr and time budget agree everywhere."""
-        seconds = self.state.train_seconds + (time.perf_counter() - t0)
-        if self.ctx is None:
-            return seconds
-        box = torch.tensor([seconds], dtype=torch.float64)
-        dist.broadcast(box, src=0)
-        return float(box)
+    def _loop_step(self, batch: JaggedBatch, log_step: bool) -> StepResult:
+        """The loop's step: the lr schedule's factor, `train_step`, and the scalars of a log step."""
+        t = self.cfg.train
+        scalars: dict[str, float | None] = {}
+        if t.lr_decay_fraction > 0:
+            if self._total_steps is None:  # at the run's first step, as the loader's length then
+                self._total_steps = max(1, t.epochs * len(self.loader))
+            budget = self.loop.budget.max_seconds
+            progress = self.loop.train_seconds() / budget if budget < math.inf else self.state.step / self._total_steps
+            scalars["lr_factor"] = self._set_lr(progress)
+        self.grad_norm.armed = log_step
+        loss, _, tokens = self.train_step(batch)
+        scalars["lr"] = t.lr * self._lr_factor
+        scalars["grad_norm"] = self.grad_norm.take()
+        return StepResult(loss, tokens, scalars)
 
-    def train_step(self, batch) -> tuple[float, int, int]:
+    def train_step(self, batch: JaggedBatch) -> tuple[float, int, int]:
         """One optimisation step on a packed batch; returns the global batch's (mean loss, queries, tokens)."""
         seed = _step_seed(self.cfg.train.seed, self.state.step)
         if self.dmp is not None:
@@ -601,14 +381,13 @@ class Pretrainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.grad_norm()  # the dense gradients' norm at log steps (read only)
         for opt in self.optimizers:
             opt.step()
         return float(loss.detach()), queries, batch.num_tokens
 
-    def _sharded_step(self, batch, seed: int) -> tuple[float, int, int]:
+    def _sharded_step(self, batch: JaggedBatch, seed: int) -> tuple[float, int, int]:
         """`train_step` on this rank's slice: the global mean loss's gradient, tables updated in backward."""
-        from lumrec.distributed import global_mean_loss
-
         own = _rank_seed(seed, self.ctx.rank)
         torch.manual_seed(own)  # dropout: each rank its own masks
         # Sampled negatives from the step seed alone: the same on every rank, as in one process.
@@ -623,6 +402,7 @@ class Pretrainer:
             loss = global_mean_loss(loss, queries, self.ctx, total_queries)
         self.dense_optimizer.zero_grad(set_to_none=True)
         loss.backward()  # the table shards were updated here (RowwiseAdamW in backward)
+        self.grad_norm()
         self.dense_optimizer.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
@@ -635,113 +415,55 @@ class Pretrainer:
                                   self.cfg.train.eval_rows_per_batch, exclude_seen=self.cfg.train.exclude_seen)
 
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
-        """Train until epochs, patience, time budget or `max_steps` run out; then test the best model."""
-        t = self.cfg.train
-        self.maybe_resume()
-        if dist.is_initialized():
-            dist.barrier()  # every rank has compared config.json before rank 0 rewrites it
-        if self.is_main:
-            write_text_atomic(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=2))
-        budget = t.max_minutes * 60 if t.max_minutes > 0 else math.inf
-        total_steps = max(1, t.epochs * len(self.loader))
-        (self.dmp if self.dmp is not None else self.model).train()
-        while not self.state.done and self.loader.epoch < t.epochs:
-            epoch = self.loader.epoch
-            bar = tqdm(total=len(self.loader), initial=self.loader.batch, desc=f"epoch {epoch}", unit="batch",
-                       mininterval=2.0, dynamic_ncols=True,
-                       # Only rank 0 shows a bar; TQDM_DISABLE=1 (the demo sets it) silences it too.
-                       disable=not self.is_main or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
-            t0, tok0 = time.perf_counter(), self.state.tokens
-            for batch in self.loader:
-                if t.lr_decay_fraction > 0:
-                    progress = self._seconds(t0) / budget if budget < math.inf else self.state.step / total_steps
-                    factor = self._set_lr(progress)
-                loss, _, tokens = self.train_step(batch)
-                self.state.step += 1
-                self.state.tokens += tokens
-                failpoint("pretrain.step")
-                elapsed = time.perf_counter() - t0
-                bar.update(1)
-                if self.state.step % t.log_every_steps == 0:
-                    tps = (self.state.tokens - tok0) / max(elapsed, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-                    self._log_scalar("train/loss", loss, self.state.step)
-                    self._log_scalar("train/tokens_per_s", tps, self.state.step)
-                    if t.lr_decay_fraction > 0:
-                        self._log_scalar("train/lr_factor", factor, self.state.step)
-                if self.state.step % t.checkpoint_every_steps == 0:
-                    self.state.train_seconds += time.perf_counter() - t0
-                    t0, tok0 = time.perf_counter(), self.state.tokens
-                    self.save()
-                if max_steps is not None and self.state.step >= max_steps:
-                    break
-                if budget < math.inf and self._seconds(t0) > budget:
-                    log.info("time budget of %.1f min reached", t.max_minutes)
-                    self.state.done = True
-                    break
-            bar.close()
-            self.state.train_seconds += time.perf_counter() - t0
-            if max_steps is not None and self.state.step >= max_steps:
-                self.save()
-                return {"step": self.state.step, "stopped": "max_steps"}
-            finished_epoch = self.loader.batch == 0 and self.loader.epoch == epoch + 1
-            evaluated = self.validates and (finished_epoch and (epoch + 1) % t.eval_every_epochs == 0 or self.state.done)
-            if evaluated:
-                self._end_of_epoch_eval(epoch)
-            # Epoch ends are saved only where state beyond the step checkpoints changed (an evaluation, the end):
-            # with short epochs an every-epoch save cost more than training (Beauty: 21 steps per epoch).
-            if evaluated or self.state.done or self.loader.epoch >= t.epochs:
-                self.save()
-        return self._final()
+        """Train until epochs, patience, time budget or `max_steps` run out; then test the best model.
 
-    def _end_of_epoch_eval(self, epoch: int) -> None:
-        """Validation metrics, best-model bookkeeping and early stopping."""
-        t = self.cfg.train
+        `max_steps` stops as a kill would, after a checkpoint, and returns {"step": ..., "stopped": "max_steps"}.
+        """
+        self._total_steps = None
+        if self.is_main:
+            log_job_start("pretrain", data=f"{self.num_train_users:,} users, {self.loader.tokens.num_tokens:,} tokens",
+                          parameters=self.num_parameters, device="cpu", threads=torch.get_num_threads(),
+                          **({"ranks": self.ctx.world_size} if self.ctx is not None else {}))
+        result = self.loop.run(max_steps=max_steps)
+        if "stopped" in result:
+            return {"step": result["step"], "stopped": result["stopped"]}
+        return result
+
+    def _validate(self, epoch: int, state: TrainState) -> EvalResult:
+        """Validation metrics; HR@10 picks the best model and drives early stopping."""
         # Every rank evaluates alike; rank 0's numbers rule, so early stopping agrees to the bit.
         metrics = self._rank0(self.evaluate("valid"))
-        self.state.history.append({"epoch": epoch, "step": self.state.step, **metrics})
-        for name, value in metrics.items():
-            self._log_scalar(f"valid/{name}", value, self.state.step)
         if self.is_main:
             log.info("epoch %d valid %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if metrics["hr@10"] > self.state.best_metric:
-            self.state.best_metric, self.state.best_epoch, self.state.bad_evals = metrics["hr@10"], epoch, 0
-            self.best.save(self.state.step, {"model": self.model.state_dict()}, extra={"epoch": epoch, **metrics})
-        else:
-            self.state.bad_evals += 1
-            if self.state.bad_evals >= t.patience:
-                log.info("early stopping: no better validation HR@10 for %d evaluations", t.patience)
-                self.state.done = True
+        return EvalResult({"epoch": epoch, "step": state.step, **metrics}, score=metrics["hr@10"],
+                          best_extra={"epoch": epoch, **metrics}, scalars={"valid": metrics})
 
-    def _final(self) -> dict[str, Any]:
-        """Test metrics of the best validation model; written to results.json."""
-        if self.best.latest() is not None:
-            state = {"model": self.model.state_dict()}
-            self.best.load(state)
-            self.model.load_state_dict(state["model"])
+    def _results(self, state: TrainState) -> dict[str, Any]:
+        """Test metrics of the best validation model (results.json)."""
+        if self.checkpoints.best.latest() is not None:
+            best = {"model": self.model.state_dict()}
+            self.checkpoints.best.load(best)
+            self.model.load_state_dict(best["model"])
         test = self._rank0(self.evaluate("test")) if self.tests else {}
-        secs = self.state.train_seconds
+        self.loop.scalars.scalars("test", test, state.step)
+        secs = state.train_seconds
         result = {
             "model": self.cfg.model,
             "test": test,
-            "best_valid_hr@10": self.state.best_metric,
-            "best_epoch": self.state.best_epoch,
+            "best_valid_hr@10": state.best_metric,
+            "best_epoch": state.best_epoch,
             "epochs_run": self.loader.epoch,
-            "steps": self.state.step,
+            "steps": state.step,
             "resumed_from_step": self.resumed_from_step,
             "train_users": self.num_train_users,
             "train_minutes": round(secs / 60, 2),
-            "tokens_per_s": round(self.state.tokens / secs, 1) if secs > 0 else None,
-            "history": self.state.history,
+            "tokens_per_s": round(state.tokens / secs, 1) if secs > 0 else None,
+            "history": state.history,
         }
         if (self.out / "table_init.json").exists():
             result["table_init"] = json.loads((self.out / "table_init.json").read_text())
-        if self.is_main:
-            (self.out / "results.json").write_text(json.dumps(result, indent=2))
         if test and self.is_main:
             log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in test.items()))
-        if self.writer is not None:
-            self.writer.close()
         return result
 
     def close(self) -> None:

@@ -78,7 +78,8 @@ class EpochJob:
             Evaluation(self.metric, self._evaluate_epoch),
             RunCheckpoints(self.out, t.keep_checkpoints, self._tensors, self._load_tensors, lambda: {"model": self.model_state()}),
             RunConfig(self.config_dict(), self.RESUMABLE_CHANGES),
-            Budget(t.epochs, t.max_minutes, t.patience, t.checkpoint_every_steps, t.log_every_steps),
+            Budget(t.epochs, max_minutes=t.max_minutes, patience=t.patience, checkpoint_every_steps=t.checkpoint_every_steps,
+                   log_every_steps=t.log_every_steps),
             self._results, clock=AnyRankClock(self.ctx), ctx=self.ctx, progress=t.progress, train_mode=lambda: self.model.train(),
         )
 

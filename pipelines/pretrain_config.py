@@ -1,0 +1,123 @@
+"""The configuration of a pre-training run (`lumrec pretrain CONFIG`): data, optimisation, budget, checkpoints.
+
+    >>> from lumrec.pipelines.pretrain_config import PretrainConfig
+    >>> cfg = PretrainConfig(model="lum")
+    >>> cfg.train.epochs, cfg.data.max_len, cfg.data.train_excludes_last
+    (100, 200, 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.optim import RowwiseAdamW
+
+__all__ = ["DataConfig", "LONG_HISTORY", "PretrainConfig", "RESUMABLE_CHANGES", "TABLE_OPTIMIZERS", "TrainConfig"]
+
+
+@dataclass
+class DataConfig:
+    """Which events to train on and how they become tokens."""
+
+    path: str = "out/ml-1m"  # a lumrec dataset folder (`lumrec import` / `lumrec synth`)
+    start: str | None = None  # first day (YYYY-MM-DD) of behaviours to use; None = all
+    end: str | None = None
+    max_len: int = 200  # tokens per sequence; the most recent are kept
+    # Histories longer than max_len in training. "last": only the most recent max_len tokens (the
+    # published protocol; the rest is never seen). "windows": the whole history, cut from its end
+    # into windows of max_len tokens that train as separate sequences (every transition once).
+    # Evaluation always reads the most recent max_len tokens.
+    long_history: str = "last"
+    condition_features: list[str] = field(default_factory=list)  # LUM: [] = one constant condition
+    # LUM: each condition feature of a training event is left empty with this probability (seeded,
+    # the same every epoch and on resume), so the model also answers a `none=0` query (no
+    # condition) and any subset of its conditions. Evaluation and queries use full conditions.
+    condition_dropout: float = 0.0
+    item_features: list[str] = field(default_factory=lambda: ["item_id"])
+    min_history: int = 1  # users need min_history + 2 events (train + valid + test targets)
+    # Events at the end of each history that training never sees. 2: validation and test are
+    # held out and early stopping uses validation (strict). 1: only the test event is held out,
+    # as in the published ML-1M protocol (Meta's code has no validation split); there is then no
+    # validation metric, so the model at the end of the budget is the one tested. 0: nothing is
+    # held out and there is no test (continued daily pre-training: the next day tests it).
+    train_excludes_last: int = 2
+    # Streaming continuation: only items on or after this day (YYYY-MM-DD) are training targets;
+    # earlier events are context. Users without events on or after it are skipped. None = all.
+    target_start: str | None = None
+
+
+# data.long_history choices: the most recent max_len tokens only, or the whole history in windows.
+LONG_HISTORY = ("last", "windows")
+
+# train.embedding_optimizer -> the optimizer class of the embedding tables (one process).
+TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"rowwise_adamw": RowwiseAdamW, "adamw": torch.optim.AdamW}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, checkpoints and budget."""
+
+    seed: int = 0
+    epochs: int = 100
+    rows_per_batch: int = 128  # packed rows of max_len tokens per step
+    lr: float = 1e-3
+    embedding_lr: float | None = None  # None = lr
+    weight_decay: float = 0.0
+    embedding_weight_decay: float = 0.0
+    # Optimizer of the embedding tables: "rowwise_adamw" (one second moment per row: fbgemm's
+    # PARTIAL_ROWWISE_ADAM, the memory a large table needs) or "adamw" (one per element, as
+    # Meta's research trainer uses on ML-1M; one process only, and 2x the table's memory).
+    embedding_optimizer: str = "rowwise_adamw"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    temperature: float = 0.05
+    num_negatives: int = 128  # shared uniform negatives per step; -1 = every item (full softmax)
+    in_batch_negatives: bool = True  # other queries' targets are negatives too
+    # A position's earlier items of its own sequence are not its negatives, whether full-softmax,
+    # in-batch or sampled (the candidates an exclude_seen evaluation ranks); the target always is its positive.
+    loss_excludes_seen: bool = False
+    eval_every_epochs: int = 1
+    patience: int = 5  # evaluations without a better validation HR@10 before stopping
+    max_minutes: float = 0.0  # training-time budget (0 = none); evaluation time is not counted
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 2
+    threads: int = 0  # torch threads (0 = torch's default)
+    keep_freed_host_memory: bool = True  # glibc: reuse freed large buffers (see lumrec.allocator)
+    eval_rows_per_batch: int = 64
+    exclude_seen: bool = True  # rank only items outside the user's visible history (published protocol)
+    log_every_steps: int = 20
+    # A checkpoint (a run's checkpoints/ folder, or one step-NNNNNNNN in it) whose model and
+    # optimizer state a fresh run starts from: continued pre-training (daily: D-1's LUM). Ignored
+    # when the run has checkpoints of its own (it resumes from them).
+    init_from: str | None = None
+    # Feature warm-up: a fresh run (no checkpoints, no init_from) copies the embedding tables of an
+    # existing DLRM into the token encoder (names mapped by `name_map`; only same-shape tensors are
+    # copied, the rest is reported). Declare the LUM's tables like the DLRM's (model_config.embedding_dim).
+    table_init: WarmStartConfig | None = None
+    # Warmup-stable-decay: the lr stays constant, then falls linearly to lr * lr_final_ratio over
+    # the last `lr_decay_fraction` of the run. The run's length is the time budget when one is set
+    # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
+    lr_decay_fraction: float = 0.0
+    lr_final_ratio: float = 0.0
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pre-training run."""
+
+    model: str = "sasrec"  # sasrec | hstu | hstu-large | lum
+    out: str = "runs/pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model_config: dict[str, Any] = field(default_factory=dict)  # keys of the model's own config dataclass
+
+
+# Keys a resumed run may change: they do not alter what its checkpoints mean (budget, logging,
+# threads; init_from and table_init only act on a fresh run). Any other change is refused.
+RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.patience", "train.eval_every_epochs",
+                     "train.eval_rows_per_batch", "train.threads", "train.keep_freed_host_memory", "train.log_every_steps",
+                     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init")
