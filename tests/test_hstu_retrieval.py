@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lumrec.modules.hstu_retrieval as hr_mod
+from lumrec.config import ConfigError
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import TokenConfig, TokenSequences, build_item_sequences
 from lumrec.modules.hstu_retrieval import (
@@ -23,6 +24,7 @@ from lumrec.modules.hstu_retrieval import (
 )
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
+from lumrec.pipelines.model_factory import build_model
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
     MAX_LEN,
@@ -93,6 +95,25 @@ def test_presets_are_the_reference_ml1m_settings():
     with pytest.raises(ValueError, match="time_gap_from"):
         HSTURetrievalConfig(time_gap_from="target")
 
+
+def test_model_config_merges_into_the_preset_layer_and_names_nested_keys():
+    """`model_config.hstu` replaces single layer fields of the preset; hstu.max_len defaults to the data's."""
+    meta = type("Meta", (), {"vocab_sizes": {"item_id": NUM_ITEMS}})()
+    model = build_model("hstu-large", {"num_layers": 1, "hstu": {"d_model": 8, "dqk": 4, "dv": 4}}, meta, None, None, 24)
+    layer = model.config.hstu
+    assert (layer.d_model, layer.num_heads, layer.dqk, layer.dropout, layer.max_len) == (8, 2, 4, 0.2, 24)
+    assert layer.time_bucket_base == hr_mod.REFERENCE_TIME_BUCKET_BASE and model.config.num_layers == 1
+    assert build_model("hstu", {"hstu": {"max_len": 50}}, meta, None, None, 24).config.hstu.max_len == 50
+    with pytest.raises(ConfigError, match=r"model_config\.hstu\.num_heads.*expected an integer"):
+        build_model("hstu", {"hstu": {"num_heads": "two"}}, meta, None, None, 24)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model_config\.hstu\.linear_dropout'"):
+        build_model("hstu", {"hstu": {"linear_dropout": 0.1}}, meta, None, None, 24)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model_config\.linear_dropout'"):
+        build_model("hstu", {"linear_dropout": 0.1}, meta, None, None, 24)
+    with pytest.raises(ConfigError, match=r"model_config\.hstu.*expected a mapping"):
+        build_model("hstu", {"hstu": 3}, meta, None, None, 24)
+    with pytest.raises(ValueError, match="HSTUConfig: num_heads must be >= 1"):
+        build_model("hstu", {"hstu": {"num_heads": 0}}, meta, None, None, 24)
 
 @pytest.mark.parametrize("normaliser,time_gap_from", [(None, "event"), ("length", "event"), (None, "request")])
 def test_packed_batch_equals_per_user_runs_forward_and_backward(normaliser, time_gap_from):

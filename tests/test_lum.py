@@ -18,12 +18,14 @@ from lumrec.data.packing import pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths, sequences_from_dataset
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens, item_dense_matrix, item_lists_from_table
+from lumrec.config import ConfigError
 from lumrec.modules.hstu import HSTUAttentionConfig
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.lum import LUM, LUMConfig
 from lumrec.modules.ops import segment_positions
 from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
 from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
+from lumrec.pipelines.model_factory import build_model
 from lumrec.modules.transformer import TransformerConfig, TransformerStack
 
 MAX_LEN = 24
@@ -287,3 +289,20 @@ def test_learns_planted_next_condition_item_task(backbone):
     # 40 items: chance is 2.5%; the planted map is learned and holds on unseen users.
     assert acc_before < 0.2 and acc_after > 0.8, (acc_before, acc_after)
 
+
+def test_hstu_backbone_options_nest_under_hstu():
+    """The HSTU layer takes LUM's own sizes and `hstu`'s options; config errors name the nested key."""
+    tokens, vocab = _planted(4, seed=0)
+    enc = token_encoder_config_from_tokens(tokens, vocab, dim=8, d_model=12)
+    lookup = ItemFeatureLookup.from_tokens(tokens, vocab["item_id"])
+    options = HSTUAttentionConfig(dv=2, normaliser="length", num_time_buckets=9)
+    lum = LUM(LUMConfig(d_model=12, num_heads=3, dropout=0.1, max_len=20, backbone="hstu", hstu=options), enc, lookup)
+    layer = lum.backbone.config
+    assert (layer.d_model, layer.num_heads, layer.dropout, layer.max_len) == (12, 3, 0.1, 20)
+    assert (layer.dqk, layer.dv, layer.normaliser, layer.num_time_buckets) == (4, 2, "length", 9)
+    with pytest.raises(ValueError, match="HSTUAttentionConfig: normaliser must be"):
+        LUMConfig(hstu=HSTUAttentionConfig(normaliser="max"))
+    with pytest.raises(ConfigError, match=r"model_config\.hstu\.dqk.*expected an integer"):
+        build_model("lum", {"backbone": "hstu", "hstu": {"dqk": "wide"}}, None, None, None, 20)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model_config\.hstu_normaliser'"):
+        build_model("lum", {"backbone": "hstu", "hstu_normaliser": "length"}, None, None, None, 20)
