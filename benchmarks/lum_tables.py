@@ -361,7 +361,7 @@ def redo(run: Path, fresh: bool) -> Path:
 
 def build_knowledge(run: Path, store: Path, days: list[str], specs: list, data_path: Path, fresh: bool) -> list[str]:
     """Step 2: a knowledge partition of `store` as of each of `days` (existing complete partitions kept unless `fresh`)."""
-    from lumrec.data.knowledge import knowledge_days
+    from lumrec.knowledge import knowledge_days
     from lumrec.pipelines.query import QueryConfig, run_query
 
     have = set(knowledge_days(redo(store, fresh)))

@@ -5,7 +5,7 @@ For every user (segment) the merged sequence is
     [h_1, ..., h_k, c_q1, c_q2, ..., c_qN]
 
 with `query_flags=True` on the `c_q` tokens, so each query attends to the history and to itself,
-never to another query, and no history token sees a query (``lumrec.modules.attention``). The
+never to another query, and no history token sees a query (``lumrec.modules.ops``). The
 history's hidden states are therefore computed once and are exactly those of a plain pass, and
 query j's output equals a separate pass over `[h_1..h_k, c_qj]` when every query also takes
 
@@ -19,7 +19,7 @@ knowledge vector for `category_id=5` is the same in a run with 4 conditions and 
 and each equals the model's output on a legal `max_len`-token sequence. The merged segment
 has `k + N` tokens; only positions (all `< max_len`) bound the model, not the segment length.
 
-Exactness caveat: an HSTU backbone with `hstu_normaliser="length"` divides by the segment
+Exactness caveat: an HSTU backbone with `hstu.normaliser="length"` divides by the segment
 length, which counts the other queries; grouped then differs from separate passes, so
 ``grouped_query`` refuses N > 1 there (use ``separate_queries``). The softmax transformer and
 HSTU with a constant normaliser (the default, `max_len`) are exact.
@@ -41,8 +41,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from lumrec.data.batches import JaggedBatch
-from lumrec.data.knowledge import Condition, parse_condition
 from lumrec.data.tokens import CONDITION, CONSTANT_CONDITION_KEY, ITEM, condition_key
+from lumrec.knowledge.conditions import Condition, ConditionLike, parse_conditions
 from lumrec.modules.ops import lengths_to_offsets, ranges_to_indices
 from lumrec.modules.lum import LUM
 
@@ -70,15 +70,9 @@ CONSTANT_FEATURE = "const"
 UNCONDITIONED_FEATURE = "none"
 
 
-def as_conditions(conditions: Iterable[Condition | tuple[str, int] | str]) -> list[Condition]:
-    """Normalise `[("category_id", 5), "scenario=2", Condition(...)]` to a list of `Condition`."""
-    out = []
-    for c in conditions:
-        if isinstance(c, str):
-            out.append(parse_condition(c))
-        else:
-            feature, value = c
-            out.append(Condition(str(feature), int(value)))
+def as_conditions(conditions: Iterable[ConditionLike]) -> list[Condition]:
+    """Normalise `[("category_id", 5), "scenario=2", Condition(...)]` to a list of `Condition` (``parse_conditions``' rules)."""
+    out = parse_conditions(conditions, source="grouped query")
     if not out:
         raise ValueError("grouped query: no conditions given")
     return out
@@ -106,7 +100,7 @@ def condition_features(lum: LUM) -> list[str]:
     ] + [UNCONDITIONED_FEATURE]
 
 
-def condition_query_embeddings(lum: LUM, conditions: Sequence[Condition | tuple[str, int] | str]) -> torch.Tensor:
+def condition_query_embeddings(lum: LUM, conditions: Sequence[ConditionLike]) -> torch.Tensor:
     """Condition-token embeddings `[N, d_model]`: one token per (feature, value), other condition features left empty.
 
     A query sets only its own feature (the others pool to zero); `("const", v)` is the constant
@@ -134,7 +128,7 @@ def default_max_history(lum: LUM) -> int:
 
 def grouped_query_supported(lum: LUM) -> bool:
     """False when grouped answers would differ from separate passes (HSTU with a per-length normaliser)."""
-    return not (lum.config.backbone == "hstu" and lum.config.hstu_normaliser == "length")
+    return not (lum.config.backbone == "hstu" and lum.config.hstu.normaliser == "length")
 
 
 @dataclass
@@ -295,7 +289,7 @@ def _batch_history(lum: LUM, batch: JaggedBatch) -> torch.Tensor:
 def grouped_query(
     lum: LUM,
     batch: JaggedBatch,
-    conditions: Sequence[Condition | tuple[str, int] | str],
+    conditions: Sequence[ConditionLike],
     as_of_ts: torch.Tensor | int | None = None,
     max_history: int | None = None,
 ) -> torch.Tensor:
@@ -307,7 +301,7 @@ def grouped_query(
     conds = as_conditions(conditions)
     if len(conds) > 1 and not grouped_query_supported(lum):
         raise ValueError(
-            "grouped query: this LUM's HSTU backbone uses hstu_normaliser='length', which scales each query by "
+            "grouped query: this LUM's HSTU backbone uses hstu.normaliser='length', which scales each query by "
             "the whole segment's length (history + all queries); use separate_queries for exact answers"
         )
     layout = build_grouped_query_layout(
@@ -321,7 +315,7 @@ def grouped_query(
 def separate_queries(
     lum: LUM,
     batch: JaggedBatch,
-    conditions: Sequence[Condition | tuple[str, int] | str],
+    conditions: Sequence[ConditionLike],
     as_of_ts: torch.Tensor | int | None = None,
     max_history: int | None = None,
 ) -> torch.Tensor:
@@ -367,7 +361,7 @@ class GroupedQuery(nn.Module):
     """
 
     def __init__(
-        self, lum: LUM, conditions: Sequence[Condition | tuple[str, int] | str], max_history: int | None = None
+        self, lum: LUM, conditions: Sequence[ConditionLike], max_history: int | None = None
     ) -> None:
         super().__init__()
         self.lum = lum

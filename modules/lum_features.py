@@ -29,6 +29,7 @@ from torch import nn
 from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lumrec.knowledge.conditions import parse_conditions
 from lumrec.modules.ops import jagged_positions, lengths_to_offsets
 
 __all__ = [
@@ -60,25 +61,6 @@ class KnowledgeSource(Protocol):
         ...
 
 
-def _parse_condition(entry: object) -> tuple[str, int]:
-    """A condition as `(feature, value)`; YAML gives `[feature, value]` or `"feature=value"`."""
-    if isinstance(entry, str):
-        feature, sep, value = entry.partition("=")
-        if not sep:
-            raise ValueError(f"LUMFeatureConfig.conditions: {entry!r} is not 'feature=value'")
-        entry = (feature, value)
-    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-        raise ValueError(f"LUMFeatureConfig.conditions: expected (feature, value), got {entry!r}")
-    feature, value = entry
-    if not isinstance(feature, str) or not feature or "=" in feature:
-        raise ValueError(f"LUMFeatureConfig.conditions: bad feature name {feature!r} in {entry!r}")
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"LUMFeatureConfig.conditions: value of {feature!r} must be an integer id, got {value!r}") from None
-    return feature, value
-
-
 @dataclass
 class LUMFeatureConfig:
     """Which conditions to query and which feature groups to emit.
@@ -102,7 +84,8 @@ class LUMFeatureConfig:
     normalize: bool = False
 
     def __post_init__(self) -> None:
-        self.conditions = [_parse_condition(c) for c in self.conditions]
+        # Plain (feature, value) tuples: what the config holds and its messages show.
+        self.conditions = [tuple(c) for c in parse_conditions(self.conditions, source="LUMFeatureConfig.conditions")]
         self.features = list(self.features)
         for group in self.features:
             if group not in FEATURE_GROUPS:

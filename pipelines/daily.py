@@ -23,6 +23,11 @@ checkpoints (pre-training and ranking resume exactly, mid-epoch included), the k
 partition and the reports are replaced atomically, so a job killed anywhere and rerun ends with
 the same checkpoints and metrics as an uninterrupted one (``tests/test_daily.py`` kills each
 stage with ``lumrec.faults`` failpoints).
+
+The stages are one list, ``DAY_STAGES``: each ``Stage`` has its name, whether it needs LUM, its
+work (a ``DailyJob`` method) and its columns of the report table. TensorBoard scalars go to
+``OUT/tb`` at step = the day's index among the dataset's impression days: ``next_day/auc``,
+``next_day/ne``, ``next_day/calibration``, ``next_day/log_loss`` and ``seconds/<stage>``.
 """
 
 from __future__ import annotations
@@ -33,22 +38,28 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
+
+from lumrec.checkpoint import CheckpointManager
 from lumrec.config import load_config
-from lumrec.data.synthetic import SynthConfig
-from lumrec.pipelines.pretrain import PretrainConfig
-from lumrec.pipelines.query import QueryConfig
-from lumrec.pipelines.rank import RankConfig
+from lumrec.data.dataset import Dataset, write_text_atomic
+from lumrec.data.synthetic import SynthConfig, generate, generated_with
+from lumrec.distributed import barrier, from_rank0, init_distributed, is_main
+from lumrec.faults import failpoint
+from lumrec.knowledge import latest_as_of
 from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+from lumrec.pipelines.query import QueryConfig, run_query
+from lumrec.pipelines.rank import RankConfig, Ranker, run_rank
+from lumrec.tracking import ScalarLog, log_job_start, progress_bar
 
 log = logging.getLogger("lumrec.daily")
 
-__all__ = ["DailyConfig", "DailyJob", "STAGES", "main", "report_table", "run_daily"]
-
-STAGES = ("pretrain", "query", "rank", "eval")
+__all__ = ["DAY_STAGES", "Column", "DailyConfig", "DailyJob", "Stage", "main", "report_table", "run_daily"]
 
 
 @dataclass
@@ -81,16 +92,12 @@ class DailyJob:
     """Runs the stages of a range of days over one output folder."""
 
     def __init__(self, cfg: DailyConfig) -> None:
-        from lumrec.data.dataset import Dataset
-
         self.cfg = cfg
         self.out = Path(cfg.out)
         # Under torchrun (N ranks) every rank runs every stage: training stages shard their models over
         # the ranks; single-writer work (the logs, the knowledge partition, manifests, reports) is rank 0's.
         self.ctx = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from lumrec.distributed import init_distributed
-
             self.ctx = init_distributed()
         if cfg.synthetic is not None:
             self._ensure_synthetic(cfg.synthetic)
@@ -99,6 +106,7 @@ class DailyJob:
             raise FileNotFoundError(f"daily: {self.data.manifest_path} not found: `data` is not a lumrec dataset "
                                     "(import one with `lumrec import`, or set `synthetic` to generate the synthetic logs there)")
         self.store = self.out / "knowledge"
+        self.tb = ScalarLog(self.out, enabled=self.is_main)  # per day: next-day metrics and stage seconds
         self.behaviour_days = self.data.days("behaviours")
         self.impression_days = self.data.days("impressions")
         if not self.impression_days:
@@ -109,10 +117,6 @@ class DailyJob:
 
         A dataset of another origin at `data` is an error, never replaced: earlier days' outputs were built on it.
         """
-        from dataclasses import asdict
-
-        from lumrec.data.synthetic import generate, generated_with
-
         problem = None
         if self.is_main:
             made = generated_with(self.cfg.data, synth)
@@ -128,19 +132,13 @@ class DailyJob:
 
     @property
     def is_main(self) -> bool:
-        from lumrec.distributed import is_main
-
         return is_main(self.ctx)
 
     def _barrier(self) -> None:
-        from lumrec.distributed import barrier
-
         barrier(self.ctx)
 
     def _from_main(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
-        from lumrec.distributed import from_rank0
-
         return from_rank0(self.ctx, value)
 
     # -- days and stages ---------------------------------------------------------------------
@@ -181,9 +179,6 @@ class DailyJob:
 
     def _finish_stage(self, ds: str, stage: str, result: dict[str, Any]) -> dict[str, Any]:
         """Write the stage's manifest last (atomically): from now on the stage is complete."""
-        from lumrec.data.dataset import write_text_atomic
-        from lumrec.faults import failpoint
-
         failpoint(f"daily.{stage}.before_manifest")
         manifest = self._from_main({"ds": ds, "stage": stage, **result})
         if self.is_main:
@@ -211,9 +206,8 @@ class DailyJob:
         return prev
 
     # -- (a) pre-training -------------------------------------------------------------------
-    def pretrain(self, ds: str) -> dict[str, Any]:
-        from lumrec.pipelines.pretrain import Pretrainer
-
+    def pretrain(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """(a) Continue LUM pre-training from D-1's checkpoint with D's behaviours as targets."""
         prev = self._continues(ds, "pretrain")
         source = str(self.day_dir(prev) / "lum" / "checkpoints") if prev is not None else self.cfg.lum_init
         cfg: PretrainConfig = copy.deepcopy(self.cfg.pretrain)
@@ -232,10 +226,8 @@ class DailyJob:
         return summary
 
     # -- (b) knowledge query ----------------------------------------------------------------
-    def query(self, ds: str) -> dict[str, Any]:
-        from lumrec.data.knowledge import latest_as_of
-        from lumrec.pipelines.query import run_query
-
+    def query(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """(b) Refresh the knowledge as of D: the active users, the others carried over (or everyone)."""
         self._require(ds, "pretrain")
         cfg: QueryConfig = copy.deepcopy(self.cfg.query)
         cfg.checkpoint = str(self.day_dir(ds) / "lum")
@@ -275,9 +267,8 @@ class DailyJob:
         cfg.out = str(self.day_dir(ds) / ("eval" if eval_day else "rank"))
         return cfg
 
-    def rank(self, ds: str) -> dict[str, Any]:
-        from lumrec.pipelines.rank import run_rank
-
+    def rank(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """(c) Train D's DLRM on D's impressions, warm-started from D-1's."""
         if self.cfg.with_lum:
             self._require(ds, "query")  # D's samples read D-1's knowledge; the order keeps days in sequence
         prev = self._continues(ds, "rank")
@@ -299,9 +290,6 @@ class DailyJob:
 
     def evaluate(self, ds: str) -> dict[str, Any] | None:
         """Next-day metrics of D's DLRM, or None when D+1's impressions are not there yet."""
-        from lumrec.checkpoint import CheckpointManager
-        from lumrec.pipelines.rank import Ranker
-
         self._require(ds, "rank")
         nxt = self.next_day(ds)
         if nxt is None:
@@ -320,9 +308,6 @@ class DailyJob:
 
     def write_report(self, ds: str, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The day's report.json, then OUT/report.tsv rebuilt from every complete day's report (both atomic)."""
-        from lumrec.data.dataset import write_text_atomic
-        from lumrec.faults import failpoint
-
         report = {"ds": ds, **stages}
         if self.is_main:
             write_text_atomic(self.day_dir(ds) / "report.json", json.dumps(report, indent=2, sort_keys=True))
@@ -336,70 +321,138 @@ class DailyJob:
         self._barrier()
         return report
 
+    def evaluate_and_report(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """(d) Next-day metrics of D's DLRM and the day's report (written before the stage completes), or None: waiting."""
+        metrics = self.evaluate(ds)
+        if metrics is None:
+            return None
+        self.write_report(ds, {**results, "eval": metrics})
+        return metrics
+
     # -- the loop ---------------------------------------------------------------------------
-    def run_day(self, ds: str) -> dict[str, Any]:
-        """All stages of day `ds` that are not complete yet; returns the stage results and the day's status."""
-        order = [("pretrain", self.pretrain), ("query", self.query)] if self.cfg.with_lum else []
-        order += [("rank", self.rank)]
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages of a day in order (without LUM: those that need none)."""
+        return tuple(s for s in DAY_STAGES if self.cfg.with_lum or not s.needs_lum)
+
+    def run_day(self, ds: str, bar: Any = None, label: str = "") -> dict[str, Any]:
+        """All stages of day `ds` that are not complete yet; returns the stage results and the day's status.
+
+        `bar`: a progress bar advanced once per stage, described as `"<label>: <stage>"`.
+        """
         results: dict[str, dict[str, Any]] = {}
-        for stage, run in order:
-            done = self.stage_done(ds, stage)
+        seconds: dict[str, float] = {}
+        status = "complete"
+        for stage in self.stages():
+            if bar is not None:
+                bar.set_description(f"{label}: {stage.name}")
+            done = self.stage_done(ds, stage.name)
             if done is not None:
-                log.info("%s %s: complete, skipped", ds, stage)
-                results[stage] = done
-                continue
-            t0 = time.perf_counter()
-            log.info("%s %s: running", ds, stage)
-            results[stage] = self._finish_stage(ds, stage, run(ds))
-            log.info("%s %s: done in %.1f s", ds, stage, time.perf_counter() - t0)
-        done = self.stage_done(ds, "eval")
-        if done is None:
-            metrics = self.evaluate(ds)
-            if metrics is None:
-                log.info("%s eval: waiting for the next day's impressions", ds)
-                return {"ds": ds, "status": "waiting for next day", **results}
-            self.write_report(ds, {**results, "eval": metrics})
-            done = self._finish_stage(ds, "eval", metrics)
-        results["eval"] = done
-        return {"ds": ds, "status": "complete", **results}
+                log.info("%s %s: complete, skipped", ds, stage.name)
+                results[stage.name] = done
+            else:
+                t0 = time.perf_counter()
+                log.info("%s %s: running", ds, stage.name)
+                result = stage.run(self, ds, results)
+                if result is None:
+                    status = f"waiting for {stage.waits_for}"
+                    log.info("%s %s: %s", ds, stage.name, status)
+                    break
+                results[stage.name] = self._finish_stage(ds, stage.name, result)
+                seconds[stage.name] = time.perf_counter() - t0
+                log.info("%s %s: done in %.1f s", ds, stage.name, seconds[stage.name])
+            if bar is not None:
+                bar.update(1)
+        self._write_scalars(ds, results, seconds)
+        return {"ds": ds, "status": status, **results}
+
+    def _write_scalars(self, ds: str, results: dict[str, dict[str, Any]], seconds: dict[str, float]) -> None:
+        """TensorBoard scalars of what this run did on day `ds`, at step = the day's index among the impression days."""
+        step = self.impression_days.index(ds)
+        for name, value in seconds.items():
+            self.tb.scalar(f"seconds/{name}", value, step)
+        if "eval" in seconds:
+            metrics = ("auc", "ne", "calibration", "log_loss")
+            self.tb.scalars("next_day", {k: v for k, v in results["eval"].items() if k in metrics}, step)
+        self.tb.flush()
 
     def run(self) -> list[dict[str, Any]]:
+        """Every day of the range in order; complete days are skipped. Returns one status per day."""
         days = self.days()
+        stages = self.stages()
+        if self.is_main:
+            log_job_start("daily", data=f"{len(days)} day(s) {days[0]}..{days[-1]} of {self.data.root}", device="cpu",
+                          threads=torch.get_num_threads(), lum="yes" if self.cfg.with_lum else "no",
+                          ranks=self.ctx.world_size if self.ctx is not None else 1)
+        bar = progress_bar(len(days) * len(stages), "daily", main_process=self.is_main, unit="stage")
         out = []
-        for ds in days:
-            if all(self.stage_done(ds, s) is not None for s in self.stages()):
-                log.info("%s: complete, skipped", ds)
-                out.append({"ds": ds, "status": "skipped (complete)"})
-                continue
-            out.append(self.run_day(ds))
+        try:
+            for i, ds in enumerate(days, 1):
+                if all(self.stage_done(ds, s.name) is not None for s in stages):
+                    log.info("%s: complete, skipped", ds)
+                    out.append({"ds": ds, "status": "skipped (complete)"})
+                    bar.update(len(stages))
+                    continue
+                out.append(self.run_day(ds, bar, f"day {i}/{len(days)}"))
+        finally:
+            bar.close()
+            self.tb.close()
         return out
 
-    def stages(self) -> tuple[str, ...]:
-        return STAGES if self.cfg.with_lum else ("rank", "eval")
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the report table: its header and a day's cell, made from the result of the column's stage."""
+
+    name: str
+    cell: Callable[[dict[str, Any]], Any]
 
 
-TABLE_COLUMNS = (
-    ("ds", lambda r: r["ds"]),
-    ("lum_steps", lambda r: r.get("pretrain", {}).get("steps", "-")),
-    ("lum_users", lambda r: r.get("pretrain", {}).get("train_users", "-")),
-    ("refresh", lambda r: r.get("query", {}).get("refresh", "-")),
-    ("refreshed", lambda r: r.get("query", {}).get("refreshed_users", "-")),
-    ("carried", lambda r: r.get("query", {}).get("carried_over_users", "-")),
-    ("rank_samples", lambda r: r["rank"]["train_samples"]),
-    ("warm_start", lambda r: "yes" if r["rank"].get("warm_start") else "no"),
-    ("train_loss", lambda r: f"{r['rank']['train_loss']:.4f}"),
-    ("eval_day", lambda r: r["eval"]["eval_day"]),
-    ("next_day_auc", lambda r: f"{r['eval']['auc']:.4f}"),
-    ("ne", lambda r: f"{r['eval']['ne']:.4f}"),
-    ("calibration", lambda r: f"{r['eval']['calibration']:.4f}"),
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a day: its name, whether it needs LUM, its work and its columns in the report table.
+
+    `run(job, ds, results)` does the work for day `ds` (`results`: the day's earlier stages) and
+    returns what the stage manifest records, or None while the day cannot complete (`waits_for`).
+    A day without a stage's result shows "-" in its columns.
+    """
+
+    name: str
+    run: Callable[[DailyJob, str, dict[str, dict[str, Any]]], dict[str, Any] | None]
+    columns: tuple[Column, ...]
+    needs_lum: bool = False
+    waits_for: str = ""
+
+
+DAY_STAGES: tuple[Stage, ...] = (
+    Stage("pretrain", DailyJob.pretrain, needs_lum=True, columns=(
+        Column("lum_steps", lambda r: r.get("steps", "-")),
+        Column("lum_users", lambda r: r.get("train_users", "-")),
+    )),
+    Stage("query", DailyJob.query, needs_lum=True, columns=(
+        Column("refresh", lambda r: r.get("refresh", "-")),
+        Column("refreshed", lambda r: r.get("refreshed_users", "-")),
+        Column("carried", lambda r: r.get("carried_over_users", "-")),
+    )),
+    Stage("rank", DailyJob.rank, columns=(
+        Column("rank_samples", lambda r: r["train_samples"]),
+        Column("warm_start", lambda r: "yes" if r.get("warm_start") else "no"),
+        Column("train_loss", lambda r: f"{r['train_loss']:.4f}"),
+    )),
+    Stage("eval", DailyJob.evaluate_and_report, waits_for="next day", columns=(
+        Column("eval_day", lambda r: r["eval_day"]),
+        Column("next_day_auc", lambda r: f"{r['auc']:.4f}"),
+        Column("ne", lambda r: f"{r['ne']:.4f}"),
+        Column("calibration", lambda r: f"{r['calibration']:.4f}"),
+    )),
 )
 
 
 def report_table(reports: list[dict[str, Any]]) -> str:
-    """The cumulative per-day table (tab-separated, one line per complete day)."""
-    lines = ["\t".join(name for name, _ in TABLE_COLUMNS)]
+    """The cumulative per-day table (tab-separated, one line per complete day): `ds`, then every stage's columns."""
+    lines = ["\t".join(["ds"] + [c.name for stage in DAY_STAGES for c in stage.columns])]
     for r in sorted(reports, key=lambda r: r["ds"]):
-        lines.append("\t".join(str(get(r)) for _, get in TABLE_COLUMNS))
+        cells = [r["ds"]] + [c.cell(r[stage.name]) if stage.name in r else "-" for stage in DAY_STAGES for c in stage.columns]
+        lines.append("\t".join(str(cell) for cell in cells))
     return "\n".join(lines) + "\n"
 
 

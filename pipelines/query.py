@@ -6,44 +6,53 @@ For day `as_of_ds` it loads the run's LUM (config.json + best or latest checkpoi
 every selected user's history from behaviours of days `<= as_of_ds` only (point-in-time: a
 later day is never read), asks all conditions in one grouped pass per batch
 (``lumrec.modules.grouped_query``) with the queries timed at the end of `as_of_ds`, and writes
-`STORE/as_of_ds=<day>/` (``lumrec.data.knowledge``): one vector per (user, condition) and the
+`STORE/as_of_ds=<day>/` (``lumrec.knowledge``): one vector per (user, condition) and the
 item-token embedding of every item. Knowledge written for day D is used from day D+1 on.
-
-Module-level imports stay light (stdlib + config) because `lumrec` imports every subcommand's
-registrar at start-up; torch and the model load when the job runs.
+TensorBoard scalars of each run (users, conditions, seconds, users per second) go to `STORE/tb`
+at step = the as-of day's number (days since 1970-01-01), so the runs of a store form one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lumrec.config import from_dict, load_config
+import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-    from lumrec.data.dataset import Dataset, DatasetMeta
-    from lumrec.data.knowledge import Condition
-    from lumrec.data.tokens import TokenConfig
-    from lumrec.distributed import DistContext
-    from lumrec.modules.lum import LUM
+from lumrec.config import load_config
+from lumrec.data.batches import make_jagged_batch
+from lumrec.data.dataset import SECONDS_PER_DAY, day_bounds
+from lumrec.data.packing import pack_sequences
+from lumrec.data.sequences import UserSequences, sequences_from_dataset
+from lumrec.data.tokens import build_lum_tokens
+from lumrec.distributed import DistContext, gather_to_rank0, init_distributed
+from lumrec.knowledge import Condition, KnowledgeWriter, load_knowledge, parse_condition
+from lumrec.modules.grouped_query import (
+    CONSTANT_FEATURE,
+    UNCONDITIONED_FEATURE,
+    build_grouped_query_layout,
+    condition_features,
+    condition_query_embeddings,
+    default_max_history,
+    grouped_query,
+    grouped_query_supported,
+    query_encode,
+    separate_queries,
+)
+from lumrec.modules.lum import LUM
+from lumrec.pipelines.pretrained_lum import LoadedLUM, load_pretrained_lum
+from lumrec.tracking import ScalarLog, count_parameters, log_job_start, progress_bar
 
 log = logging.getLogger("lumrec.query")
 
-__all__ = ["ConditionSpec", "LoadedLUM", "QueryConfig", "load_pretrained_lum", "main", "register_query", "resolve_conditions", "run_query"]
-
-_STEP_RE = re.compile(r"^step-(\d{8})$")
+__all__ = ["ConditionSpec", "QueryConfig", "main", "register_query", "resolve_conditions", "run_query"]
 
 
 @dataclass
@@ -81,79 +90,8 @@ class QueryConfig:
     carry_over_from: str | None = None
 
 
-@dataclass
-class LoadedLUM:
-    """A pre-trained LUM with what was needed to build it."""
-
-    model: "LUM"
-    data: "Dataset"
-    meta: "DatasetMeta"
-    token_config: "TokenConfig"
-    checkpoint: Path  # the step-NNNNNNNN folder loaded
-    model_version: str
-
-
-def _pick_checkpoint(path: Path, kind: str) -> tuple[Path, Path]:
-    """(run folder, step folder) for a run folder + kind, or for a step folder given directly."""
-    from lumrec.checkpoint import CheckpointManager
-
-    if _STEP_RE.match(path.name):
-        return path.parent.parent, path
-    if kind not in ("auto", "best", "latest"):
-        raise ValueError(f"query: checkpoint_kind must be 'auto', 'best' or 'latest', got {kind!r}")
-    found = {}
-    for name, folder in (("best", path / "best"), ("latest", path / "checkpoints")):
-        step = CheckpointManager(folder, keep=0).latest()
-        if step is not None:
-            found[name] = CheckpointManager(folder, keep=0).step_dir(step)
-    choice = ("best" if "best" in found else "latest") if kind == "auto" else kind
-    if choice not in found:
-        raise FileNotFoundError(
-            f"{path}: no complete {'checkpoint' if kind == 'auto' else kind + ' checkpoint'} "
-            f"(looked in {path / 'best'} and {path / 'checkpoints'})"
-        )
-    return path, found[choice]
-
-
-def _checkpoint_digest(step_dir: Path) -> str:
-    """A short digest of a checkpoint's files, from the SHA-256s its meta file already records."""
-    from lumrec.checkpoint import META_FILE
-
-    digests = json.loads((step_dir / META_FILE).read_text()).get("digests", {})
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: str | None = None) -> LoadedLUM:
-    """Rebuild a pretrain run's LUM from its config.json and load a checkpoint's weights (eval mode)."""
-    from lumrec.checkpoint import load_model_weights
-    from lumrec.data.dataset import Dataset
-    from lumrec.data.tokens import TokenConfig
-    from lumrec.modules.lum import LUM
-    from lumrec.pipelines.model_factory import build_model
-    from lumrec.pipelines.pretrain import PretrainConfig
-
-    run_dir, step_dir = _pick_checkpoint(Path(checkpoint), kind)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path}: not found; checkpoint {step_dir} must sit in a pretrain run folder (out/)")
-    cfg = from_dict(PretrainConfig, json.loads(config_path.read_text()), source=str(config_path))
-    data = Dataset(data_path or cfg.data.path)
-    meta = data.read_meta()
-    token_config = TokenConfig(condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features))
-    model = build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)
-    if not isinstance(model, LUM):
-        raise ValueError(f"{config_path}: knowledge querying needs a LUM, but this run trained model {cfg.model!r}")
-    load_model_weights(step_dir, model)
-    model.eval()
-    version = f"{run_dir.name}/{step_dir.parent.name}/{step_dir.name}@{_checkpoint_digest(step_dir)}"
-    return LoadedLUM(model, data, meta, token_config, step_dir, version)
-
-
-def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict[str, int]) -> list["Condition"]:
+def resolve_conditions(specs: list[ConditionSpec], lum: LUM, vocab_sizes: dict[str, int]) -> list[Condition]:
     """The query conditions of `specs` ("all" expanded from the dataset's vocabularies); [] = all of every feature."""
-    from lumrec.data.knowledge import Condition
-    from lumrec.modules.grouped_query import CONSTANT_FEATURE, UNCONDITIONED_FEATURE, condition_features
-
     known = condition_features(lum)
     specs = specs or [ConditionSpec(f, "all") for f in known if f != UNCONDITIONED_FEATURE]
     out: list[Condition] = []
@@ -170,10 +108,10 @@ def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict
             else:
                 raise ValueError(f"query: no vocabulary size for {spec.feature!r} in the dataset manifest; list its values")
         else:
-            values = [int(v) for v in spec.values]
+            values = [parse_condition((spec.feature, v), source=f"query: conditions[{spec.feature}]").value for v in spec.values]
             if spec.feature == UNCONDITIONED_FEATURE and values != [0]:
                 raise ValueError(f"query: conditions[none].values must be [0] or 'all' (the unconditioned token has no id), got {spec.values!r}")
-        out.extend(Condition(spec.feature, v) for v in values)
+        out.extend(parse_condition((spec.feature, v), source=f"query: conditions[{spec.feature}]") for v in values)
     dups = sorted({str(c) for c in out if out.count(c) > 1})
     if dups:
         raise ValueError(f"query: condition(s) {dups} asked more than once")
@@ -182,12 +120,8 @@ def resolve_conditions(specs: list[ConditionSpec], lum: "LUM", vocab_sizes: dict
     return out
 
 
-def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs) -> "np.ndarray":
+def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs: UserSequences) -> np.ndarray:
     """Sorted user ids to query: active on as_of_ds, or all known users."""
-    import numpy as np
-
-    from lumrec.data.dataset import day_bounds
-
     if cfg.users == "active":
         return seqs.active_since(day_bounds(cfg.as_of_ds)[0]).user_ids
     if cfg.users == "all":
@@ -198,12 +132,8 @@ def _select_users(cfg: QueryConfig, loaded: LoadedLUM, seqs) -> "np.ndarray":
     raise ValueError(f"query: users must be 'active' or 'all', got {cfg.users!r}")
 
 
-def _answers_without_history(lum: "LUM", conditions: list["Condition"], as_of_ts: int, grouped: bool) -> "torch.Tensor":
+def _answers_without_history(lum: LUM, conditions: list[Condition], as_of_ts: int, grouped: bool) -> torch.Tensor:
     """`[1, N, d_model]`: the answers for a user with no history (each condition token alone at position 0)."""
-    import torch
-
-    from lumrec.modules.grouped_query import build_grouped_query_layout, condition_query_embeddings, query_encode
-
     query_x = condition_query_embeddings(lum, conditions)
     empty = query_x.new_zeros(0, query_x.shape[1])
 
@@ -216,12 +146,8 @@ def _answers_without_history(lum: "LUM", conditions: list["Condition"], as_of_ts
     return torch.cat([one_pass(query_x[j : j + 1]) for j in range(len(conditions))], dim=1)
 
 
-def _carry_over(writer, cfg: QueryConfig, conditions: list["Condition"], queried: "np.ndarray") -> int:
+def _carry_over(writer: KnowledgeWriter, cfg: QueryConfig, conditions: list[Condition], queried: np.ndarray) -> int:
     """Copy the users of partition `cfg.carry_over_from` that were not queried now into `writer`; returns how many."""
-    import numpy as np
-
-    from lumrec.data.knowledge import load_knowledge
-
     old = load_knowledge(cfg.store, cfg.carry_over_from)
     if old.dim != writer.dim:
         raise ValueError(f"query: carry_over_from={cfg.carry_over_from} has dim {old.dim}, the model {writer.dim}; refresh all users")
@@ -235,25 +161,12 @@ def _carry_over(writer, cfg: QueryConfig, conditions: list["Condition"], queried
     return int(keep.sum())
 
 
-def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, Any]:
+def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     """Write the knowledge store partition of `cfg.as_of_ds`; returns a summary (store, counts, seconds).
 
     With `ctx` (N ranks) every rank must call it: the users' batches are split over the ranks and rank 0
     writes the partition; rank 0 returns the summary, the others only what they computed.
     """
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from lumrec.data.batches import make_jagged_batch
-    from lumrec.data.dataset import day_bounds
-    from lumrec.data.knowledge import KnowledgeWriter
-    from lumrec.data.packing import pack_sequences
-    from lumrec.data.sequences import sequences_from_dataset
-    from lumrec.data.tokens import build_lum_tokens
-    from lumrec.distributed import gather_to_rank0
-    from lumrec.modules.grouped_query import default_max_history, grouped_query, grouped_query_supported, separate_queries
-
     if not cfg.as_of_ds:
         raise ValueError("query: as_of_ds is required (the day the knowledge is as of)")
     if cfg.carry_over_from is not None and cfg.carry_over_from >= cfg.as_of_ds:
@@ -274,7 +187,7 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
     max_history = default_max_history(lum)
     grouped = grouped_query_supported(lum)
     if not grouped:
-        log.warning("HSTU with hstu_normaliser='length': grouped answers would differ, using %d separate passes", len(conditions))
+        log.warning("HSTU with hstu.normaliser='length': grouped answers would differ, using %d separate passes", len(conditions))
     ask = grouped_query if grouped else separate_queries
 
     if cfg.users == "active" and cfg.as_of_ds not in loaded.data.days("behaviours"):
@@ -290,17 +203,21 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
     # (packing histories alone put ~8 short Beauty users x 637 conditions into one attention row).
     plan = pack_sequences(tokens.offsets, tokens.token_type, max_history, extra_per_sequence=len(conditions))
     n_batches = -(-plan.num_rows // cfg.rows_per_batch)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    main = rank == 0
+    if main:
+        log_job_start("query", data=f"{len(users):,} users ({len(no_history):,} without history) x {len(conditions)} conditions, "
+                      f"{n_batches:,} batches", parameters=count_parameters(lum), device="cpu", threads=torch.get_num_threads(),
+                      as_of=cfg.as_of_ds)
 
     extra = {"checkpoint": str(loaded.checkpoint), "users": cfg.users, "grouped": grouped, "as_of_ts": as_of_ts}
     # On N ranks each rank answers every N-th batch; rank 0 gathers each round and writes the batches in
     # their 1-rank order (one writer, memory bounded by one round), so the partition is the same on any N.
-    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    main = rank == 0
     writer_cm = KnowledgeWriter(cfg.store, cfg.as_of_ds, version, [str(c) for c in conditions], lum.config.d_model, extra) \
         if main else contextlib.nullcontext()
     carried = 0
     with torch.no_grad(), writer_cm as writer:
-        bar = tqdm(total=n_batches, desc=f"query {cfg.as_of_ds}", unit="batch", disable=not (cfg.progress and main), mininterval=2.0)
+        bar = progress_bar(n_batches, f"query {cfg.as_of_ds}", main_process=cfg.progress and main, unit="batch", mininterval=2.0)
         for first in range(0, n_batches, world):
             k = first + rank
             answer = None
@@ -346,7 +263,17 @@ def run_query(cfg: QueryConfig, ctx: "DistContext | None" = None) -> dict[str, A
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("knowledge for %s written to %s (%d users x %d conditions)", cfg.as_of_ds, writer.final, len(users), len(conditions))
+    _write_scalars(cfg, result)
     return result
+
+
+def _write_scalars(cfg: QueryConfig, result: dict[str, Any]) -> None:
+    """The run's counts and speed as TensorBoard scalars under STORE/tb, at step = the as-of day's number."""
+    tb = ScalarLog(cfg.store)
+    step = day_bounds(cfg.as_of_ds)[0] // SECONDS_PER_DAY
+    tb.scalars("query", {k: result[k] for k in ("users", "users_without_history", "carried_over", "conditions", "items", "seconds")}, step)
+    tb.scalar("query/users_per_second", result["users"] / max(result["seconds"], 1e-9), step)
+    tb.close()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -354,8 +281,6 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(QueryConfig, args.config, overrides=args.overrides)
     ctx = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / torchx: the users are split over the ranks
-        from lumrec.distributed import init_distributed
-
         ctx = init_distributed()
     try:
         result = run_query(cfg, ctx)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from lumrec.data.dataset import Dataset
-from lumrec.data.knowledge import knowledge_days, load_knowledge
+from lumrec.knowledge import knowledge_days, load_knowledge
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.faults import parse_failpoints
 from lumrec.modules.warm_start import load_source_state

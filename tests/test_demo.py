@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lumrec.data.knowledge import knowledge_days
+from lumrec.knowledge import knowledge_days
 from lumrec.data.synthetic import SynthConfig
 from lumrec.pipelines.demo import DemoConfig, main, run_demo
 

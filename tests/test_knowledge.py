@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import doctest
+import importlib
 import json
+import logging
+import re
 import shutil
 
 import numpy as np
@@ -12,13 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import lumrec.data.knowledge as knowledge_mod
+import lumrec.knowledge as knowledge_pkg
 from lumrec.data.dataset import Dataset, day_bounds, shift_ds
-from lumrec.data.knowledge import (
+from lumrec.knowledge import (
     KNOWLEDGE_MANIFEST,
+    Condition,
     KnowledgeLookup,
     KnowledgeWriter,
+    format_condition,
     knowledge_days,
     latest_as_of,
     load_knowledge,
@@ -32,16 +38,20 @@ from lumrec.data.sequences import build_user_sequences
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import build_lum_tokens
 from lumrec.data.validate import DataValidationError
-from lumrec.modules.grouped_query import default_max_history, grouped_query
+from lumrec.modules.grouped_query import as_conditions, default_max_history, grouped_query
+from lumrec.modules.lum_features import LUMFeatureConfig
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
-from lumrec.pipelines.query import ConditionSpec, QueryConfig, load_pretrained_lum, register_query, run_query
+from lumrec.pipelines.pretrained_lum import load_pretrained_lum
+from lumrec.pipelines.query import ConditionSpec, QueryConfig, register_query, run_query
 
 DAY = "2026-01-02"
 CONDS = ["category_id=1", "category_id=3", "scenario=2"]
 
 
-def test_doctests():
-    assert doctest.testmod(knowledge_mod, raise_on_error=True).attempted > 0
+@pytest.mark.parametrize("name", ["", ".conditions", ".partitions", ".store", ".reading", ".lookup", ".join"])
+def test_doctests(name):
+    module = importlib.import_module(knowledge_pkg.__name__ + name)
+    assert doctest.testmod(module, raise_on_error=True).attempted > 0
 
 
 def _random_knowledge(seed=0, users=50, dim=4, items=30):
@@ -353,3 +363,93 @@ def test_all_users_cli_and_errors(pretrained, tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete best checkpoint"):
         run_query(_query_config(root, data, tmp_path / "x", checkpoint_kind="best"))
     assert not (tmp_path / "x").exists() or knowledge_days(tmp_path / "x") == []
+    with pytest.raises(ValueError, match=r"query: conditions\[scenario\]: condition \('scenario', 'x'\): value of 'scenario' must be an integer"):
+        run_query(_query_config(root, data, tmp_path / "x", conditions=[ConditionSpec("scenario", ["x"])]))
+
+
+def test_query_writes_tensorboard_scalars_and_a_job_start_line(pretrained, tmp_path, caplog):
+    root, data = pretrained
+    with caplog.at_level(logging.INFO, logger="lumrec"):
+        result = run_query(_query_config(root, data, tmp_path / "store"))
+    start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("query: ")]
+    assert len(start) == 1 and f"{result['users']:,} users" in start[0] and "6 conditions" in start[0]
+    assert re.search(r"[\d,]+ parameters, device cpu, \d+ threads?, as of " + DAY, start[0]), start[0]
+    events = EventAccumulator(str(tmp_path / "store" / "tb"))
+    events.Reload()
+    step = day_bounds(DAY)[0] // 86400
+    for tag, value in (("query/users", result["users"]), ("query/conditions", 6), ("query/carried_over", 0)):
+        (scalar,) = events.Scalars(tag)
+        assert (scalar.step, scalar.value) == (step, value), tag
+    (speed,) = events.Scalars("query/users_per_second")
+    assert speed.value > 0 and events.Scalars("query/seconds")[0].value == pytest.approx(result["seconds"])
+    assert knowledge_days(tmp_path / "store") == [DAY]  # tb/ next to the partitions is not one
+
+
+# -- the one condition parser -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("category_id=5", ("category_id", 5)),
+    ("scenario=-1", ("scenario", -1)),
+    ("_x9=0", ("_x9", 0)),
+    (("scenario", 2), ("scenario", 2)),
+    (["scenario", "2"], ("scenario", 2)),  # YAML [feature, value], value quoted
+    (("scenario", np.int64(3)), ("scenario", 3)),
+    (Condition("const", 0), ("const", 0)),
+])
+def test_condition_parser_accepts_the_documented_forms(entry, expected):
+    parsed = parse_condition(entry)
+    assert parsed == expected and isinstance(parsed, Condition) and type(parsed.value) is int
+    assert str(parsed) == f"{expected[0]}={expected[1]}" and parse_condition(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("scenario", r"lum.conditions: condition 'scenario' must look like feature=value with an integer value, e.g. 'category_id=5' \(no '='\)"),
+    ("scenario:2", r"condition 'scenario:2' must look like feature=value .*\(no '='\)"),
+    ("scenario = 2", r"condition 'scenario = 2' .*\(feature 'scenario ' is not an identifier"),
+    ("2cat=1", r"condition '2cat=1' .*\(feature '2cat' is not an identifier: letters, digits and _, not starting with a digit\)"),
+    ("=1", r"condition '=1' .*\(feature '' is not an identifier"),
+    ("scenario=feed", r"condition 'scenario=feed' .*\(value 'feed' is not an integer\)"),
+    ("scenario=1.5", r"\(value '1.5' is not an integer\)"),
+    ("scenario=1=2", r"\(value '1=2' is not an integer\)"),
+    ("scenario=", r"\(value '' is not an integer\)"),
+    (("scenario", "feed"), r"lum.conditions: condition \('scenario', 'feed'\): value of 'scenario' must be an integer id, got 'feed'"),
+    (("scenario", 1.0), r"value of 'scenario' must be an integer id, got 1.0"),
+    (("scenario", True), r"value of 'scenario' must be an integer id, got True"),
+    (("scenario", None), r"value of 'scenario' must be an integer id, got None"),
+    (("cat id", 1), r"condition \('cat id', 1\): feature 'cat id' must be an identifier \(letters, digits and _, not starting with a digit\)"),
+    ((3, 1), r"condition \(3, 1\): feature 3 must be an identifier"),
+    (("scenario", 1, 2), r"condition \('scenario', 1, 2\) must be 'feature=value' or a \(feature, value\) pair, e.g. 'category_id=5'"),
+    (5, r"lum.conditions: condition 5 must be 'feature=value' or a \(feature, value\) pair"),
+    (None, r"condition None must be 'feature=value' or a \(feature, value\) pair"),
+])
+def test_condition_parser_errors_quote_the_entry_and_its_source(entry, message):
+    with pytest.raises(ValueError, match=message):
+        parse_condition(entry, source="lum.conditions")
+
+
+def test_every_condition_site_uses_the_one_parser(tmp_path):
+    """The store writer, the lookup, LUMFeatureConfig, the grouped query and the rank join read conditions alike."""
+    bad = "scenario:2"
+    sites = [
+        ("KnowledgeWriter", lambda: KnowledgeWriter(tmp_path, DAY, "v", [bad], dim=2)),
+        ("KnowledgeLookup.from_tensors", lambda: KnowledgeLookup.from_tensors(
+            torch.tensor([1]), [bad], torch.zeros(1, 1, 2), torch.tensor([1]), torch.zeros(1, 2))),
+        ("LUMFeatureConfig.conditions", lambda: LUMFeatureConfig(conditions=[bad])),
+        ("grouped query", lambda: as_conditions([bad])),
+    ]
+    for source, make in sites:
+        with pytest.raises(ValueError, match=rf"^{re.escape(source)}: condition 'scenario:2' must look like feature=value"):
+            make()
+    # The same valid forms everywhere, stored in the canonical "feature=value" text.
+    forms = ["scenario=1", ("scenario", 2), ["category_id", "3"]]
+    assert as_conditions(forms) == [("scenario", 1), ("scenario", 2), ("category_id", 3)]
+    assert LUMFeatureConfig(conditions=forms).conditions == [("scenario", 1), ("scenario", 2), ("category_id", 3)]
+    path = write_knowledge(tmp_path, DAY, "v", [1], forms, np.zeros((1, 3, 2), np.float32), [1], np.zeros((1, 2), np.float32))
+    assert load_knowledge(tmp_path, DAY).conditions == ["scenario=1", "scenario=2", "category_id=3"]
+    assert path.name == f"as_of_ds={DAY}"
+    with pytest.raises(ValueError, match=r"KnowledgeWriter: expected a list of conditions, got the string 'scenario=1'"):
+        KnowledgeWriter(tmp_path, DAY, "v", "scenario=1", dim=2)
+    assert format_condition("scenario", 2) == "scenario=2"
+    with pytest.raises(ValueError, match="feature 'a b' must be an identifier"):
+        format_condition("a b", 2)

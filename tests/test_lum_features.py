@@ -247,7 +247,7 @@ def test_public_import_from_lumrec():
 def test_torchrec_dlrm_example_reads_a_knowledge_store(tmp_path):
     """`--store` feeds step 2's store in, as of the day before each day used."""
     from lumrec.data.dataset import Dataset
-    from lumrec.data.knowledge import write_knowledge
+    from lumrec.knowledge import write_knowledge
     from lumrec.data.synthetic import SynthConfig, generate
 
     example = _load_example()

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 
-from lumrec.data.knowledge import partition_dir
+from lumrec.knowledge import partition_dir
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 from lumrec.pipelines.query import ConditionSpec, QueryConfig, run_query

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
-from lumrec.data.knowledge import write_knowledge
+from lumrec.knowledge import write_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.warm_start import load_source_state

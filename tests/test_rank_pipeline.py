@@ -12,7 +12,7 @@ import torch
 
 from lumrec.config import ConfigError
 from lumrec.data.dataset import Dataset, day_bounds
-from lumrec.data.knowledge import load_knowledge, write_knowledge
+from lumrec.knowledge import load_knowledge, write_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.ranking_samples import build_ranking_samples
 from lumrec.data.synthetic import SynthConfig, generate

@@ -11,7 +11,7 @@ import torch
 from test_rank_pipeline import DAYS, DIM, make_data, write_store  # noqa: E402 - shared tiny data and knowledge
 
 from lumrec.config import ConfigError
-from lumrec.data.knowledge import load_knowledge
+from lumrec.knowledge import load_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.pipelines.rank import RankLUMConfig, RankTrainConfig, load_job_config
 from lumrec.pipelines.retrieve import RetrieveConfig, Retriever, TwoTowerSizes, register_retrieve, run_retrieve

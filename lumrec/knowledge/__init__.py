@@ -1,0 +1,59 @@
+"""The knowledge store: LUM's answers `o_q` per (user, condition) and item-token embeddings `e_i`, per as-of day.
+
+- ``conditions``: ``Condition`` and the one parser of condition strings and pairs;
+- ``partitions``: the layout (one folder per as-of day, manifest last) and the point-in-time rule;
+- ``store``: ``KnowledgeWriter`` / ``write_knowledge``, atomic per partition;
+- ``reading`` and ``lookup``: ``load_knowledge`` -> ``KnowledgeLookup`` (vectorised, checked);
+- ``join``: ``PointInTimeKnowledge``, which partition each sample day reads, with its checks.
+
+    >>> import tempfile, numpy as np
+    >>> store = tempfile.mkdtemp()
+    >>> _ = write_knowledge(store, "2026-01-02", "v1", [7, 9], ["scenario=1", "scenario=2"],
+    ...                     np.zeros((2, 2, 3), np.float32), [1, 2], np.ones((2, 3), np.float32))
+    >>> latest_as_of(store, "2026-01-03"), load_knowledge(store, "2026-01-02").num_users
+    ('2026-01-02', 2)
+"""
+
+from lumrec.knowledge.conditions import Condition, ConditionLike, format_condition, parse_condition, parse_conditions
+from lumrec.knowledge.join import CANDIDATE_FEATURES, PointInTimeKnowledge, day_to_ds
+from lumrec.knowledge.lookup import KnowledgeLookup, NoKnowledge
+from lumrec.knowledge.partitions import (
+    ITEM_SCHEMA,
+    ITEMS_FILE,
+    KNOWLEDGE_MANIFEST,
+    USER_SCHEMA,
+    USERS_FILE,
+    KnowledgeManifest,
+    knowledge_days,
+    latest_as_of,
+    partition_dir,
+    read_manifest,
+)
+from lumrec.knowledge.reading import load_knowledge
+from lumrec.knowledge.store import KnowledgeWriter, write_knowledge
+
+__all__ = [
+    "CANDIDATE_FEATURES",
+    "Condition",
+    "ConditionLike",
+    "ITEMS_FILE",
+    "ITEM_SCHEMA",
+    "KNOWLEDGE_MANIFEST",
+    "KnowledgeLookup",
+    "KnowledgeManifest",
+    "KnowledgeWriter",
+    "NoKnowledge",
+    "PointInTimeKnowledge",
+    "USERS_FILE",
+    "USER_SCHEMA",
+    "day_to_ds",
+    "format_condition",
+    "knowledge_days",
+    "latest_as_of",
+    "load_knowledge",
+    "parse_condition",
+    "parse_conditions",
+    "partition_dir",
+    "read_manifest",
+    "write_knowledge",
+]

@@ -1,0 +1,82 @@
+"""A pre-training run's LUM, rebuilt from the run folder (config.json) with a checkpoint's weights, for inference.
+
+    loaded = load_pretrained_lum("runs/lum")            # best checkpoint if there is one, else latest
+    loaded.model, loaded.model_version                  # eval-mode LUM, "<run>/<kind>/step-NNNNNNNN@<digest>"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lumrec.checkpoint import META_FILE, CheckpointManager, load_model_weights
+from lumrec.config import from_dict
+from lumrec.data.dataset import Dataset, DatasetMeta
+from lumrec.data.tokens import TokenConfig
+from lumrec.modules.lum import LUM
+from lumrec.pipelines.model_factory import build_model
+from lumrec.pipelines.pretrain import PretrainConfig
+
+__all__ = ["LoadedLUM", "load_pretrained_lum"]
+
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class LoadedLUM:
+    """A pre-trained LUM with what was needed to build it."""
+
+    model: LUM
+    data: Dataset
+    meta: DatasetMeta
+    token_config: TokenConfig
+    checkpoint: Path  # the step-NNNNNNNN folder loaded
+    model_version: str
+
+
+def _pick_checkpoint(path: Path, kind: str) -> tuple[Path, Path]:
+    """(run folder, step folder) for a run folder + kind, or for a step folder given directly."""
+    if _STEP_RE.match(path.name):
+        return path.parent.parent, path
+    if kind not in ("auto", "best", "latest"):
+        raise ValueError(f"query: checkpoint_kind must be 'auto', 'best' or 'latest', got {kind!r}")
+    found = {}
+    for name, folder in (("best", path / "best"), ("latest", path / "checkpoints")):
+        step = CheckpointManager(folder, keep=0).latest()
+        if step is not None:
+            found[name] = CheckpointManager(folder, keep=0).step_dir(step)
+    choice = ("best" if "best" in found else "latest") if kind == "auto" else kind
+    if choice not in found:
+        raise FileNotFoundError(
+            f"{path}: no complete {'checkpoint' if kind == 'auto' else kind + ' checkpoint'} "
+            f"(looked in {path / 'best'} and {path / 'checkpoints'})"
+        )
+    return path, found[choice]
+
+
+def _checkpoint_digest(step_dir: Path) -> str:
+    """A short digest of a checkpoint's files, from the SHA-256s its meta file already records."""
+    digests = json.loads((step_dir / META_FILE).read_text()).get("digests", {})
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: str | None = None) -> LoadedLUM:
+    """Rebuild a pretrain run's LUM from its config.json and load a checkpoint's weights (eval mode)."""
+    run_dir, step_dir = _pick_checkpoint(Path(checkpoint), kind)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: not found; checkpoint {step_dir} must sit in a pretrain run folder (out/)")
+    cfg = from_dict(PretrainConfig, json.loads(config_path.read_text()), source=str(config_path))
+    data = Dataset(data_path or cfg.data.path)
+    meta = data.read_meta()
+    token_config = TokenConfig(condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features))
+    model = build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)
+    if not isinstance(model, LUM):
+        raise ValueError(f"{config_path}: knowledge querying needs a LUM, but this run trained model {cfg.model!r}")
+    load_model_weights(step_dir, model)
+    model.eval()
+    version = f"{run_dir.name}/{step_dir.parent.name}/{step_dir.name}@{_checkpoint_digest(step_dir)}"
+    return LoadedLUM(model, data, meta, token_config, step_dir, version)
