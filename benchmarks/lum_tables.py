@@ -396,7 +396,7 @@ def extend_seeds(earlier: dict[str, dict], new: dict[str, dict], first_seed: int
     which every earlier row was paired against; a rerun that differs is logged and recorded in the
     row as `rerun_auc` (float rounding in another process can move a seeded run slightly).
     """
-    from lumrec.pipelines.rank import summarize_seeds
+    from lumrec.comparison import summarize_seeds
 
     runs: dict[str, list[dict]] = {}
     reruns: dict[str, list[float]] = {}
@@ -440,7 +440,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from lumrec.config import from_dict
     from lumrec.data.dataset import Dataset, shift_ds
     from lumrec.data.ranking_samples import build_ranking_samples
-    from lumrec.pipelines.rank import RankConfig, comparison_table, run_rank, summarize_seeds
+    from lumrec.comparison import comparison_table, summarize_seeds
+    from lumrec.pipelines.rank import run_rank
+    from lumrec.pipelines.rank_config import RankConfig
 
     t_start = time.perf_counter()
     cfg = load_bench_config(args.dataset, args.tiny)

@@ -10,12 +10,14 @@ The behaviour sequence stays jagged (`(values, offsets)`): scores and the weight
 T real behaviours with segment ops, no padding. ``target_attention_padded_reference`` is the same
 computation on a padded batch, for tests. Candidate and behaviour keys share tables
 (``EmbeddingCollection``, one vector per id), so `h_j - e_t` compares like with like.
+
+Registered as ranking backbone ``din`` (``lumrec.modules.ranking_registry``; no options of its own).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Self, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from lumrec.modules.ranking import (
     Dense,
     LogitArch,
     PooledSparseArch,
+    RankerParts,
     RankingTrain,
     TableConfig,
     check_sizes,
@@ -35,6 +38,7 @@ from lumrec.modules.ranking import (
     select_keys,
     tables_from,
 )
+from lumrec.modules.ranking_registry import NoOptions, register_ranker
 
 __all__ = [
     "BehaviourModelConfig",
@@ -47,6 +51,7 @@ __all__ = [
     "compact",
     "DIN",
     "DINTrain",
+    "build_din",
 ]
 
 Normalize = Literal["none", "softmax"]
@@ -107,6 +112,28 @@ class BehaviourModelConfig:
             raise ValueError(f"{owner}: key(s) {overlap} are in both context_tables and sequence_tables")
         if self.attention_normalize not in ("none", "softmax"):
             raise ValueError(f"{owner}: attention_normalize must be 'none' or 'softmax', got {self.attention_normalize!r}")
+
+    @classmethod
+    def from_parts(cls, parts: RankerParts, **own: Any) -> Self:
+        """The config of a ranking job's backbone: `parts`' tables, widths and sizes, plus the subclass's own fields `own`.
+
+        Each candidate id the history has gets a per-id table shared with its behaviour key; one
+        it lacks is pooled with the context tables.
+        """
+        d, seq = parts.embedding_dim, [f for f in parts.item_features if f.history_key]
+        pooled = [TableConfig(f.table, f.num_embeddings, d, [f.candidate_key]) for f in parts.item_features if not f.history_key]
+        return cls(
+            sequence_tables=[TableConfig(f.table, f.num_embeddings, d, [f.candidate_key, f.history_key]) for f in seq],
+            candidate_keys=[f.candidate_key for f in seq],
+            history_keys=[f.history_key for f in seq],
+            context_tables=list(parts.context_tables) + pooled,
+            dense_dim=parts.dense_dim,
+            lum_dim=parts.lum_dim,
+            attention_mlp=list(parts.attention_mlp),
+            attention_normalize=parts.attention_normalize,
+            mlp=list(parts.mlp),
+            **own,
+        )
 
     @property
     def item_dim(self) -> int:
@@ -321,3 +348,9 @@ class DINTrain(RankingTrain):
 
     def __init__(self, model: DIN) -> None:
         super().__init__(model)
+
+
+@register_ranker("din")
+def build_din(parts: RankerParts, options: NoOptions) -> DIN:
+    """The ranking job's DIN."""
+    return DIN(DINConfig.from_parts(parts))

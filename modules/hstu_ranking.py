@@ -8,18 +8,22 @@ Per sample the jagged sequence is [history item tokens (oldest first), then the 
     logit      = MLP([pooled context, LayerNorm(state at the candidate), dense, LUM features])
 
 The batch stays jagged (T + B tokens): the HSTU layers cut it into length buckets
-(``lumrec.modules.attention.build_attention_layout``), so skewed histories never pad to B x Lmax x Lmax.
+(``lumrec.modules.ops.build_attention_layout``), so skewed histories never pad to B x Lmax x Lmax.
 Causality makes the candidate the only token that sees the candidate; a history token sees only
 earlier history. LUM / dense columns come last in the MLP input, so ``warm_start`` can widen it.
 
-Timestamps travel in the sparse KJT under two extra keys (``with_timestamps``): `sample_ts` (one
-per sample, the candidate's time) and `hist_ts` (aligned with the history keys). No embedding table
-looks them up; they are only read when `use_time_bias` is on.
+Timestamps travel in the sparse KJT under two extra keys (``lumrec.modules.ranking.with_timestamps``):
+`sample_ts` (one per sample, the candidate's time) and `hist_ts` (aligned with the history keys). No
+embedding table looks them up; they are only read when the layers' `use_time_bias` is on.
+
+Registered as ranking backbone ``hstu`` (``lumrec.modules.ranking_registry``) with
+``HSTURankerOptions``: `sizes.backbones.hstu: {num_layers: 2, hstu: {num_heads: 2, max_len: 256}}`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -29,43 +33,61 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lumrec.modules.din import BehaviourModelConfig, SequenceArch, compact, context_arch, keep_most_recent
 from lumrec.modules.hstu import HSTUConfig, HSTUStack
 from lumrec.modules.ops import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
-from lumrec.modules.ranking import Dense, LogitArch, RankingTrain, dense_part, select_keys
+from lumrec.modules.ranking import (
+    HIST_TS_KEY,
+    SAMPLE_TS_KEY,
+    Dense,
+    LogitArch,
+    RankerParts,
+    RankingTrain,
+    dense_part,
+    select_keys,
+    with_timestamps,
+)
 from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
+from lumrec.modules.ranking_registry import register_ranker
 
 __all__ = [
-    "HIST_TS_KEY",
-    "SAMPLE_TS_KEY",
+    "HSTURankerOptions",
     "HSTURankerConfig",
     "HSTURanker",
     "HSTURankerTrain",
     "append_candidates",
-    "timestamps_kjt",
-    "with_timestamps",
+    "build_hstu_ranker",
+    "ranker_layer_config",
 ]
 
-HIST_TS_KEY = "hist_ts"  # KJT key: each behaviour's unix time, same lengths as the history keys
-SAMPLE_TS_KEY = "sample_ts"  # KJT key: the sample's (candidate's) unix time, one per sample
+_LAYER_KEYS = [f.name for f in fields(HSTUConfig)]
 
 
-def timestamps_kjt(sample_ts: torch.Tensor, hist_ts: torch.Tensor, hist_lengths: torch.Tensor) -> KeyedJaggedTensor:
-    """A KJT of stride B with keys `sample_ts` (one per sample) and `hist_ts` (`hist_lengths[b]` each)."""
-    batch = sample_ts.numel()
-    if hist_lengths.numel() != batch or int(hist_lengths.sum()) != hist_ts.numel():
-        raise ValueError(
-            f"timestamps_kjt: {batch} sample times, {hist_lengths.numel()} history lengths summing to "
-            f"{int(hist_lengths.sum())}, {hist_ts.numel()} history times"
-        )
-    lengths = torch.cat([torch.ones_like(hist_lengths), hist_lengths]).to(torch.int32)
-    values = torch.cat([sample_ts.reshape(-1), hist_ts.reshape(-1)]).to(torch.int64)
-    return KeyedJaggedTensor(keys=[SAMPLE_TS_KEY, HIST_TS_KEY], values=values, lengths=lengths, stride=batch)
+def _check_layer_keys(keys: Any) -> None:
+    unknown = sorted(set(keys) - set(_LAYER_KEYS))
+    if unknown:
+        raise ValueError(f"hstu: unknown HSTUConfig key(s) {unknown}; valid keys: {_LAYER_KEYS}")
 
 
-def with_timestamps(
-    sparse_features: KeyedJaggedTensor, sample_ts: torch.Tensor, hist_ts: torch.Tensor, hist_lengths: torch.Tensor
-) -> KeyedJaggedTensor:
-    """`sparse_features` with the `sample_ts` / `hist_ts` keys appended (what `HSTURanker` reads for its time bias)."""
-    return KeyedJaggedTensor.concat([sparse_features, timestamps_kjt(sample_ts, hist_ts, hist_lengths)])
+def ranker_layer_config(item_dim: int, given: HSTUConfig | Mapping[str, Any] | None = None) -> HSTUConfig:
+    """The ranker's per-layer `HSTUConfig`: `given` as is, or its keys (a mapping, None: none) over derived defaults.
 
+    Derived: `d_model` the concatenated item vector's width `item_dim`, `dqk` = `dv` = `d_model // num_heads`;
+    the other keys default to `HSTUConfig`'s. An unknown key is an error naming it.
+
+    Example::
+
+        >>> cfg = ranker_layer_config(8, {"num_heads": 4, "max_len": 21})
+        >>> cfg.d_model, cfg.dqk, cfg.dv, cfg.max_len
+        (8, 2, 2, 21)
+    """
+    if isinstance(given, HSTUConfig):
+        return given
+    values = dict(given or {})
+    _check_layer_keys(values)
+    d_model = values.setdefault("d_model", item_dim)
+    heads = values.get("num_heads", HSTUConfig.num_heads)
+    head_dim = max(d_model // heads, 1) if heads >= 1 else 1  # heads < 1: HSTUConfig names the key
+    values.setdefault("dqk", head_dim)
+    values.setdefault("dv", head_dim)
+    return HSTUConfig(**values)
 
 def append_candidates(
     history: torch.Tensor, candidates: torch.Tensor, offsets: torch.Tensor
@@ -92,58 +114,46 @@ def append_candidates(
 
 
 @dataclass
-class HSTURankerConfig(BehaviourModelConfig):
-    """HSTU ranker: `BehaviourModelConfig` tables/keys (its `attention_mlp` / `attention_normalize` are unused) plus the stack.
+class HSTURankerOptions:
+    """The ranking job's HSTU keys (`sizes.backbones.hstu`): the stack's depth and its layers' `HSTUConfig` keys.
 
-    `d_model` None: the concatenated item vector's width (`item_dim`); `dqk` / `dv` None: `d_model // num_heads`.
-    `max_len`: span of the relative position bias (positions further apart share its last entry) and,
-    with `normaliser` None, HSTU's `n`. `max_history`: most recent behaviours kept (None: all).
+    `hstu`: some of `HSTUConfig`'s keys; the rest are derived as in `ranker_layer_config`.
     """
 
     num_layers: int = 2
-    num_heads: int = 2
-    d_model: int | None = None
-    dqk: int | None = None
-    dv: int | None = None
-    dropout: float = 0.0
-    max_len: int = 256
-    use_position_bias: bool = True
-    use_time_bias: bool = True
-    num_time_buckets: int = 64
-    time_bucket_base: float = 2.0
-    normaliser: float | str | None = None
+    hstu: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_layer_keys(self.hstu)  # when the config is read, not when the model is built
+
+
+@dataclass
+class HSTURankerConfig(BehaviourModelConfig):
+    """HSTU ranker: `BehaviourModelConfig` tables/keys (its `attention_mlp` / `attention_normalize` are unused) plus the stack.
+
+    `hstu`: the per-layer `HSTUConfig`, or some of its keys (a mapping, or None for none) over
+    derived defaults (`ranker_layer_config`: `d_model` the item vector's width, `dqk` / `dv`
+    `d_model // num_heads`); after construction it is an `HSTUConfig`. Its `max_len` is the span
+    of the relative position bias (positions further apart share its last entry) and, with
+    `normaliser` None, HSTU's `n`. `max_history`: most recent behaviours kept (None: all).
+    """
+
+    num_layers: int = 2
+    hstu: HSTUConfig | Mapping[str, Any] | None = None
     max_history: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_layers", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HSTURankerConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_layers < 1:
+            raise ValueError(f"HSTURankerConfig: num_layers must be >= 1, got {self.num_layers}")
         if self.max_history is not None and self.max_history < 1:
             raise ValueError(f"HSTURankerConfig: max_history must be >= 1 or None, got {self.max_history}")
-        self.layer_config()  # validates d_model, dqk, dv, dropout, max_len, buckets, normaliser
+        self.hstu = ranker_layer_config(self.item_dim, self.hstu)  # validates d_model, dqk, dv, dropout, max_len, ...
 
     @property
     def model_dim(self) -> int:
         """Width of the HSTU tokens."""
-        return self.d_model if self.d_model is not None else self.item_dim
-
-    def layer_config(self) -> HSTUConfig:
-        """The per-layer `HSTUConfig` of the stack."""
-        head_dim = max(self.model_dim // self.num_heads, 1)
-        return HSTUConfig(
-            d_model=self.model_dim,
-            num_heads=self.num_heads,
-            dqk=self.dqk if self.dqk is not None else head_dim,
-            dv=self.dv if self.dv is not None else head_dim,
-            dropout=self.dropout,
-            max_len=self.max_len,
-            num_time_buckets=self.num_time_buckets,
-            use_time_bias=self.use_time_bias,
-            use_position_bias=self.use_position_bias,
-            normaliser=self.normaliser,
-            time_bucket_base=self.time_bucket_base,
-        )
+        return self.hstu.d_model
 
 
 class HSTURanker(nn.Module):
@@ -170,8 +180,8 @@ class HSTURanker(nn.Module):
         self.context_arch = context_arch(config, device)
         self.sequence_arch = SequenceArch(config, device=device)
         self.input_proj = nn.Linear(config.item_dim, d, device=device)
-        self.input_dropout = nn.Dropout(config.dropout)
-        self.stack = HSTUStack(config.layer_config(), config.num_layers)
+        self.input_dropout = nn.Dropout(config.hstu.dropout)
+        self.stack = HSTUStack(config.hstu, config.num_layers)
         if device is not None:
             self.stack.to(device)
         self.output_norm = nn.LayerNorm(d, device=device)
@@ -185,7 +195,7 @@ class HSTURanker(nn.Module):
 
     def _timestamps(self, sparse_features: KeyedJaggedTensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sample times [B], behaviour times [T]) from the KJT, or None when the time bias is off."""
-        if not self.config.use_time_bias:
+        if not self.config.hstu.use_time_bias:
             return None
         if SAMPLE_TS_KEY not in sparse_features.keys() or HIST_TS_KEY not in sparse_features.keys():
             raise ValueError(
@@ -235,3 +245,9 @@ class HSTURankerTrain(RankingTrain):
 
     def __init__(self, model: HSTURanker) -> None:
         super().__init__(model)
+
+
+@register_ranker("hstu", options=HSTURankerOptions, timestamps=True)
+def build_hstu_ranker(parts: RankerParts, options: HSTURankerOptions) -> HSTURanker:
+    """The ranking job's HSTU ranker (its time bias reads the times `with_timestamps` adds)."""
+    return HSTURanker(HSTURankerConfig.from_parts(parts, **asdict(options)))

@@ -14,7 +14,11 @@ comparisons treat them alike:
 Arches (imitating torchrec's DLRM): ``PooledSparseArch`` (EmbeddingBagCollection -> [B, sum
 dims]), ``LogitArch`` (MLP -> one logit), ``dense_part`` (width-checked dense / LUM input). A
 ``RankingTrain`` wrapper owns the BCE-with-logits loss so the model stays usable for inference.
-DIN and SIM live in ``din.py`` and ``sim.py``.
+
+Every backbone registers itself by name (``lumrec.modules.ranking_registry``; this file: ``mlp``,
+``din.py``: ``din``, ``sim.py``: ``sim``, ``hstu_ranking.py``: ``hstu``) and is built from
+``RankerParts``, the tables and sizes the ranking job derives from the data set. A backbone that
+reads times (HSTU's time bias) gets them in the KJT under two extra keys (``with_timestamps``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lumrec.modules.ranking_registry import NoOptions, register_ranker
 from lumrec.modules.token_encoder import FeatureTableConfig
 
 __all__ = [
+    "HIST_TS_KEY",
+    "SAMPLE_TS_KEY",
     "TableConfig",
+    "ItemFeature",
+    "RankerParts",
     "RankingBatch",
     "select_keys",
     "dense_part",
@@ -43,10 +52,15 @@ __all__ = [
     "EmbeddingMLP",
     "RankingTrain",
     "EmbeddingMLPTrain",
+    "build_embedding_mlp",
+    "timestamps_kjt",
+    "with_timestamps",
 ]
 
 Dense = torch.Tensor | KeyedTensor | None
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+HIST_TS_KEY = "hist_ts"  # KJT key: each behaviour's unix time, same lengths as the history keys
+SAMPLE_TS_KEY = "sample_ts"  # KJT key: the sample's (candidate's) unix time, one per sample
 
 
 @dataclass
@@ -109,6 +123,52 @@ def check_sizes(owner: str, **sizes: int | Sequence[int]) -> None:
             raise ValueError(f"{owner}: {name} must be >= {floor}, got {value}")
 
 
+@dataclass(frozen=True)
+class ItemFeature:
+    """One id of the candidate (item_id, category_id) and its table; `history_key` (hist_X) shares the table when the history has it."""
+
+    table: str
+    num_embeddings: int
+    candidate_key: str
+    history_key: str | None = None
+
+
+@dataclass
+class RankerParts:
+    """What every ranking backbone is built from (``lumrec.modules.ranking_registry``): tables sized from the data set.
+
+    `context_tables` are pooled per sample (user_id, scenario, ...; mean-pooled item list keys);
+    `item_features` are the candidate's ids, item_id first, each with the behaviour key that
+    shares its table. The widths and sizes are ``RankModelConfig``'s shared ones.
+
+    Example::
+
+        >>> parts = RankerParts(4, [TableConfig("t_user", 10, 4, ["user_id"])],
+        ...                     [ItemFeature("t_item", 20, "item_id", "hist_item_id"), ItemFeature("t_category", 5, "category_id")])
+        >>> parts.history_keys, [t.feature_names for t in parts.pooled_item_tables()]
+        (['hist_item_id'], [['item_id', 'hist_item_id'], ['category_id']])
+    """
+
+    embedding_dim: int
+    context_tables: list[TableConfig]
+    item_features: list[ItemFeature]
+    dense_dim: int = 0
+    lum_dim: int = 0  # width of the LUM features (0: the model takes none)
+    mlp: list[int] = field(default_factory=lambda: [64, 32])
+    attention_mlp: list[int] = field(default_factory=lambda: [32])  # target attention (DIN, SIM)
+    attention_normalize: Literal["none", "softmax"] = "none"
+
+    @property
+    def history_keys(self) -> list[str]:
+        """The behaviour keys in use, in item feature order."""
+        return [f.history_key for f in self.item_features if f.history_key]
+
+    def pooled_item_tables(self, pooling: Literal["sum", "mean"] = "mean") -> list[TableConfig]:
+        """One pooled table per candidate id, also looked up by its behaviour key (mean pooling of one id is the id's vector)."""
+        return [TableConfig(f.table, f.num_embeddings, self.embedding_dim, [f.candidate_key] + ([f.history_key] if f.history_key else []),
+                            pooling=pooling) for f in self.item_features]
+
+
 @dataclass
 class RankingBatch:
     """One ranking batch: all ids as a KJT, float labels [B], optional dense and LUM features."""
@@ -134,6 +194,26 @@ def select_keys(kjt: KeyedJaggedTensor, keys: Sequence[str], owner: str) -> Keye
     if missing:
         raise ValueError(f"{owner}: sparse features have no key(s) {missing}; keys: {have}")
     return kjt.permute([index[k] for k in keys])
+
+
+def timestamps_kjt(sample_ts: torch.Tensor, hist_ts: torch.Tensor, hist_lengths: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT of stride B with keys `sample_ts` (one per sample) and `hist_ts` (`hist_lengths[b]` each)."""
+    batch = sample_ts.numel()
+    if hist_lengths.numel() != batch or int(hist_lengths.sum()) != hist_ts.numel():
+        raise ValueError(
+            f"timestamps_kjt: {batch} sample times, {hist_lengths.numel()} history lengths summing to "
+            f"{int(hist_lengths.sum())}, {hist_ts.numel()} history times"
+        )
+    lengths = torch.cat([torch.ones_like(hist_lengths), hist_lengths]).to(torch.int32)
+    values = torch.cat([sample_ts.reshape(-1), hist_ts.reshape(-1)]).to(torch.int64)
+    return KeyedJaggedTensor(keys=[SAMPLE_TS_KEY, HIST_TS_KEY], values=values, lengths=lengths, stride=batch)
+
+
+def with_timestamps(
+    sparse_features: KeyedJaggedTensor, sample_ts: torch.Tensor, hist_ts: torch.Tensor, hist_lengths: torch.Tensor
+) -> KeyedJaggedTensor:
+    """`sparse_features` with the `sample_ts` / `hist_ts` keys appended (what a backbone registered with `timestamps=True` reads)."""
+    return KeyedJaggedTensor.concat([sparse_features, timestamps_kjt(sample_ts, hist_ts, hist_lengths)])
 
 
 def dense_part(x: Dense, width: int, name: str, batch_size: int, owner: str) -> torch.Tensor | None:
@@ -287,3 +367,10 @@ class EmbeddingMLPTrain(RankingTrain):
 
     def __init__(self, model: EmbeddingMLP) -> None:
         super().__init__(model)
+
+
+@register_ranker("mlp")
+def build_embedding_mlp(parts: RankerParts, options: NoOptions) -> EmbeddingMLP:
+    """The ranking job's Embedding+MLP: context tables and one mean-pooled table per candidate id, shared with its behaviour key."""
+    return EmbeddingMLP(EmbeddingMLPConfig(parts.context_tables + parts.pooled_item_tables(), dense_dim=parts.dense_dim,
+                                           lum_dim=parts.lum_dim, mlp=list(parts.mlp)))

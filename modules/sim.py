@@ -7,11 +7,13 @@
 
 Hard search is a mask over the jagged history computed with prefix sums (no Python loop, no
 padding); ``hard_search_mask`` is the whole of it and is tested against a per-sequence reference.
+
+Registered as ranking backbone ``sim`` (``lumrec.modules.ranking_registry``) with ``SIMOptions``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -20,10 +22,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.modules.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, context_arch, keep_most_recent
 from lumrec.modules.ops import offsets_to_ids
-from lumrec.modules.ranking import Dense, LogitArch, RankingTrain, dense_part, select_keys
+from lumrec.modules.ranking import Dense, LogitArch, RankerParts, RankingTrain, dense_part, select_keys
 from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
+from lumrec.modules.ranking_registry import register_ranker
 
-__all__ = ["SIMConfig", "SIM", "SIMTrain", "hard_search_mask"]
+__all__ = ["SIMOptions", "SIMConfig", "SIM", "SIMTrain", "build_sim", "hard_search_mask"]
+
+
+@dataclass
+class SIMOptions:
+    """The ranking job's SIM keys (`sizes.backbones.sim`): SIMConfig's branch lengths."""
+
+    max_search_len: int = 50  # most recent same-category behaviours (hard search)
+    short_len: int = 10  # most recent behaviours of the short branch
 
 
 @dataclass
@@ -136,3 +147,11 @@ class SIMTrain(RankingTrain):
 
     def __init__(self, model: SIM) -> None:
         super().__init__(model)
+
+
+@register_ranker("sim", options=SIMOptions)
+def build_sim(parts: RankerParts, options: SIMOptions) -> SIM:
+    """The ranking job's SIM: hard search on the category of the candidate and of each behaviour."""
+    if "hist_category_id" not in parts.history_keys:
+        raise ValueError("model sim: hard search needs 'hist_category_id' in sizes.history_keys")
+    return SIM(SIMConfig.from_parts(parts, **asdict(options)))

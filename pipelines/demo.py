@@ -205,7 +205,7 @@ def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dic
 def ranker_parts(cfg: DemoConfig, store: Path):
     """The demo ranker's sizes, training and LUM settings (step 3, and the daily DLRM of step 4)."""
     from lumrec.modules.lum_join import RankLUMConfig
-    from lumrec.pipelines.rank import RankModelConfig, RankTrainConfig
+    from lumrec.pipelines.rank_config import RankModelConfig, RankTrainConfig
 
     # No user_id table: with one day of training impressions per-user embeddings only overfit (measured).
     sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],
@@ -221,7 +221,8 @@ def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day
     """Rank Base vs Base+LUM on the same samples, features and budget; print the table and return the summary."""
     from lumrec.data.ranking.config import RankingSampleConfig
     from lumrec.data.ranking_samples import build_ranking_samples
-    from lumrec.pipelines.rank import RankConfig, comparison_table, run_rank, summarize_seeds
+    from lumrec.comparison import comparison_table, summarize_seeds
+    from lumrec.pipelines.rank import RankConfig, run_rank
 
     sample_cfg = RankingSampleConfig(protocol="impressions", first_day=first_day, last_day=last_day, test_fraction=0.3,
                                      valid_fraction=0.3)

@@ -29,22 +29,17 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.config import to_dict
+from lumrec.config import load_config, to_dict
 from lumrec.data.dataset import Dataset
 from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.data.ranking.features import context_keys, vocab_size
 from lumrec.data.ranking.reading import item_categories
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
 from lumrec.modules.ranking import TableConfig
 from lumrec.modules.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
 from lumrec.pipelines.model_factory import split_parameters
-from lumrec.pipelines.rank import (
-    RankTrainConfig,
-    check_train_config,
-    context_keys,
-    load_job_config,
-    vocab_size,
-)
+from lumrec.pipelines.rank_config import RankTrainConfig, check_train_config
 from lumrec.train import EpochJob, seed_everything
 
 log = logging.getLogger("lumrec.retrieve")
@@ -223,7 +218,7 @@ def run_retrieve(cfg: RetrieveConfig, max_epochs: int | None = None, max_steps: 
 
 def main(args: argparse.Namespace) -> int:
     """`lumrec retrieve CONFIG [key=value ...]`."""
-    cfg = load_job_config(RetrieveConfig, args.config, overrides=args.overrides)
+    cfg = load_config(RetrieveConfig, args.config, overrides=args.overrides)
     result = run_retrieve(cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 
@@ -13,11 +14,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import lumrec.modules.hstu_ranking as hstu_ranking_mod
 from lumrec.modules.ops import build_attention_layout
-from lumrec.modules.hstu import HSTULayer
-from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig, append_candidates, with_timestamps
-from lumrec.modules.ranking import RankingBatch, RankingTrain, TableConfig
+from lumrec.modules.hstu import HSTUConfig, HSTULayer
+from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig, append_candidates
+from lumrec.modules.ranker_builder import RankModelConfig, build_ranker
+from lumrec.modules.ranking import RankingBatch, RankingTrain, TableConfig, with_timestamps
 from lumrec.modules.warm_start import warm_start
-from lumrec.pipelines.rank import build_ranker, run_rank
+from lumrec.pipelines.rank import run_rank
 from test_rank_pipeline import lum_config, make_data, rank_config, write_store  # noqa: E402 - shared tiny data
 
 USERS, ITEMS, CATS, D, DENSE, LUM, MAX_HIST = 7, 30, 5, 4, 3, 5, 40
@@ -25,12 +27,16 @@ KEYS = ["user_id", "item_id", "category_id", "hist_item_id", "hist_category_id"]
 
 
 def config(lum_dim: int = 0, **kw) -> HSTURankerConfig:
+    """The test ranker; keys of `HSTUConfig` in `kw` go to its layers (`hstu`), the others to the ranker."""
+    layer_keys = {f.name for f in dataclasses.fields(HSTUConfig)}
+    layer = dict(num_heads=2, max_len=6, num_time_buckets=32)
+    layer.update({k: kw.pop(k) for k in list(kw) if k in layer_keys})
     base = dict(
         sequence_tables=[TableConfig("t_item", ITEMS, D, ["item_id", "hist_item_id"]),
                          TableConfig("t_cat", CATS, D, ["category_id", "hist_category_id"])],
         candidate_keys=["item_id", "category_id"], history_keys=["hist_item_id", "hist_category_id"],
         context_tables=[TableConfig("t_user", USERS, D, ["user_id"])], dense_dim=DENSE, lum_dim=lum_dim,
-        mlp=[8], num_layers=2, num_heads=2, max_len=6, num_time_buckets=32,
+        mlp=[8], num_layers=2, hstu=layer,
     )
     base.update(kw)
     return HSTURankerConfig(**base)
@@ -85,7 +91,7 @@ def reference_forward(model: HSTURanker, b: RankingBatch) -> torch.Tensor:
     for i in range(sparse.stride()):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         x = model.input_proj(torch.cat([history[lo:hi], candidate[i : i + 1]]))
-        ts = torch.cat([hist_ts[lo:hi], sample_ts[i : i + 1]]) if model.config.use_time_bias else None
+        ts = torch.cat([hist_ts[lo:hi], sample_ts[i : i + 1]]) if model.config.hstu.use_time_bias else None
         for layer in model.stack.layers:
             x = reference_layer(layer, x, ts)
         states.append(x[-1])
@@ -234,7 +240,7 @@ def world(tmp_path_factory):
 
 def hstu_config(data: str, out, lum=None, **train):
     cfg = rank_config(data, out, "hstu", lum, **train)
-    cfg.sizes.hstu_layers, cfg.sizes.hstu_heads, cfg.sizes.hstu_max_len = 1, 2, 21
+    cfg.sizes.backbones["hstu"] = {"num_layers": 1, "hstu": {"num_heads": 2, "max_len": 21}}
     return cfg
 
 
@@ -244,9 +250,7 @@ def _strip(result: dict) -> dict:
 
 def test_build_ranker_hstu_widths() -> None:
     vocab = {"user_id": 10, "item_id": 20, "category_id": 4, "scenario": 3, "query_id": 1}
-    from lumrec.pipelines.rank import RankModelConfig
-
-    sizes = RankModelConfig(embedding_dim=4, mlp=[8], hstu_layers=3, hstu_heads=1)
+    sizes = RankModelConfig(embedding_dim=4, mlp=[8], backbones={"hstu": {"num_layers": 3, "hstu": {"num_heads": 1}}})
     model, train = build_ranker("hstu", sizes, vocab, dense_dim=2, lum_dim=5)
     assert isinstance(model, HSTURanker) and isinstance(train, RankingTrain)
     assert len(model.stack.layers) == 3 and model.config.model_dim == 8

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from benchmark_scripts import load_benchmark
 
+from lumrec.config import from_dict
+from lumrec.pipelines.rank_config import RankConfig
+
 
 def _bench():
     return load_benchmark("lum_tables")
@@ -22,6 +25,9 @@ def test_every_dataset_config_parses(tiny):
         cfg = bench.load_bench_config(dataset, tiny)
         assert cfg.knowledge.mode in ("daily", "fixed", "user_cut"), dataset
         assert cfg.pretrain["model_config"]["d_model"] > 0
+        # The rank section is a RankConfig (less data and model), SIM's options included.
+        rank = from_dict(RankConfig, {**cfg.rank, "data": "unused"}, source=dataset)
+        assert rank.sizes.options("sim").max_search_len >= rank.sizes.options("sim").short_len > 0, dataset
 
 
 def test_strength0_variant_changes_only_the_planted_strength():
@@ -142,7 +148,7 @@ def test_selection_on_validation_ignores_rows_without_lum_and_test_auc():
 
 
 def test_summaries_keep_the_validation_auc_through_extended_seeds():
-    from lumrec.pipelines.rank import summarize_seeds
+    from lumrec.comparison import summarize_seeds
 
     bench = _bench()
     first = summarize_seeds({"base": [{"test": {"auc": 0.7, "ne": 0.9}, "valid": {"auc": 0.8}}],

@@ -23,7 +23,9 @@ from lumrec.knowledge import write_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.warm_start import load_source_state
-from lumrec.pipelines.rank import RankConfig, Ranker, RankLUMConfig, RankModelConfig, RankTrainConfig, run_rank
+from lumrec.modules.lum_join import RankLUMConfig
+from lumrec.pipelines.rank import Ranker, run_rank
+from lumrec.pipelines.rank_config import RankConfig, RankModelConfig, RankTrainConfig
 from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
@@ -64,7 +66,8 @@ def _config(data: str, store: str, out: Path, scenario: str) -> RankConfig:
     return RankConfig(
         data=data, out=str(out), model=model,
         samples=RankingSampleConfig(protocol="impressions", first_day=DAYS[1], test_fraction=0.3, valid_fraction=0.3),
-        sizes=RankModelConfig(embedding_dim=8, mlp=[16], attention_mlp=[8], max_search_len=8, short_len=4, item_stats=["f_ctr_7d"]),
+        sizes=RankModelConfig(embedding_dim=8, mlp=[16], attention_mlp=[8], item_stats=["f_ctr_7d"],
+                              backbones={"sim": {"max_search_len": 8, "short_len": 4}}),
         lum=lum,
         train=RankTrainConfig(epochs=EPOCHS, batch_size=BATCH, eval_batch_size=EVAL_BATCH, max_history=20, progress=False,
                               checkpoint_every_steps=4, keep_checkpoints=10),

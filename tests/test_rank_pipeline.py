@@ -10,25 +10,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from lumrec.config import ConfigError
+from lumrec.comparison import comparison_table, summarize_seeds
+from lumrec.config import ConfigError, load_config
 from lumrec.data.dataset import Dataset, day_bounds
 from lumrec.knowledge import load_knowledge, write_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.ranking_samples import build_ranking_samples
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.lum_features import LUMFeatureModule, candidates_kjt
-from lumrec.pipelines.rank import (
-    LUMJoin,
-    RankConfig,
-    RankLUMConfig,
-    RankModelConfig,
-    RankTrainConfig,
-    comparison_table,
-    load_job_config,
-    register_rank,
-    run_rank,
-    summarize_seeds,
-)
+from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
+from lumrec.pipelines.rank import register_rank, run_rank
+from lumrec.pipelines.rank_config import RankConfig, RankModelConfig, RankTrainConfig
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 CONDITIONS = ["scenario=1", "scenario=2"] + [f"category_id={c}" for c in range(1, 5)]
@@ -73,7 +65,8 @@ def rank_config(data: str, out, model: str = "sim", lum: RankLUMConfig | None = 
     return RankConfig(
         data=data, out=str(out), model=model,
         samples=RankingSampleConfig(protocol="impressions", first_day=DAYS[1], test_fraction=0.3, valid_fraction=0.3),
-        sizes=RankModelConfig(embedding_dim=8, mlp=[16], attention_mlp=[8], max_search_len=8, short_len=4, item_stats=["f_ctr_7d"]),
+        sizes=RankModelConfig(embedding_dim=8, mlp=[16], attention_mlp=[8], item_stats=["f_ctr_7d"],
+                              backbones={"sim": {"max_search_len": 8, "short_len": 4}}),
         lum=lum, train=RankTrainConfig(**t),
     )
 
@@ -230,13 +223,22 @@ def test_bad_config_keys_and_values_name_the_key(world, tmp_path):
         ("lum:\n  store: x\n  conditionz: []\n", "lum.conditionz"),
         ("samples:\n  protocoll: impressions\n", "samples.protocoll"),
         ("sizes:\n  mlp_layers: [4]\n", "sizes.mlp_layers"),
+        ("sizes:\n  backbones: {sim: {short_lenn: 3}}\n", "sizes.backbones.sim.short_lenn"),
         ("modell: sim\n", "modell"),
     ):
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
-            load_job_config(RankConfig, path)
+            load_config(RankConfig, path)
     with pytest.raises(ValueError, match="model: unknown ranking model 'xgb'"):
         run_rank(rank_config(data, tmp_path / "x", "xgb"))
+    for text, message in (
+        ("sizes:\n  backbones: {simm: {}}\n", r"sizes.backbones: unknown ranking model\(s\) \['simm'\]; registered: \[.*'sim'"),
+        ("sizes:\n  backbones: {hstu: {hstu: {num_headz: 2}}}\n", r"sizes.backbones.hstu: hstu: unknown HSTUConfig key\(s\) \['num_headz'\]"),
+        ("sizes:\n  backbones: {din: {max_search_len: 3}}\n", "unknown config key 'sizes.backbones.din.max_search_len'; valid keys here: \\[\\]"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(RankConfig, path)
     with pytest.raises(ValueError, match=r"lum.conditions: \['scenario=9'\] not in the knowledge"):
         run_rank(rank_config(data, tmp_path / "x", "sim", lum_config(store, conditions=["scenario=9"])))
     with pytest.raises(ValueError, match="lum.conditions: condition 'scenario' must look like feature=value"):

@@ -1,11 +1,24 @@
-"""Ranking backbones (Embedding+MLP, DIN, SIM): jagged ops vs padded/per-sequence references, shapes, gradients, learning."""
+"""Ranking backbones (Embedding+MLP, DIN, SIM): jagged ops vs padded/per-sequence references, shapes, gradients, learning; their registry."""
 
 from __future__ import annotations
 
+import doctest
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+import lumrec.modules.din as din_mod
+import lumrec.modules.ranker_builder as ranker_builder_mod
+import lumrec.modules.ranking as ranking_mod
+import lumrec.modules.ranking_registry as ranking_registry_mod
+import lumrec.modules.sim as sim_mod
+from lumrec.config import ConfigError
 
 from lumrec.modules.din import (
     DIN,
@@ -18,7 +31,20 @@ from lumrec.modules.din import (
     target_attention_padded_reference,
 )
 from lumrec.modules.ops import lengths_to_offsets
-from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, EmbeddingMLPTrain, RankingBatch, TableConfig
+from lumrec.modules.ranker_builder import RankModelConfig, build_ranker
+from lumrec.modules.ranking import (
+    EmbeddingMLP,
+    EmbeddingMLPConfig,
+    EmbeddingMLPTrain,
+    LogitArch,
+    PooledSparseArch,
+    RankerParts,
+    RankingBatch,
+    RankingTrain,
+    TableConfig,
+    dense_part,
+)
+from lumrec.modules.ranking_registry import ranker_spec, register_ranker, unregister_ranker
 from lumrec.modules.sim import SIM, SIMConfig, SIMTrain, hard_search_mask
 from lumrec.ranking_metrics import auc
 
@@ -250,3 +276,94 @@ def test_config_and_input_errors_name_the_key():
         arch(KeyedJaggedTensor.from_lengths_sync(
             ["item_id", "category_id", "hist_item_id"], torch.ones(4, dtype=torch.int64), torch.tensor([1, 1, 1, 1, 0, 0])
         ))
+
+
+# -- the registry of ranking backbones ------------------------------------------------------------
+
+
+@dataclass
+class TinyOptions:
+    width: int = 4
+
+
+class TinyRanker(nn.Module):
+    """The least a backbone needs: pooled tables ++ dense ++ LUM -> one hidden layer -> logit."""
+
+    def __init__(self, parts: RankerParts, width: int) -> None:
+        super().__init__()
+        tables = parts.context_tables + parts.pooled_item_tables()
+        self.sparse_arch = PooledSparseArch(EmbeddingBagCollection(tables=[t.to_torchrec() for t in tables]))
+        self.widths = (parts.dense_dim, parts.lum_dim)
+        self.over_arch = LogitArch(self.sparse_arch.out_features + sum(self.widths), [width])
+
+    @property
+    def in_features(self) -> int:
+        return self.over_arch.in_features
+
+    def forward(self, sparse_features, dense_features=None, lum_features=None):
+        batch = sparse_features.stride()
+        parts = [self.sparse_arch(sparse_features)]
+        for x, width, name in zip((dense_features, lum_features), self.widths, ("dense features", "LUM features")):
+            part = dense_part(x, width, name, batch, "TinyRanker")
+            if part is not None:
+                parts.append(part)
+        return self.over_arch(torch.cat(parts, dim=1))
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A backbone registered with one decorator, as a file in modules/ would; removed afterwards."""
+
+    @register_ranker("test_tiny", options=TinyOptions)
+    def build_tiny(parts: RankerParts, options: TinyOptions) -> TinyRanker:
+        return TinyRanker(parts, options.width)
+
+    yield build_tiny
+    unregister_ranker("test_tiny")
+
+
+VOCAB = {"user_id": NUM_USERS, "item_id": NUM_ITEMS, "category_id": NUM_CATS + 1}
+
+
+def test_a_registered_backbone_is_built_and_trained_by_name(tiny_backbone):
+    sizes = RankModelConfig(embedding_dim=D, backbones={"test_tiny": {"width": 3}})
+    torch.manual_seed(0)
+    model, train = build_ranker("test_tiny", sizes, VOCAB, dense_dim=2, lum_dim=5)
+    assert isinstance(model, TinyRanker) and isinstance(train, RankingTrain)
+    # Pooled keys user_id, item_id, hist_item_id, category_id, hist_category_id (width D each), then dense and LUM.
+    assert model.in_features == 5 * D + 2 + 5 and model.over_arch.logit.in_features == 3
+    loss, logits = train(planted_batch(16, seed=1, lum_dim=5))
+    loss.backward()
+    assert logits.shape == (16,) and all(p.grad is not None for p in model.parameters())
+    assert ranker_spec("test_tiny").builder is tiny_backbone and not ranker_spec("test_tiny").timestamps
+    # Its options default when the config has none, and unknown keys name themselves.
+    assert build_ranker("test_tiny", RankModelConfig(embedding_dim=D), VOCAB)[0].over_arch.logit.in_features == 4
+    with pytest.raises(ConfigError, match=r"unknown config key 'sizes.backbones.test_tiny.widht'; valid keys here: \['width'\]"):
+        RankModelConfig(backbones={"test_tiny": {"widht": 3}})
+
+
+def test_unknown_model_errors_list_the_registered_backbones(tiny_backbone):
+    with pytest.raises(ValueError, match="model: unknown ranking model 'nope'; choose from") as err:
+        build_ranker("nope", RankModelConfig(), VOCAB)
+    assert all(f"'{name}'" in str(err.value) for name in ("din", "hstu", "mlp", "sim", "test_tiny"))
+    with pytest.raises(ConfigError, match=r"sizes.backbones: unknown ranking model\(s\) \['nope'\]"):
+        RankModelConfig(backbones={"nope": {}})
+
+    def other(parts, options):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="ranking model 'test_tiny' is registered twice"):
+        register_ranker("test_tiny", options=TinyOptions)(other)
+
+
+def test_built_in_backbones_are_found_without_importing_their_files():
+    """The registry imports each file under modules/ that registers a backbone: no list of them to edit."""
+    code = ("import sys; from lumrec.modules.ranking_registry import ranker_names, ranker_spec; "
+            "assert 'lumrec.modules.sim' not in sys.modules; print(ranker_names(), ranker_spec('hstu').timestamps)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "['din', 'hstu', 'mlp', 'sim'] True"
+
+
+@pytest.mark.parametrize("module", [ranking_registry_mod, ranker_builder_mod, ranking_mod, din_mod, sim_mod], ids=lambda m: m.__name__)
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0

@@ -10,10 +10,11 @@ import pytest
 import torch
 from test_rank_pipeline import DAYS, DIM, make_data, write_store  # noqa: E402 - shared tiny data and knowledge
 
-from lumrec.config import ConfigError
+from lumrec.config import ConfigError, load_config
 from lumrec.knowledge import load_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
-from lumrec.pipelines.rank import RankLUMConfig, RankTrainConfig, load_job_config
+from lumrec.modules.lum_join import RankLUMConfig
+from lumrec.pipelines.rank_config import RankTrainConfig
 from lumrec.pipelines.retrieve import RetrieveConfig, Retriever, TwoTowerSizes, register_retrieve, run_retrieve
 
 
@@ -112,10 +113,10 @@ def test_cli_and_errors(world, tmp_path):
     assert "recall@10" in json.loads((tmp_path / "cli" / "results.json").read_text())["test"]
     path.write_text("sizes:\n  tower_dim: 8\n")
     with pytest.raises(ConfigError, match="unknown config key 'sizes.tower_dim'"):
-        load_job_config(RetrieveConfig, path)
+        load_config(RetrieveConfig, path)
     path.write_text("lum:\n  stor: x\n")
     with pytest.raises(ConfigError, match="unknown config key 'lum.stor'"):
-        load_job_config(RetrieveConfig, path)
+        load_config(RetrieveConfig, path)
     bad = config(data, tmp_path / "x", True, store)
     bad.lum.conditions = []
     bad.lum.candidate_condition_feature = "category_id"

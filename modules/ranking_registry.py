@@ -1,0 +1,167 @@
+"""Ranking backbones by name: a backbone is one file in ``modules/`` with one ``@register_ranker`` decorator.
+
+A backbone registers a builder ``builder(parts, options) -> nn.Module``:
+
+- `parts` (``lumrec.modules.ranking.RankerParts``): what the ranking job derives from the data
+  set for every backbone: tables sized from the manifest vocabularies, the candidate and
+  behaviour keys, the dense and LUM widths, the shared sizes of ``RankModelConfig``;
+- `options`: an instance of the backbone's own options dataclass, read from
+  ``sizes.backbones.<name>`` of a rank config (unknown keys are errors naming them).
+
+The model maps ``(sparse_features: KJT, dense_features, lum_features)`` to logits [B], like every
+ranking model (``lumrec.modules.ranking``). ``lumrec rank CONFIG model=<name>`` then trains it:
+the registry finds the file itself (``ranker_names`` imports every module under ``modules/``
+that uses the decorator), so nothing else is edited.
+
+Example (what a file ``modules/wide_mlp.py`` would hold)::
+
+    >>> from dataclasses import dataclass
+    >>> from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig
+    >>> @dataclass
+    ... class WideOptions:
+    ...     width: int = 8
+    >>> @register_ranker("doc_wide_mlp", options=WideOptions)
+    ... def build_wide_mlp(parts, options):
+    ...     tables = parts.context_tables + parts.pooled_item_tables()
+    ...     return EmbeddingMLP(EmbeddingMLPConfig(tables, parts.dense_dim, parts.lum_dim, [options.width]))
+    >>> ranker_options("doc_wide_mlp", {"width": 4})
+    WideOptions(width=4)
+    >>> ranker_options("doc_wide_mlp", {"widht": 4})
+    Traceback (most recent call last):
+    lumrec.config.ConfigError: RankModelConfig: unknown config key 'sizes.backbones.doc_wide_mlp.widht'; valid keys here: ['width']
+    >>> unregister_ranker("doc_wide_mlp")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from lumrec.config import ConfigError, from_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lumrec.modules.ranking import RankerParts
+
+__all__ = [
+    "NoOptions",
+    "RankerBuilder",
+    "RankerSpec",
+    "ranker_names",
+    "ranker_options",
+    "ranker_spec",
+    "register_ranker",
+    "unregister_ranker",
+]
+
+RankerBuilder = Callable[["RankerParts", Any], "nn.Module"]
+
+
+@dataclass
+class NoOptions:
+    """The options of a backbone that has none (its `sizes.backbones.<name>` takes no keys)."""
+
+
+@dataclass(frozen=True)
+class RankerSpec:
+    """A registered backbone: its builder, its options dataclass, and what its batches carry."""
+
+    name: str
+    builder: RankerBuilder
+    options: type = NoOptions
+    # The model reads the sample's and the behaviours' unix times from the KJT
+    # (keys sample_ts / hist_ts, added by lumrec.modules.ranking.with_timestamps).
+    timestamps: bool = False
+
+
+_RANKERS: dict[str, RankerSpec] = {}
+_MODULES_ROOT = Path(__file__).resolve().parent
+# A module registers a backbone at import time; this is how the registry recognises one without importing it.
+_REGISTERS = re.compile(r"^\s*@?register_ranker\(", re.MULTILINE)
+_discovered = False
+
+
+def register_ranker(name: str, options: type = NoOptions, timestamps: bool = False) -> Callable[[RankerBuilder], RankerBuilder]:
+    """Decorator adding `builder(parts, options) -> nn.Module` as ranking backbone `name` (`model: name` in a rank config).
+
+    `options`: the dataclass of the backbone's own keys (`sizes.backbones.<name>`); `timestamps`:
+    the model reads the sample and behaviour times from the KJT.
+    """
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"register_ranker({name!r}): options must be a dataclass, got {options!r}")
+
+    def deco(builder: RankerBuilder) -> RankerBuilder:
+        old = _RANKERS.get(name)
+        if old is not None and _origin(old.builder) != _origin(builder):
+            raise ValueError(f"ranking model {name!r} is registered twice: by {_origin(old.builder)} and {_origin(builder)}")
+        _RANKERS[name] = RankerSpec(name, builder, options, timestamps)
+        return builder
+
+    return deco
+
+
+def unregister_ranker(name: str) -> None:
+    """Remove backbone `name` (for tests and examples that register a throwaway one)."""
+    _RANKERS.pop(name, None)
+
+
+def ranker_names() -> list[str]:
+    """The registered backbones' names, sorted (every module under modules/ that registers one is imported first)."""
+    _discover()
+    return sorted(_RANKERS)
+
+
+def ranker_spec(name: str) -> RankerSpec:
+    """The registered backbone `name`; an unknown name is an error listing the registered ones."""
+    _discover()
+    if name not in _RANKERS:
+        raise ValueError(f"model: unknown ranking model {name!r}; choose from {sorted(_RANKERS)}")
+    return _RANKERS[name]
+
+
+def ranker_options(name: str, values: Mapping[str, Any] | Any = None, prefix: str = "sizes.backbones") -> Any:
+    """Backbone `name`'s options from `values` (a mapping of its keys, an options instance, or None for the defaults).
+
+    Errors name the key under `prefix` (e.g. `sizes.backbones.sim.short_len`).
+    """
+    spec = ranker_spec(name)
+    if isinstance(values, spec.options):
+        return values
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix}.{name}: expected a mapping of {spec.options.__name__} keys, got {values!r}")
+    path = f"{prefix}.{name}"
+    try:
+        return from_dict(spec.options, values or {}, source="RankModelConfig", prefix=path)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # the options' own checks (__post_init__)
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _origin(builder: RankerBuilder) -> str:
+    return f"{builder.__module__}.{builder.__qualname__}"
+
+
+def _discover() -> None:
+    """Import every module under modules/ whose source registers a backbone, so a backbone's file is its only registration.
+
+    Only those: importing every module would load unrelated (possibly heavy or optional) code.
+    """
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True  # before importing: the imported modules call register_ranker, not this
+    for path in sorted(_MODULES_ROOT.rglob("*.py")):
+        if path.name == Path(__file__).name and path.parent == _MODULES_ROOT:
+            continue
+        parts = path.relative_to(_MODULES_ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not all(p.isidentifier() for p in parts) or not _REGISTERS.search(path.read_text(encoding="utf-8")):
+            continue
+        importlib.import_module(".".join(("lumrec.modules",) + parts))

@@ -1,0 +1,78 @@
+"""Configs of the ranking job (``lumrec rank``), shared with the jobs built on it (retrieve, daily).
+
+A rank config in YAML (every section optional; ``sizes.backbones`` holds each backbone's own keys)::
+
+    data: out/demo/data
+    model: sim                       # a registered backbone: mlp, din, sim, hstu, ...
+    samples: {protocol: impressions, first_day: "2026-01-08"}
+    sizes: {embedding_dim: 16, mlp: [64, 32], backbones: {sim: {max_search_len: 50, short_len: 10}}}
+    lum: {store: out/demo/knowledge, conditions: ["scenario=1"], features: [sim, missing]}
+    train: {seed: 0, epochs: 2, batch_size: 256, lr: 0.002}
+
+Example::
+
+    >>> cfg = RankConfig(model="din", train=RankTrainConfig(epochs=1))
+    >>> check_train_config(cfg.train)
+    >>> check_train_config(RankTrainConfig(batch_size=0))
+    Traceback (most recent call last):
+    ValueError: train.batch_size must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.modules.lum_join import RankLUMConfig
+from lumrec.modules.ranker_builder import RankModelConfig
+from lumrec.modules.warm_start_config import WarmStartConfig
+
+__all__ = ["RankConfig", "RankModelConfig", "RankTrainConfig", "check_train_config"]
+
+
+@dataclass
+class RankTrainConfig:
+    """Optimisation, evaluation, budget and checkpoints."""
+
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 256
+    eval_batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_history: int | None = 100  # most recent behaviours per sample given to the model
+    threads: int = 0  # torch threads (0 = torch's default)
+    checkpoint_every_steps: int = 0  # 0: checkpoints at epoch boundaries only
+    keep_checkpoints: int = 2
+    patience: int = 0  # evaluations without a better validation AUC before stopping (0 = never stop early)
+    max_minutes: float = 0.0  # training-time budget (0 = none); evaluation is not counted
+    log_every_steps: int = 50
+    progress: bool = True
+
+
+def check_train_config(t: RankTrainConfig) -> None:
+    """Raise a ValueError naming the `train.` key whose value cannot work."""
+    for name in ("batch_size", "eval_batch_size", "epochs"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_history is not None and t.max_history < 0:
+        raise ValueError(f"train.max_history must be >= 0 or null, got {t.max_history}")
+
+
+@dataclass
+class RankConfig:
+    """A whole ranking run: data, samples, model, optional LUM features, training."""
+
+    data: str = "out/data"  # a lumrec dataset folder
+    out: str = "runs/rank"  # results.json, checkpoints/ and best/ go here
+    samples: RankingSampleConfig = field(default_factory=RankingSampleConfig)
+    # A registered ranking backbone (lumrec.modules.ranking_registry): mlp | din | sim | hstu (HSTU end
+    # to end: the candidate appended to the behaviour sequence) | any backbone a file in modules/ registers.
+    model: str = "sim"
+    sizes: RankModelConfig = field(default_factory=RankModelConfig)
+    lum: RankLUMConfig | None = None  # None: the base model without LUM features
+    train: RankTrainConfig = field(default_factory=RankTrainConfig)
+    # Start a fresh run from an existing DLRM's weights (ours or a torchrec model's, via name_map);
+    # LUM inputs it lacks start at zero, so the first predictions equal the old model's. Ignored
+    # when the run resumes from its own checkpoints.
+    warm_start: WarmStartConfig | None = None
