@@ -26,10 +26,10 @@ writes config.json, results.json and TensorBoard.
     ...     def load_state_dict(self, s): self.epoch, self.batch = s["epoch"], s["batch"]
     >>> def step(x, log):
     ...     loss = ((w - x) ** 2).sum(); opt.zero_grad(); loss.backward(); opt.step()
-    ...     return StepResult(float(loss))
+    ...     return StepResult(float(loss.detach()))
     >>> out = tempfile.mkdtemp()
     >>> loop = TrainLoop("toy", out, Batches(), step,
-    ...     Evaluation("neg_loss", lambda epoch, state: EvalResult({"epoch": epoch}, -float((w - 1) ** 2))),
+    ...     Evaluation("neg_loss", lambda epoch, state: EvalResult({"epoch": epoch}, -float((w.detach() - 1) ** 2))),
     ...     RunCheckpoints(out, keep=2, tensors=lambda for_load: {"w": w}, apply=lambda s: None, best_tensors=lambda: {"w": w}),
     ...     RunConfig({"lr": 0.1}), Budget(epochs=2), results=lambda state: {"steps": state.step}, progress=False)
     >>> loop.run()
