@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
@@ -319,6 +320,10 @@ def test_rank0_writes_results_and_every_rank_agrees(two_ranks, one_rank):
     assert {k: v for k, v in r1["lum"]["result"].items() if k not in timing} == {k: v for k, v in result.items() if k not in timing}
     assert json.loads((out2 / "lum" / "results.json").read_text())["test"] == result["test"]
     assert (out2 / "lum" / "config.json").exists() and (out2 / "lum" / "tb").exists()
+    events = EventAccumulator(str(out2 / "lum" / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/hr@10", "test/hr@10"} <= set(events.Tags()["scalars"])
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))  # the replicated dense part's gradients
     assert len(result["history"]) == 1 and set(result["test"]) >= {"hr@10", "ndcg@10"}
     # Ranking metrics flip when two items' scores cross; 1e-6 weight gaps move a user's rank by one at most.
     one = runs["lum"][1]["result"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ from lumrec.distributed import barrier, is_main
 from lumrec.faults import failpoint
 from lumrec.tracking import ScalarLog, progress_bar
 from lumrec.train.checkpoints import RunCheckpoints, RunConfig
-from lumrec.train.hooks import Budget, Clock, Evaluation, SavePolicy, StepFn
+from lumrec.train.hooks import Budget, Clock, Evaluation, SavePolicy, StepFn, StepResult
 from lumrec.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ class TrainLoop:
                     self.save()
                 if max_steps is not None and state.step >= max_steps:
                     break
-                if b.max_seconds < float("inf") and self.clock.over(self._local_seconds(), b.max_seconds):
+                if b.max_seconds < math.inf and self.clock.over(self._local_seconds(), b.max_seconds):
                     log.info("%s: time budget of %.1f min reached", self.name, b.max_minutes)
                     state.done = True
                     break
@@ -190,7 +191,7 @@ class TrainLoop:
                 return self._stopped("max_steps")
         return self._finish()
 
-    def _log_step(self, bar: Any, out: Any, tokens_per_s: float) -> None:
+    def _log_step(self, bar: Any, out: StepResult, tokens_per_s: float) -> None:
         step = self.state.step
         postfix = {"loss": f"{self.state.epoch_loss:.4f}"}
         self.scalars.scalar("train/loss", out.loss, step)
