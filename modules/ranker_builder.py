@@ -61,7 +61,7 @@ class RankModelConfig:
 
     def __post_init__(self) -> None:
         # An unknown name or key fails here, when the config is read, not after the samples are built.
-        unknown = sorted(set(self.backbones) - set(ranker_names()))
+        unknown = sorted(set(self.backbones) - set(ranker_names())) if self.backbones else []
         if unknown:
             raise ConfigError(f"sizes.backbones: unknown ranking model(s) {unknown}; registered: {ranker_names()}")
         for name, values in self.backbones.items():

@@ -9,9 +9,12 @@ A backbone registers a builder ``builder(parts, options) -> nn.Module``:
   ``sizes.backbones.<name>`` of a rank config (unknown keys are errors naming them).
 
 The model maps ``(sparse_features: KJT, dense_features, lum_features)`` to logits [B], like every
-ranking model (``lumrec.modules.ranking``). ``lumrec rank CONFIG model=<name>`` then trains it:
-the registry finds the file itself (``ranker_names`` imports every module under ``modules/``
-that uses the decorator), so nothing else is edited.
+ranking model (``lumrec.modules.ranking``), and reports the width of its MLP input as
+``in_features`` (results.json's ``input_width``). Its embedding tables are torchrec
+``EmbeddingBagCollection`` / ``EmbeddingCollection`` s, so the job gives them the row-wise optimizer
+and, on N ranks, shards the pooled ones. ``lumrec rank CONFIG model=<name>`` then trains it: the
+registry finds the file itself (``ranker_names`` imports every module under ``modules/`` that uses
+the decorator), so nothing else is edited.
 
 Example (what a file ``modules/wide_mlp.py`` would hold)::
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import doctest
+import importlib
 import json
 
 import numpy as np
@@ -286,3 +288,8 @@ def test_cli_and_comparison_table(world, tmp_path):
     assert summary["base"]["auc_std"] == pytest.approx(0.01414, abs=1e-5) and summary["hstu"] == {"status": "not run"}
     table = comparison_table(summary, {"lum": "Base+LUM"})
     assert "Base+LUM" in table and "+0.0450 ± 0.0071" in table and "not run" in table
+
+
+@pytest.mark.parametrize("module", ["lumrec.comparison", "lumrec.data.ranking.features", "lumrec.pipelines.rank_config"])
+def test_doctests(module):
+    assert doctest.testmod(importlib.import_module(module)).failed == 0

@@ -5,5 +5,7 @@
 - `split`: time splits by days or timestamp quantiles;
 - `negatives`: unseen-item negative sampling;
 - `protocols`: the three protocols (`build_ranking_samples`);
-- `samples`: the `RankingSamples` container, its batches and the resumable loader.
+- `samples`: the `RankingSamples` container, its batches and the resumable loader;
+- `features`: which id features a model reads (context keys, item list keys) and their vocabulary sizes;
+- `item_stats`: point-in-time item statistics joined into ranking batches.
 """
