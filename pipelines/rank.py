@@ -48,29 +48,31 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 import torch.distributed as dist
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from lumrec.checkpoint import CheckpointManager
 from lumrec.config import load_config, to_dict
+from lumrec.data.dataset import Dataset, write_text_atomic
 from lumrec.data.ranking.features import attach_item_lists, list_columns, list_vocab, vocab_size
 from lumrec.data.ranking.item_stats import ItemStatsJoin
-from lumrec.distributed import init_distributed
+from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
+from lumrec.distributed import DistContext, dense_optimizer, global_mean_loss, init_distributed, shard_model
 from lumrec.modules.lum_join import LUMJoin
 from lumrec.modules.ranker_builder import build_ranker
-from lumrec.modules.ranking import with_timestamps
+from lumrec.modules.ranking import RankingBatch, RankingTrain, with_timestamps
 from lumrec.modules.ranking_registry import ranker_spec
+from lumrec.modules.warm_start import warm_start_from
+from lumrec.optim import RowwiseAdamW, fused_params_for, rowwise_adamw_table_state
 from lumrec.pipelines.model_factory import named_table_parameters
 from lumrec.pipelines.rank_config import RankConfig, check_train_config
+from lumrec.ranking_metrics import RankingMetrics
 from lumrec.tracking import count_parameters
 from lumrec.train import EpochJob, seed_everything
-
-if TYPE_CHECKING:
-    import torch
-
-    from lumrec.data.dataset import Dataset
-    from lumrec.data.ranking_samples import RankingSampleBatch, RankingSamples
-    from lumrec.distributed import DistContext
 
 log = logging.getLogger("lumrec.rank")
 
@@ -104,12 +106,7 @@ class Ranker(EpochJob):
     job = "rank"
     metric = "auc"
 
-    def __init__(self, cfg: RankConfig, samples: "RankingSamples | None" = None) -> None:
-        import torch
-
-        from lumrec.data.dataset import Dataset
-        from lumrec.data.ranking_samples import RankingBatchLoader, build_ranking_samples
-
+    def __init__(self, cfg: RankConfig, samples: RankingSamples | None = None) -> None:
         self.cfg = cfg
         t = self.train = cfg.train
         self.spec = ranker_spec(cfg.model)  # an unknown model fails before any data is read
@@ -146,21 +143,14 @@ class Ranker(EpochJob):
     # -- optimizers and sharding ------------------------------------------------------------
     def _table_kwargs(self) -> dict[str, Any]:
         """RowwiseAdamW settings of every table, sharded or not (one place, so both paths agree)."""
-        from lumrec.optim import fused_params_for
-
         return fused_params_for("cpu", lr=self.train.lr, weight_decay=self.train.weight_decay)["optimizer_kwargs"]
 
-    def _optimizers(self, module: "torch.nn.Module", tables: list[str], dense: Any = None) -> Any:
+    def _optimizers(self, module: torch.nn.Module, tables: list[str], dense: Any = None) -> Any:
         """A keyed optimizer: RowwiseAdamW on the parameters `tables`, Adam on the others (or `dense`, given).
 
         Adam keeps the L2 `weight_decay` of the previous all-Adam version; the tables' decay is
         RowwiseAdamW's decoupled one (fbgemm's, on GPU).
         """
-        import torch
-        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
-        from lumrec.optim import RowwiseAdamW
-
         t, named = self.train, dict(module.named_parameters())
         if dense is None:
             params = {k: p for k, p in named.items() if k not in set(tables) and p.requires_grad}
@@ -174,13 +164,6 @@ class Ranker(EpochJob):
 
     def _shard(self) -> Any:
         """Shard the model over the ranks; returns the optimizer (fused RowwiseAdamW tables, Adam, RowwiseAdamW sequence tables)."""
-        import torch
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-        from lumrec.distributed import dense_optimizer, shard_model
-        from lumrec.modules.ranking import RankingTrain
-        from lumrec.optim import fused_params_for
-
         if not any(isinstance(m, EmbeddingBagCollection) for m in self.model.modules()):
             raise ValueError(f"model {self.cfg.model}: no pooled table to shard over {self.ctx.world_size} ranks; "
                              "give it context tables (sizes.context_keys)")
@@ -196,16 +179,11 @@ class Ranker(EpochJob):
 
     def _warm_start(self, cfg: RankConfig) -> dict[str, Any] | None:
         """Copy `cfg.warm_start`'s weights into a fresh run; a resumed run reads what its start did from warm_start.json."""
-        from lumrec.checkpoint import CheckpointManager
-        from lumrec.data.dataset import write_text_atomic
-
         record = Path(cfg.out) / "warm_start.json"
         if CheckpointManager(Path(cfg.out) / "checkpoints", keep=0).latest() is not None:
             return json.loads(record.read_text()) if record.exists() else None
         if cfg.warm_start is None:
             return None
-        from lumrec.modules.warm_start import warm_start_from
-
         report = warm_start_from(self.model, cfg.warm_start)  # every rank: each then shards its own copy
         summary = {"source": cfg.warm_start.source, "copied": len(report.copied),
                    "widened": [w.name for w in report.widened], "missing": report.missing}
@@ -223,10 +201,8 @@ class Ranker(EpochJob):
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.cfg)
 
-    def ranking_batch(self, batch: "RankingSampleBatch"):
+    def ranking_batch(self, batch: RankingSampleBatch) -> RankingBatch:
         """The model's input for a sample batch: ids, labels, dense item statistics and LUM features."""
-        from lumrec.modules.ranking import RankingBatch
-
         dense = self.stats(batch) if self.stats is not None else None
         lum = self.lum(batch) if self.lum is not None else None
         sparse = batch.sparse_features
@@ -234,23 +210,19 @@ class Ranker(EpochJob):
             sparse = with_timestamps(sparse, batch.ts, batch.hist_ts, batch.hist_lengths)
         return RankingBatch(sparse, batch.labels, dense, lum)
 
-    def step_loss(self, batch: "RankingSampleBatch") -> "torch.Tensor":
+    def step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
         """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
         loss = self.trainer(self.ranking_batch(batch))[0]
         if self.ctx is None:
             return loss
         if batch.padding:  # a stand-in for an empty slice: it runs for the collectives and weighs nothing
             return loss * 0.0
-        from lumrec.distributed import global_mean_loss
-
         return global_mean_loss(loss, len(batch), self.ctx, batch.global_batch_size)
 
-    def reduce_loss(self, loss: "torch.Tensor") -> float:
+    def reduce_loss(self, loss: torch.Tensor) -> float:
         """The global batch's mean loss (the mean over ranks of the scaled local losses)."""
         if self.ctx is None:
             return float(loss.detach())
-        import torch.distributed as dist
-
         total = loss.detach().clone()
         dist.all_reduce(total)
         return float(total) / self.ctx.world_size
@@ -261,10 +233,6 @@ class Ranker(EpochJob):
         On N ranks each scores its slice of every batch and the slices are gathered in batch and
         rank order, i.e. in the one-process order, so every rank computes the same metrics.
         """
-        import torch
-
-        from lumrec.ranking_metrics import RankingMetrics
-
         metrics = RankingMetrics()
         pieces: list[Any] = []
         self.model.eval()
@@ -279,8 +247,6 @@ class Ranker(EpochJob):
                     pieces.append(None if batch.padding else (torch.sigmoid(logits), batch.labels))
         self.model.train()
         if self.ctx is not None:
-            import torch.distributed as dist
-
             gathered: list[Any] = [None] * self.ctx.world_size
             dist.all_gather_object(gathered, pieces)
             for k in range(len(pieces)):
@@ -299,8 +265,6 @@ class Ranker(EpochJob):
             self.optimizer.init_state()  # a zero-gradient step creates the state to load into (weights are loaded after)
         optim = self.optimizer.state_dict()
         if self.ctx is not None:
-            from lumrec.optim import rowwise_adamw_table_state
-
             optim["state"].update({f"tables.{k}": v for k, v in rowwise_adamw_table_state(self.model).items()})
         return {"model": self.model.state_dict(), "optim": optim}
 
@@ -316,7 +280,7 @@ class Ranker(EpochJob):
                 "lum_dim": self.lum.output_dim if self.lum else 0, "warm_start": self.warm_start_report}
 
 
-def _rank_context() -> "DistContext | None":
+def _rank_context() -> DistContext | None:
     """The process group's context when this process is one of several ranks (torchrun/torchx WORLD_SIZE > 1,
     or an already initialised group of more than one); None for a single process (no group is created)."""
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -325,13 +289,13 @@ def _rank_context() -> "DistContext | None":
     return init_distributed()  # joins (or reuses) the group; it stays up for later jobs of this process
 
 
-def _table_parameters(module: "torch.nn.Module") -> list[str]:
+def _table_parameters(module: torch.nn.Module) -> list[str]:
     """Names of the trainable parameters of `module`'s (unsharded) EmbeddingBagCollections and EmbeddingCollections."""
     return [name for name, _ in named_table_parameters(module)]
 
 
 def run_rank(cfg: RankConfig, max_epochs: int | None = None, max_steps: int | None = None,
-             samples: "RankingSamples | None" = None) -> dict[str, Any]:
+             samples: RankingSamples | None = None) -> dict[str, Any]:
     """Train and evaluate one ranking run (resuming from `cfg.out` if it holds checkpoints); returns results.json's content.
 
     `max_epochs` / `max_steps` stop early as a kill would (after a checkpoint); `samples` reuses built samples.
