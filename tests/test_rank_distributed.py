@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
 from lumrec.knowledge import write_knowledge
@@ -70,7 +71,7 @@ def _config(data: str, store: str, out: Path, scenario: str) -> RankConfig:
                               backbones={"sim": {"max_search_len": 8, "short_len": 4}}),
         lum=lum,
         train=RankTrainConfig(epochs=EPOCHS, batch_size=BATCH, eval_batch_size=EVAL_BATCH, max_history=20, progress=False,
-                              checkpoint_every_steps=4, keep_checkpoints=10),
+                              checkpoint_every_steps=4, keep_checkpoints=10, log_every_steps=2),
     )
 
 
@@ -218,3 +219,12 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, scenario, tmp_path):
     for h1, h2 in zip(one["history"], resumed["history"], strict=True):
         assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL
         assert abs(h1["test"]["auc"] - h2["test"]["auc"]) <= ATOL
+
+
+def test_rank0_writes_tensorboard_scalars(runs):
+    """Training scalars at log steps (the dense part's gradient norm read before the step) and every epoch's metrics."""
+    for scenario in SCENARIOS:
+        events = EventAccumulator(str(runs["root"] / f"{scenario}-2" / "tb"))
+        events.Reload()
+        assert {"train/loss", "train/lr", "train/grad_norm", "valid/auc", "test/auc"} <= set(events.Tags()["scalars"]), scenario
+        assert all(e.value > 0 for e in events.Scalars("train/grad_norm")), scenario
