@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from lumrec.config import ConfigError
@@ -107,6 +109,22 @@ def test_results_and_learning(synth_path, tmp_path):
     # the tiny model must beat chance (HR@10 = 10/79) on the synthetic logs' planted interests
     assert result["test"]["hr@50"] > 50 / 79
     assert (tmp_path / "d" / "tb").exists() and any((tmp_path / "d" / "best").iterdir())
+
+
+def test_job_start_line_and_tensorboard_scalars(synth_path, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lumrec"):
+        trainer = Pretrainer(_config(synth_path, tmp_path / "tb", epochs=1))
+        trainer.run()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain: "))
+    assert line.startswith(f"pretrain: {trainer.num_train_users:,} users, {trainer.loader.tokens.num_tokens:,} tokens, ")
+    assert f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, device cpu, " in line
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/hr@10", "test/hr@10"} <= tags
+    # Logged every second step (log_every_steps=2); the gradient norm is read before the optimizer step.
+    assert [e.step for e in events.Scalars("train/grad_norm")] == list(range(2, trainer.state.step + 1, 2))
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
 
 
 def test_config_errors_name_the_key(synth_path, tmp_path):

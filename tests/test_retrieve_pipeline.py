@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_rank_pipeline import DAYS, DIM, make_data, write_store  # noqa: E402 - shared tiny data and knowledge
 
 from lumrec.config import ConfigError, load_config
@@ -128,3 +130,17 @@ def test_cli_and_errors(world, tmp_path):
     bad_hist.sizes.history_keys = ["hist_action"]
     with pytest.raises(ValueError, match="sizes.history_keys: 'hist_action' is not supported"):
         Retriever(bad_hist)
+
+
+def test_job_start_line_and_tensorboard_scalars(world, tmp_path, caplog):
+    data, _ = world
+    with caplog.at_level(logging.INFO, logger="lumrec"):
+        job = Retriever(config(data, tmp_path / "tb", False, epochs=1, log_every_steps=2))
+        job.run()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("retrieve: "))
+    assert line.startswith(f"retrieve: {job.counts['train']['samples']:,} train samples, ")
+    assert f"{sum(p.numel() for p in job.model.parameters()):,} parameters, device cpu" in line
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "valid/recall@10", "test/recall@10"} <= set(events.Tags()["scalars"])
+    assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
