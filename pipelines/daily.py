@@ -52,9 +52,11 @@ from lumrec.distributed import barrier, from_rank0, init_distributed, is_main
 from lumrec.faults import failpoint
 from lumrec.knowledge import latest_as_of
 from lumrec.modules.warm_start_config import WarmStartConfig
-from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
+from lumrec.pipelines.pretrain import Pretrainer
+from lumrec.pipelines.pretrain_config import PretrainConfig
 from lumrec.pipelines.query import QueryConfig, run_query
-from lumrec.pipelines.rank import RankConfig, Ranker, run_rank
+from lumrec.pipelines.rank import Ranker, run_rank
+from lumrec.pipelines.rank_config import RankConfig
 from lumrec.tracking import ScalarLog, log_job_start, progress_bar
 
 log = logging.getLogger("lumrec.daily")

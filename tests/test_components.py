@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
+
+from lumrec.config import load_config
+from lumrec.pipelines.daily import DailyConfig
+from lumrec.pipelines.pretrain_config import PretrainConfig
+from lumrec.pipelines.query import QueryConfig
+from lumrec.pipelines.rank_config import RankConfig
 
 SPEC = importlib.util.spec_from_file_location("components", Path(__file__).resolve().parents[1] / "pipelines" / "components.py")
 components = importlib.util.module_from_spec(SPEC)
@@ -37,20 +44,12 @@ def test_range_and_other_jobs():
 @pytest.mark.parametrize("name", ["daily", "pretrain", "query", "rank"])
 def test_components_have_real_type_hints_for_torchx(name):
     """torchx decodes the parameters' annotations: they must be types, not strings (no postponed annotations)."""
-    import inspect
-
     params = inspect.signature(getattr(components, name)).parameters
     assert all(not isinstance(p.annotation, str) for p in params.values())
 
 
 def test_default_configs_of_the_components_load():
     """The config files the components default to parse into their jobs' configs (a key typo would fail here)."""
-    from lumrec.config import load_config
-    from lumrec.pipelines.daily import DailyConfig
-    from lumrec.pipelines.pretrain import PretrainConfig
-    from lumrec.pipelines.query import QueryConfig
-    from lumrec.pipelines.rank import RankConfig
-
     repo = Path(__file__).resolve().parents[1]
     daily = load_config(DailyConfig, repo / "configs/daily_synthetic.yaml", overrides=["ds=2026-01-08"])
     assert daily.pretrain.model == "lum" and daily.rank.lum is not None

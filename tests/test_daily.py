@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lumrec.config import from_dict
 from lumrec.data.dataset import Dataset
-from lumrec.knowledge import knowledge_days, load_knowledge
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.faults import parse_failpoints
+from lumrec.knowledge import knowledge_days, load_knowledge
 from lumrec.modules.warm_start import load_source_state
+from lumrec.pipelines.daily import DAY_STAGES, Column, DailyConfig, DailyJob, Stage, report_table
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 # Keys whose values are wall-clock times: everything else must be equal across runs.
@@ -170,6 +173,74 @@ def test_complete_days_are_skipped(world, reference):
     assert (out / "report.tsv").read_text() == before
 
 
+def test_tensorboard_scalars_per_day(reference):
+    """Next-day metrics and stage seconds at step = the day's index among the impression days; query's under the store."""
+    out, _ = reference
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    for tag in ("next_day/auc", "next_day/ne", "next_day/calibration"):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2], tag  # DAYS[1], DAYS[2]
+        for s, ds in zip(scalars, DAYS[1:3]):
+            metric = json.loads((out / "days" / f"ds={ds}" / "report.json").read_text())["eval"][tag.split("/")[1]]
+            assert s.value == pytest.approx(metric, abs=1e-6), (tag, ds)
+    for stage in ("pretrain", "query", "rank", "eval"):
+        assert [s.step for s in events.Scalars(f"seconds/{stage}")] == [1, 2], stage
+    query = EventAccumulator(str(out / "knowledge" / "tb"))
+    query.Reload()
+    refreshed = [json.loads((out / "days" / f"ds={ds}" / "report.json").read_text())["query"]["refreshed_users"] for ds in DAYS[1:3]]
+    assert [s.value for s in query.Scalars("query/users")] == refreshed
+
+
+# The report table as a list of (header, cell of a day's report): the columns the table has always had.
+TABLE_REFERENCE = (
+    ("ds", lambda r: r["ds"]),
+    ("lum_steps", lambda r: r.get("pretrain", {}).get("steps", "-")),
+    ("lum_users", lambda r: r.get("pretrain", {}).get("train_users", "-")),
+    ("refresh", lambda r: r.get("query", {}).get("refresh", "-")),
+    ("refreshed", lambda r: r.get("query", {}).get("refreshed_users", "-")),
+    ("carried", lambda r: r.get("query", {}).get("carried_over_users", "-")),
+    ("rank_samples", lambda r: r["rank"]["train_samples"]),
+    ("warm_start", lambda r: "yes" if r["rank"].get("warm_start") else "no"),
+    ("train_loss", lambda r: f"{r['rank']['train_loss']:.4f}"),
+    ("eval_day", lambda r: r["eval"]["eval_day"]),
+    ("next_day_auc", lambda r: f"{r['eval']['auc']:.4f}"),
+    ("ne", lambda r: f"{r['eval']['ne']:.4f}"),
+    ("calibration", lambda r: f"{r['eval']['calibration']:.4f}"),
+)
+
+
+def _reports() -> list[dict]:
+    with_lum = {"ds": DAYS[2], "pretrain": {"steps": 4, "train_users": 19}, "query": {"refresh": "incremental", "refreshed_users": 19,
+                "carried_over_users": 21}, "rank": {"train_samples": 290, "warm_start": {"copied": 3}, "train_loss": 0.48871},
+                "eval": {"eval_day": DAYS[3], "auc": 0.600014, "ne": 0.98889, "calibration": 1.121825}}
+    without = {"ds": DAYS[1], "rank": {"train_samples": 180, "warm_start": None, "train_loss": 0.57244},
+               "eval": {"eval_day": DAYS[2], "auc": 0.396988, "ne": 1.309617, "calibration": 2.47377}}
+    return [with_lum, without]
+
+
+def test_the_stage_list_drives_the_report_table(monkeypatch):
+    reports = _reports()
+    expected = ["\t".join(name for name, _ in TABLE_REFERENCE)]
+    expected += ["\t".join(str(cell(r)) for _, cell in TABLE_REFERENCE) for r in sorted(reports, key=lambda r: r["ds"])]
+    assert report_table(reports) == "\n".join(expected) + "\n"  # byte for byte
+    assert report_table(reports).splitlines()[1].split("\t")[1:6] == ["-"] * 5  # a day without LUM
+    assert [s.name for s in DAY_STAGES] == ["pretrain", "query", "rank", "eval"]
+    # A stage added to the list adds its columns to the table (and "-" for days without its result).
+    extra = Stage("serve", DailyJob.rank, columns=(Column("qps", lambda r: r["qps"]),))
+    monkeypatch.setattr("lumrec.pipelines.daily.DAY_STAGES", DAY_STAGES + (extra,))
+    lines = report_table([{**reports[0], "serve": {"qps": 12}}, reports[1]]).splitlines()
+    assert lines[0].endswith("\tcalibration\tqps") and lines[1].endswith("\t-") and lines[2].endswith("\t12")
+
+
+def test_stages_without_lum():
+    job = object.__new__(DailyJob)
+    job.cfg = DailyConfig(with_lum=False)
+    assert [s.name for s in job.stages()] == ["rank", "eval"]
+    job.cfg = DailyConfig()
+    assert [s.name for s in job.stages()] == ["pretrain", "query", "rank", "eval"]
+
+
 # Each run of the chain is killed at the next point; every stage is hit, mid-work and between its output and its manifest.
 KILL_CHAIN = [
     "pretrain.step@4",               # day 1, bootstrap pre-training, between checkpoints
@@ -214,9 +285,6 @@ def test_bad_day_arguments_name_the_problem(world):
 
 def test_synthetic_logs_are_generated_when_missing_and_never_replaced(tmp_path):
     """`synthetic` makes a fresh clone's job self-contained; a dataset of another origin is an error, not overwritten."""
-    from lumrec.config import from_dict
-    from lumrec.pipelines.daily import DailyConfig, DailyJob
-
     tiny = {"seed": 5, "num_users": 40, "num_items": 30, "num_categories": 3, "num_queries": 4, "num_days": 4,
             "impressions_per_user_day": 6}
     keys = {**_config(str(tmp_path / "logs")), "out": str(tmp_path / "out"), "synthetic": tiny}

@@ -40,7 +40,8 @@ from lumrec.data.tokens import build_lum_tokens
 from lumrec.data.validate import DataValidationError
 from lumrec.modules.grouped_query import as_conditions, default_max_history, grouped_query
 from lumrec.modules.lum_features import LUMFeatureConfig
-from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+from lumrec.pipelines.pretrain import Pretrainer
+from lumrec.pipelines.pretrain_config import DataConfig, PretrainConfig, TrainConfig
 from lumrec.pipelines.pretrained_lum import load_pretrained_lum
 from lumrec.pipelines.query import ConditionSpec, QueryConfig, register_query, run_query
 

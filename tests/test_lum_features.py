@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from lumrec.data.dataset import Dataset
+from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.knowledge import write_knowledge
 from lumrec.modules.lum_features import (
     KnowledgeSource,
     LUMFeatureConfig,
@@ -206,9 +211,6 @@ def test_bad_config_and_input_errors_name_the_key():
 
 
 def _load_example():
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "examples" / "plug_into_torchrec_dlrm.py"
     spec = importlib.util.spec_from_file_location("plug_into_torchrec_dlrm", path)
     module = importlib.util.module_from_spec(spec)
@@ -235,6 +237,7 @@ def test_torchrec_dlrm_example_runs(tmp_path, capsys):
 
 def test_public_import_from_lumrec():
     """`from lumrec import LUMFeatureModule` works and is the module's class."""
+    # Imported here: the lazy attribute of `lumrec` is what is tested.
     import lumrec
     from lumrec import LUMFeatureModule
     from lumrec.modules.lum_features import LUMFeatureModule as Direct
@@ -246,10 +249,6 @@ def test_public_import_from_lumrec():
 
 def test_torchrec_dlrm_example_reads_a_knowledge_store(tmp_path):
     """`--store` feeds step 2's store in, as of the day before each day used."""
-    from lumrec.data.dataset import Dataset
-    from lumrec.knowledge import write_knowledge
-    from lumrec.data.synthetic import SynthConfig, generate
-
     example = _load_example()
     data = tmp_path / "synth"
     meta = generate(data, SynthConfig(seed=0, num_users=150, num_items=80, num_days=3, impressions_per_user_day=15.0))

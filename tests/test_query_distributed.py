@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch.distributed as dist
 
-from lumrec.knowledge import partition_dir
 from lumrec.data.synthetic import SynthConfig, generate
-from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+from lumrec.distributed import init_distributed
+from lumrec.knowledge import partition_dir
+from lumrec.pipelines.pretrain import Pretrainer
+from lumrec.pipelines.pretrain_config import DataConfig, PretrainConfig, TrainConfig
 from lumrec.pipelines.query import ConditionSpec, QueryConfig, run_query
 from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py
 
@@ -43,8 +45,6 @@ def _run_cases(root: Path, store: Path, ctx=None) -> dict[str, dict]:
 
 def _rank_main(rank: int, world: int, port: int, root: str) -> None:
     """One spawned rank: every case through `run_query(cfg, ctx)`."""
-    from lumrec.distributed import init_distributed
-
     become_rank(rank, world, port)
     ctx = init_distributed()
     results = _run_cases(Path(root), Path(root) / "store2", ctx)

@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from lumrec.data.dataset import Dataset, day_bounds
+from lumrec.data.ranking_samples import RankingSamples
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.knowledge.conditions import ConditionLike, parse_conditions
 from lumrec.knowledge.lookup import KnowledgeLookup, NoKnowledge
 from lumrec.knowledge.partitions import knowledge_days, latest_as_of, read_manifest
 from lumrec.knowledge.reading import load_knowledge
-
-if TYPE_CHECKING:
-    from lumrec.data.ranking_samples import RankingSamples
 
 log = logging.getLogger("lumrec.rank")
 
@@ -127,11 +125,11 @@ class PointInTimeKnowledge:
                 f"{self.key}.candidate_condition_feature: {feature!r} is not a condition feature of {where}; it has {lookup.features}"
             )
 
-    def sample_partitions(self, samples: "RankingSamples") -> list[str | None]:
+    def sample_partitions(self, samples: RankingSamples) -> list[str | None]:
         """The distinct partitions `samples` read (None: no knowledge yet), in order of their days."""
         return list(dict.fromkeys(self.as_of(int(day)) for day in np.unique(samples.day).tolist()))
 
-    def check_fixed_store(self, samples: "RankingSamples") -> None:
+    def check_fixed_store(self, samples: RankingSamples) -> None:
         """With one store for all samples: each sample is after the store's day or after its user's knowledge history."""
         as_of = self.as_of_ds
         early = np.flatnonzero(samples.ts < day_bounds(as_of)[1])  # samples on or before the store's day
