@@ -91,6 +91,17 @@ def test_uninterrupted_vs_resumed_runs_are_identical(synth_path, tmp_path):
     assert (result_a["resumed_from_step"], result_b["resumed_from_step"]) == (None, 7)  # the results say a run was resumed
 
 
+def test_kill_at_an_epoch_end_resumes_with_that_epochs_evaluation(synth_path, tmp_path):
+    """A run stopped by max_steps on an epoch's last step is evaluated before it stops: the resumed run's history is whole."""
+    straight = Pretrainer(_config(synth_path, tmp_path / "a"))
+    result = straight.run()
+    epoch_steps = result["history"][0]["step"]
+    first = Pretrainer(_config(synth_path, tmp_path / "b"))
+    assert first.run(max_steps=epoch_steps) == {"step": epoch_steps, "stopped": "max_steps"}
+    resumed = Pretrainer(_config(synth_path, tmp_path / "b")).run()
+    assert resumed["history"] == result["history"] and resumed["test"] == result["test"]
+
+
 def test_resume_from_mid_epoch_checkpoint_after_partial_save(synth_path, tmp_path):
     first = Pretrainer(_config(synth_path, tmp_path / "c"))
     first.run(max_steps=7)
