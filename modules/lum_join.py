@@ -3,6 +3,15 @@
 A sample of day D reads the knowledge partition as of the newest day strictly before D (or one
 fixed partition, checked against a knowledge view): ``lumrec.knowledge.join.PointInTimeKnowledge``
 decides which; here each partition's knowledge becomes features through ``LUMFeatureModule``.
+
+    >>> import tempfile, numpy as np
+    >>> from lumrec.knowledge import write_knowledge
+    >>> store = tempfile.mkdtemp()  # user 7's o_q under scenario=1 as of 2026-01-02
+    >>> _ = write_knowledge(store, "2026-01-02", "v1", [7], ["scenario=1"], np.ones((1, 1, 2), np.float32), [3], np.ones((1, 2)))
+    >>> join = LUMJoin(RankLUMConfig(store=store, conditions=["scenario=1"], features=["oq", "missing"]))
+    >>> jan3 = int(np.datetime64("2026-01-03", "D").astype(np.int64))
+    >>> join.user_features(torch.tensor([7, 8, 7]), torch.tensor([jan3, jan3, jan3 - 1])).tolist()  # o_q, missing
+    [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
 """
 
 from __future__ import annotations

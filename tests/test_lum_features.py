@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 import math
 from pathlib import Path
@@ -167,6 +169,11 @@ def test_user_and_item_features_for_two_towers():
             assert users["lum_missing"][b, c].item() == float(o is None)
     items = module.item_features(torch.tensor([1, 7]))
     assert items.values().shape == (2, DIM + 1) and items["lum_missing"].flatten().tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("module", ["lumrec.modules.lum_features", "lumrec.modules.lum_join"])
+def test_doctests(module):
+    assert doctest.testmod(importlib.import_module(module), raise_on_error=True).attempted > 0
 
 
 def test_fake_is_a_knowledge_source():
