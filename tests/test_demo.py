@@ -37,11 +37,14 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
                  "step 4: daily pipeline"):
         assert step in text
     # Step 4: three daily runs (days 3-5), each evaluated on the next day; the table is the last thing before the JSON.
-    daily = [line.split() for line in lines[-5:-1]]
-    assert daily[0][:2] == ["ds", "lum_steps"] and [row[0] for row in daily[1:]] == ["2026-01-03", "2026-01-04", "2026-01-05"]
+    daily = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[-6:-1]]
+    assert daily[0][:2] == ["day", "LUM steps"] and set("".join(daily[1])) <= {"-", ":", " "}
+    assert [row[0] for row in daily[2:]] == ["2026-01-03", "2026-01-04", "2026-01-05"]
     assert figures["daily_status"] == ["complete"] * 3 and all(0.0 < auc < 1.0 for auc in figures["daily_next_day_auc"])
-    warm = daily[0].index("warm_start")
-    assert [row[warm] for row in daily[1:]] == ["yes"] * 3  # day 3 from step 3's Base, later days from the day before
+    assert [row[daily[0].index("next-day AUC")] for row in daily[2:]] == [f"{a:.4f}" for a in figures["daily_next_day_auc"]]
+    warm = daily[0].index("DLRM warm start")
+    # Day 3 from step 3's Base, later days from the day before.
+    assert [row[warm] for row in daily[2:]] == ["from step 3's Base", "from 01-03", "from 01-04"]
     # Knowledge as of the LUM's last training day up to the day before the last sample day.
     assert knowledge_days(tmp_path / "demo" / "knowledge") == ["2026-01-02", "2026-01-03", "2026-01-04"] == figures["knowledge_days"]
     assert figures["lum_steps"] == 4 and figures["conditions"] == 2 + 8  # scenarios 1-2 and queries 1-8
