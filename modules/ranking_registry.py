@@ -38,13 +38,11 @@ Example (what a file ``modules/wide_mlp.py`` would hold)::
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from lumrec.config import ConfigError, from_dict
+from lumrec.modules.registry_discovery import import_registering_modules
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,10 +81,6 @@ class RankerSpec:
 
 
 _RANKERS: dict[str, RankerSpec] = {}
-_MODULES_ROOT = Path(__file__).resolve().parent
-# A module registers a backbone at import time; this is how the registry recognises one without importing it.
-_REGISTERS = re.compile(r"^\s*@?register_ranker\(", re.MULTILINE)
-_discovered = False
 
 
 def register_ranker(name: str, options: type = NoOptions, timestamps: bool = False) -> Callable[[RankerBuilder], RankerBuilder]:
@@ -151,20 +145,5 @@ def _origin(builder: RankerBuilder) -> str:
 
 
 def _discover() -> None:
-    """Import every module under modules/ whose source registers a backbone, so a backbone's file is its only registration.
-
-    Only those: importing every module would load unrelated (possibly heavy or optional) code.
-    """
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True  # before importing: the imported modules call register_ranker, not this
-    for path in sorted(_MODULES_ROOT.rglob("*.py")):
-        if path.name == Path(__file__).name and path.parent == _MODULES_ROOT:
-            continue
-        parts = path.relative_to(_MODULES_ROOT).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if not all(p.isidentifier() for p in parts) or not _REGISTERS.search(path.read_text(encoding="utf-8")):
-            continue
-        importlib.import_module(".".join(("lumrec.modules",) + parts))
+    """Import every module under modules/ that registers a backbone (`registry_discovery`)."""
+    import_registering_modules("register_ranker", __name__)

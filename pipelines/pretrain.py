@@ -53,7 +53,8 @@ from lumrec.modules.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.modules.warm_start import load_source_state, warm_start
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.optim import fused_params_for
-from lumrec.pipelines.model_factory import build_model, split_parameters
+from lumrec.modules.retrieval_registry import build_model
+from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.pretrain_config import (  # the configs are importable from here too
     LONG_HISTORY,
     RESUMABLE_CHANGES,

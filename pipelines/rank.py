@@ -68,7 +68,7 @@ from lumrec.modules.ranking import RankingBatch, RankingTrain, with_timestamps
 from lumrec.modules.ranking_registry import ranker_spec
 from lumrec.modules.warm_start import warm_start_from
 from lumrec.optim import RowwiseAdamW, fused_params_for, rowwise_adamw_table_state
-from lumrec.pipelines.model_factory import named_table_parameters
+from lumrec.modules.table_parameters import named_table_parameters
 from lumrec.pipelines.rank_config import RankConfig, check_train_config
 from lumrec.ranking_metrics import RankingMetrics
 from lumrec.tracking import count_parameters

@@ -38,7 +38,7 @@ from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, 
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
 from lumrec.modules.ranking import TableConfig
 from lumrec.modules.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
-from lumrec.pipelines.model_factory import split_parameters
+from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.rank_config import RankTrainConfig, check_train_config
 from lumrec.train import EpochJob, seed_everything
 

@@ -24,7 +24,7 @@ from lumrec.modules.hstu_retrieval import (
 )
 from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
-from lumrec.pipelines.model_factory import build_model
+from lumrec.modules.retrieval_registry import build_model
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
     MAX_LEN,

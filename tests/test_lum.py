@@ -25,7 +25,7 @@ from lumrec.modules.lum import LUM, LUMConfig
 from lumrec.modules.ops import segment_positions
 from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
 from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
-from lumrec.pipelines.model_factory import build_model
+from lumrec.modules.retrieval_registry import build_model
 from lumrec.modules.transformer import TransformerConfig, TransformerStack
 
 MAX_LEN = 24

@@ -14,7 +14,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from lumrec.config import ConfigError
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.sequence_model import ITEM, SequentialRecommender
-from lumrec.pipelines.model_factory import MODEL_BUILDERS, register_model
+from lumrec.modules.retrieval_registry import MODEL_BUILDERS, register_model
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 
 

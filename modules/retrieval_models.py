@@ -1,65 +1,22 @@
-"""Build the sequential recommender a pre-training config names, and split its parameters for the optimizers."""
+"""The built-in pre-training models' builders: SASRec, HSTU and HSTU-large (presets), LUM.
+
+Each is registered by name in ``retrieval_registry``; tables are sized from the dataset manifest.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable, Mapping
-
-import torch
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from typing import Any, Mapping
 
 from lumrec.config import from_dict
-from lumrec.data.dataset import Dataset, DatasetMeta
-from lumrec.data.tokens import CONSTANT_CONDITION_KEY, TokenConfig, condition_key
+from lumrec.data.dataset import DatasetMeta
+from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
 from lumrec.modules.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
 from lumrec.modules.lum import LUM, LUMConfig
+from lumrec.modules.retrieval_registry import ModelBuilder, register_model
 from lumrec.modules.sasrec import SASRec, SASRecConfig
 from lumrec.modules.sequence_model import SequentialRecommender
 from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
-
-
-# A builder gets (model_config dict, dataset manifest, dataset, token config, max_len).
-ModelBuilder = Callable[[dict[str, Any], DatasetMeta, Dataset, TokenConfig, int], SequentialRecommender]
-MODEL_BUILDERS: dict[str, ModelBuilder] = {}
-
-
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding a builder under `name`."""
-
-    def deco(fn: ModelBuilder) -> ModelBuilder:
-        MODEL_BUILDERS[name] = fn
-        return fn
-
-    return deco
-
-
-def build_model(
-    name: str, model_config: dict[str, Any], meta: DatasetMeta, data: Dataset, token_config: TokenConfig, max_len: int
-) -> SequentialRecommender:
-    """The model `name` configured by `model_config` (keys of its config dataclass)."""
-    if name not in MODEL_BUILDERS:
-        raise KeyError(f"unknown model {name!r}; known models: {sorted(MODEL_BUILDERS)}")
-    return MODEL_BUILDERS[name](model_config, meta, data, token_config, max_len)
-
-
-def named_table_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every trainable parameter of `module`'s EmbeddingBagCollections and EmbeddingCollections."""
-    found, seen = [], set()
-    for prefix, sub in module.named_modules():
-        if isinstance(sub, (EmbeddingBagCollection, EmbeddingCollection)):
-            for name, p in sub.named_parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    found.append((f"{prefix}.{name}" if prefix else name, p))
-    return found
-
-
-def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(embedding-table parameters, dense parameters): tables get the rowwise optimizer."""
-    tables = [p for _, p in named_table_parameters(model)]
-    table_ids = {id(p) for p in tables}
-    dense = [p for p in model.parameters() if id(p) not in table_ids and p.requires_grad]
-    return tables, dense
 
 
 def _num_items(meta: DatasetMeta) -> int:
