@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from iopath.common.file_io import g_pathmgr
 
 from lumrec.faults import failpoint
@@ -207,7 +209,5 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, prefix: 
 
 def _is_sharded(value: Any) -> bool:
     """Whether a state-dict value is spread over ranks (ShardedTensor or DTensor)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from torch.distributed.tensor import DTensor
 
     return isinstance(value, (ShardedTensor, DTensor))

@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from lumrec.library_noise import silence_known_library_noise
 
 log = logging.getLogger("lumrec")
@@ -198,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        # Log lines go through tqdm while a job runs, so they print above its progress bar, not across it.
+        with logging_redirect_tqdm():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as err:
         # Bad input is the user's to fix: one clear line, no traceback (use -v for it).
         if args.verbose:

@@ -33,6 +33,18 @@ from typing import Any, Collection, Literal, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from lumrec.optim.rowwise_adamw import RowwiseAdamW
+from lumrec.optim.sharding import RowwiseAdamWEmbeddingBagCollectionSharder, dense_kernel_sharding_plan
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +211,6 @@ def any_rank(ctx: Optional[DistContext], flag: bool) -> bool:
 
 def _embedding_bag_collections(model: nn.Module) -> dict[str, nn.Module]:
     """Every EmbeddingBagCollection in `model`, by module FQN (outermost only)."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     found: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
@@ -210,7 +221,6 @@ def _embedding_bag_collections(model: nn.Module) -> dict[str, nn.Module]:
 
 def _table_kind(table_optimizer: Mapping[str, Any], device: torch.device) -> str:
     """'fused' (fbgemm fused params) or 'rowwise_adamw' (lumrec's CPU form); anything else is an error."""
-    from lumrec.optim.rowwise_adamw import RowwiseAdamW
 
     if "optimizer" in table_optimizer:
         name = getattr(table_optimizer["optimizer"], "name", str(table_optimizer["optimizer"]))
@@ -235,10 +245,8 @@ def _table_kind(table_optimizer: Mapping[str, Any], device: torch.device) -> str
 
 def _sharder_for(kind: str, table_optimizer: Mapping[str, Any]) -> Any:
     if kind == "fused":
-        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
         return EmbeddingBagCollectionSharder(fused_params=dict(table_optimizer))
-    from lumrec.optim.sharding import RowwiseAdamWEmbeddingBagCollectionSharder
 
     return RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs=dict(table_optimizer["optimizer_kwargs"]))
 
@@ -250,8 +258,6 @@ def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharder: Any, eb
     updated by the dense optimizer), so they are excluded. Row-wise optimizers keep one state per
     row; a column-wise split would turn it into one per half row, so those are excluded too.
     """
-    from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.distributed.types import ShardingType
 
     types = [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
     opt_name = getattr(table_optimizer.get("optimizer"), "name", "")
@@ -356,11 +362,6 @@ def shard_model(
     model built and seeded alike on every rank, or warm-started, keeps its weights.
     Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
     """
-    from torchrec.distributed.comm_ops import get_gradient_division
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-    from torchrec.distributed.types import ShardingPlan
 
     if not dist.is_initialized():
         raise RuntimeError("shard_model: no process group; call lumrec.distributed.init_distributed() first")
@@ -388,7 +389,6 @@ def shard_model(
                 "shard_model: RowwiseAdamW tables use the DENSE kernel, which TorchRec's planner does not place; "
                 "they are sharded table-wise, round-robin over ranks (lumrec.optim.sharding.dense_kernel_sharding_plan)",
             )
-            from lumrec.optim.sharding import dense_kernel_sharding_plan
 
             plan = ShardingPlan(
                 {
@@ -462,8 +462,6 @@ def dense_optimizer(
     are in neither part: see `dmp.lumrec_table_sharder.attached_optimizers`, and
     `lumrec.optim.rowwise_adamw_table_state(dmp)` for their state in checkpointable form.
     """
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     # Drop the sharded modules' parameters by name too: the DENSE kernel lists per-table views of
     # its flat weight that carry no in-backward marker, and AdamW must never touch a table.

@@ -79,7 +79,6 @@ class LUMJoin:
         """(partition, row indices) for the distinct partitions a batch's days use."""
         return self.knowledge.groups(day)
 
-    _groups = groups  # the name pipelines/retrieve.py calls
 
     def _module(self, as_of: str | None) -> LUMFeatureModule:
         if as_of not in self._modules:

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from iopath.common.file_io import g_pathmgr
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
@@ -111,9 +114,6 @@ class WarmStartReport:
 
 def _checkpoint_tensors(folder: Path, key: str) -> dict[str, torch.Tensor]:
     """The tensors under `key` of a DCP checkpoint folder, read without a model to load into."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(folder)).read_metadata()
     paths = metadata.planner_data or {}

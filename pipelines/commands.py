@@ -45,3 +45,28 @@ def register_daily(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML file with DailyConfig keys (see configs/daily_synthetic.yaml)")
     p.add_argument("overrides", nargs="*", help="ds=YYYY-MM-DD, or start=... end=...; key.sub=value overrides")
     p.set_defaults(func=_run("lumrec.pipelines.daily", "main"))
+
+
+def register_query(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec query`."""
+    p = sub.add_parser("query", help="step 2: query a pre-trained LUM under many conditions and write the knowledge store of one day")
+    p.add_argument("config", help="YAML file with QueryConfig keys")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. as_of_ds=2026-01-03 users=all")
+    p.set_defaults(func=_run("lumrec.pipelines.query", "main"))
+
+
+def register_rank(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec rank`."""
+    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim, hstu or another registered backbone) "
+                                    "with or without LUM features (resumes automatically)")
+    p.add_argument("config", help="YAML file with RankConfig keys")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
+    p.set_defaults(func=_run("lumrec.pipelines.rank", "main"))
+
+
+def register_retrieve(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec retrieve`."""
+    p = sub.add_parser("retrieve", help="step 3: train a two-tower retrieval model with or without LUM features (resumes automatically)")
+    p.add_argument("config", help="YAML file with RetrieveConfig keys")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lum=null train.epochs=2")
+    p.set_defaults(func=_run("lumrec.pipelines.retrieve", "main"))

@@ -50,6 +50,9 @@ from lumrec.modules.lum import LUM
 from lumrec.pipelines.pretrained_lum import LoadedLUM, load_pretrained_lum
 from lumrec.tracking import ScalarLog, count_parameters, log_job_start, progress_bar
 
+# The registrar lives with the others (light: `lumrec --help` does not import this job).
+from lumrec.pipelines.commands import register_query  # noqa: E402,F401
+
 log = logging.getLogger("lumrec.query")
 
 __all__ = ["ConditionSpec", "QueryConfig", "main", "register_query", "resolve_conditions", "run_query"]
@@ -290,11 +293,3 @@ def main(args: argparse.Namespace) -> int:
     if ctx is None or ctx.is_main:
         print(json.dumps(result))
     return 0
-
-
-def register_query(sub: argparse._SubParsersAction) -> None:
-    """Add `lumrec query`."""
-    p = sub.add_parser("query", help="step 2: query a pre-trained LUM under many conditions and write the knowledge store of one day")
-    p.add_argument("config", help="YAML file with QueryConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. as_of_ds=2026-01-03 users=all")
-    p.set_defaults(func=main)

@@ -74,6 +74,9 @@ from lumrec.ranking_metrics import RankingMetrics
 from lumrec.tracking import count_parameters
 from lumrec.train import EpochJob, seed_everything
 
+# The registrar lives with the others (light: `lumrec --help` does not import this job).
+from lumrec.pipelines.commands import register_rank  # noqa: E402,F401
+
 log = logging.getLogger("lumrec.rank")
 
 __all__ = ["RankConfig", "Ranker", "main", "register_rank", "run_rank"]
@@ -312,12 +315,3 @@ def main(args: argparse.Namespace) -> int:
     result = run_rank(cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0
-
-
-def register_rank(sub: argparse._SubParsersAction) -> None:
-    """Add `lumrec rank`."""
-    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim, hstu or another registered backbone) "
-                                    "with or without LUM features (resumes automatically)")
-    p.add_argument("config", help="YAML file with RankConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
-    p.set_defaults(func=main)

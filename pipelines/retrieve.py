@@ -42,6 +42,9 @@ from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.rank_config import RankTrainConfig, check_train_config
 from lumrec.train import EpochJob, seed_everything
 
+# The registrar lives with the others (light: `lumrec --help` does not import this job).
+from lumrec.pipelines.commands import register_retrieve  # noqa: E402,F401
+
 log = logging.getLogger("lumrec.retrieve")
 
 __all__ = ["RetrieveConfig", "TwoTowerSizes", "Retriever", "build_two_tower", "main", "register_retrieve", "run_retrieve"]
@@ -160,7 +163,7 @@ class Retriever(EpochJob):
     def _item_lum(self, batch: RankingSampleBatch) -> torch.Tensor:
         """e_i of each sample's item, from the partition its day uses."""
         out = torch.zeros(len(batch), self.lum.dim + 1)
-        for as_of, rows in self.lum._groups(batch.day):
+        for as_of, rows in self.lum.groups(batch.day):
             out[rows] = self.lum.item_features(batch.item_id[rows], as_of)
         return out
 
@@ -222,11 +225,3 @@ def main(args: argparse.Namespace) -> int:
     result = run_retrieve(cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return 0
-
-
-def register_retrieve(sub: argparse._SubParsersAction) -> None:
-    """Add `lumrec retrieve`."""
-    p = sub.add_parser("retrieve", help="step 3: train a two-tower retrieval model with or without LUM features (resumes automatically)")
-    p.add_argument("config", help="YAML file with RetrieveConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lum=null train.epochs=2")
-    p.set_defaults(func=main)

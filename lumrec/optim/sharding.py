@@ -31,6 +31,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding, BatchedDenseEmbeddingBag
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
@@ -242,9 +245,6 @@ def _row_sharded(local: torch.Tensor, table: Any, rows_only: bool) -> Any:
     `rows_only`: a per-row state ([rows]); else a per-element one ([rows, dim]). Column-wise splits
     are never planned for RowwiseAdamW tables, so every shard holds whole rows.
     """
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
     def shape(offsets: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:
         return (offsets[:1], sizes[:1]) if rows_only else (list(offsets), list(sizes))

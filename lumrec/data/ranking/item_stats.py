@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
 
+from lumrec.data.dataset import Dataset, day_bounds
+
+if TYPE_CHECKING:
     from lumrec.data.ranking_samples import RankingSampleBatch
 
 __all__ = ["ItemStatsJoin"]
@@ -16,10 +19,7 @@ class ItemStatsJoin:
     """Dense item statistics of the sample's day (the synthetic `item_stats`, computed from earlier days only)."""
 
     def __init__(self, data_path: str, columns: Sequence[str], num_items: int) -> None:
-        import numpy as np
-        import torch
 
-        from lumrec.data.dataset import Dataset, day_bounds
 
         data = Dataset(data_path)
         if not data.has_table("item_stats"):
@@ -42,7 +42,6 @@ class ItemStatsJoin:
 
     def __call__(self, batch: "RankingSampleBatch") -> "torch.Tensor":
         """[B, width]: each sample's item statistics of its own day (zeros for a day without statistics)."""
-        import torch
 
         out = torch.zeros(len(batch), self.width)
         for d in torch.unique(batch.day).tolist():
