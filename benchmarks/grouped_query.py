@@ -27,9 +27,9 @@ from lumrec.data.batches import make_jagged_batch
 from lumrec.data.packing import pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import TokenConfig, build_lum_tokens
-from lumrec.modules.grouped_query import grouped_query, separate_queries
-from lumrec.modules.lum import LUM, LUMConfig
-from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
+from lumrec.modules.retrieval.grouped_query import grouped_query, separate_queries
+from lumrec.modules.retrieval.lum import LUM, LUMConfig
+from lumrec.modules.layers.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = {"item_id": 1000, "category_id": 21, "scenario": 3}

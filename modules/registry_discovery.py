@@ -1,12 +1,12 @@
 """Finding the files under ``modules/`` that register a model, so a model's file is its only registration.
 
-Both registries (``retrieval_registry`` for pre-training models, ``ranking_registry`` for ranking
+Both registries (``retrieval.registry`` for pre-training models, ``ranking.registry`` for ranking
 backbones) call `import_registering_modules` with their decorator's name before a lookup: every
 module whose source calls that decorator is imported once, and nothing else is (importing every
 module would load unrelated, possibly heavy, code).
 
     >>> names = registering_module_names("register_ranker")
-    >>> "lumrec.modules.sim" in names and "lumrec.modules.ops.attention" not in names
+    >>> "lumrec.modules.ranking.sim" in names and "lumrec.modules.ops.attention" not in names
     True
 """
 

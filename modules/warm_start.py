@@ -44,7 +44,7 @@ from lumrec.checkpoint import META_FILE, CheckpointManager
 from lumrec.config import ConfigError
 from lumrec.modules.warm_start_config import WarmStartConfig, WarmStartError
 from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
-from lumrec.modules.token_encoder import CONSTANT_VOCAB, FeatureTableConfig, TokenEncoderConfig
+from lumrec.modules.layers.token_encoder import CONSTANT_VOCAB, FeatureTableConfig, TokenEncoderConfig
 
 __all__ = [
     "WarmStartError",

@@ -3,8 +3,14 @@
     source .venv/bin/activate      # dist.ddp starts `torchrun`, which must be on PATH
     torchx run -s local_cwd pipelines/components.py:daily --ds 2026-01-08 -j 1x1
     torchx run -s local_cwd pipelines/components.py:pretrain --config configs/ml1m_hstu.yaml -j 1x1 -- train.epochs=3
-    torchx run -s kubernetes pipelines/components.py:daily --image REGISTRY/lumrec:TAG --ds 2026-01-08 -j 2x8 --gpu 8
-    torchx run -s slurm pipelines/components.py:daily --ds 2026-01-08 -j 2x8 --gpu 8
+    torchx run -s kubernetes -cfg namespace=recsys,queue=default pipelines/components.py:daily \
+        --image REGISTRY/lumrec:TAG --config configs/daily_prod.yaml --ds 2026-01-08 -j 2x8 \
+        --mounts type=volume,src=lumrec-data,dst=/data,type=volume,src=lumrec-runs,dst=/runs
+    torchx run -s slurm -cfg partition=train,time=12:00:00 pipelines/components.py:daily \
+        --config configs/daily_prod.yaml --ds 2026-01-08 -j 2x8
+
+The image is the repository's ``Dockerfile`` (the pinned CPU stack; a GPU image needs the
+CUDA build of torch and fbgemm-gpu). Slurm ignores ``--image`` and runs in the working directory.
 
 Each component is torchx's own ``dist.ddp`` (torchrun: one process per rank, rendezvous, env
 vars RANK / WORLD_SIZE / LOCAL_RANK) around ``python -m lumrec.cli JOB CONFIG [key=value ...]``,
@@ -39,6 +45,9 @@ def _job(
     mounts: Optional[List[str]],
 ) -> specs.AppDef:
     """`python -m lumrec.cli NAME CONFIG OVERRIDES...` under torchrun with `j` = NODESxPROCS ranks."""
+    # torchrun sets OMP_NUM_THREADS=1 per rank when it is unset, with a warning banner on every start;
+    # setting the same value here keeps the behaviour and drops the banner (a job's train.threads still rules).
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
     if shutil.which("torchrun") is None:
         # dist.ddp runs `bash -c "torchrun ..."`: local schedulers inherit this PATH (images bring their own).
         print("lumrec: `torchrun` is not on PATH, so a local_cwd / local_docker job cannot start it; "
@@ -82,10 +91,10 @@ def daily(
         end: last day of a range
         config: YAML file with DailyConfig keys
         j: NODESxPROCS_PER_NODE, torchrun's layout
-        image: container image (local_cwd: ignored, the working directory is used)
-        cpu: CPUs per process
-        gpu: GPUs per process
-        memMB: memory per process in MB
+        image: container image (local_cwd and slurm: ignored, the working directory is used)
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica)
+        memMB: memory per node (replica) in MB
         env: extra environment variables
         max_retries: restarts of a failed job (each resumes where the last stopped)
         mounts: scheduler mounts, e.g. type=bind,src=/data,dst=/data
@@ -114,10 +123,10 @@ def pretrain(
         overrides: PretrainConfig overrides key.sub=value (after --)
         config: YAML file with PretrainConfig keys
         j: NODESxPROCS_PER_NODE, torchrun's layout
-        image: container image (local_cwd: ignored)
-        cpu: CPUs per process
-        gpu: GPUs per process
-        memMB: memory per process in MB
+        image: container image (local_cwd and slurm: ignored, the working directory is used)
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica)
+        memMB: memory per node (replica) in MB
         env: extra environment variables
         max_retries: restarts of a failed job (each resumes where the last stopped)
         mounts: scheduler mounts
@@ -145,10 +154,10 @@ def query(
         config: YAML file with QueryConfig keys
         as_of_ds: the day the knowledge is as of
         j: NODESxPROCS_PER_NODE, torchrun's layout
-        image: container image (local_cwd: ignored)
-        cpu: CPUs per process
-        gpu: GPUs per process
-        memMB: memory per process in MB
+        image: container image (local_cwd and slurm: ignored, the working directory is used)
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica)
+        memMB: memory per node (replica) in MB
         env: extra environment variables
         max_retries: restarts of a failed job
         mounts: scheduler mounts
@@ -175,10 +184,10 @@ def rank(
         overrides: RankConfig overrides key.sub=value (after --)
         config: YAML file with RankConfig keys
         j: NODESxPROCS_PER_NODE, torchrun's layout
-        image: container image (local_cwd: ignored)
-        cpu: CPUs per process
-        gpu: GPUs per process
-        memMB: memory per process in MB
+        image: container image (local_cwd and slurm: ignored, the working directory is used)
+        cpu: CPUs per node (replica)
+        gpu: GPUs per node (replica)
+        memMB: memory per node (replica) in MB
         env: extra environment variables
         max_retries: restarts of a failed job (each resumes where the last stopped)
         mounts: scheduler mounts

@@ -48,12 +48,12 @@ from lumrec.data.packing import history_windows
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig, drop_condition_ids
 from lumrec.distributed import DistContext, dense_optimizer, from_rank0, global_mean_loss, init_distributed, shard_model
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
-from lumrec.modules.sequence_model import RetrievalTrain, SequentialRecommender
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.retrieval.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.modules.warm_start import load_source_state, warm_start
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.optim import fused_params_for
-from lumrec.modules.retrieval_registry import build_model
+from lumrec.modules.retrieval.registry import build_model
 from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.pretrain_config import (  # the configs are importable from here too
     LONG_HISTORY,

@@ -16,8 +16,8 @@ from lumrec.checkpoint import META_FILE, CheckpointManager, load_model_weights
 from lumrec.config import from_dict
 from lumrec.data.dataset import Dataset, DatasetMeta
 from lumrec.data.tokens import TokenConfig
-from lumrec.modules.lum import LUM
-from lumrec.modules.retrieval_registry import build_model
+from lumrec.modules.retrieval.lum import LUM
+from lumrec.modules.retrieval.registry import build_model
 from lumrec.pipelines.pretrain_config import PretrainConfig
 
 __all__ = ["LoadedLUM", "load_pretrained_lum"]

@@ -5,7 +5,7 @@
 For day `as_of_ds` it loads the run's LUM (config.json + best or latest checkpoint), builds
 every selected user's history from behaviours of days `<= as_of_ds` only (point-in-time: a
 later day is never read), asks all conditions in one grouped pass per batch
-(``lumrec.modules.grouped_query``) with the queries timed at the end of `as_of_ds`, and writes
+(``lumrec.modules.retrieval.grouped_query``) with the queries timed at the end of `as_of_ds`, and writes
 `STORE/as_of_ds=<day>/` (``lumrec.knowledge``): one vector per (user, condition) and the
 item-token embedding of every item. Knowledge written for day D is used from day D+1 on.
 TensorBoard scalars of each run (users, conditions, seconds, users per second) go to `STORE/tb`
@@ -34,7 +34,7 @@ from lumrec.data.sequences import UserSequences, sequences_from_dataset
 from lumrec.data.tokens import build_lum_tokens
 from lumrec.distributed import DistContext, gather_to_rank0, init_distributed
 from lumrec.knowledge import Condition, KnowledgeWriter, load_knowledge, parse_condition
-from lumrec.modules.grouped_query import (
+from lumrec.modules.retrieval.grouped_query import (
     CONSTANT_FEATURE,
     UNCONDITIONED_FEATURE,
     build_grouped_query_layout,
@@ -46,7 +46,7 @@ from lumrec.modules.grouped_query import (
     query_encode,
     separate_queries,
 )
-from lumrec.modules.lum import LUM
+from lumrec.modules.retrieval.lum import LUM
 from lumrec.pipelines.pretrained_lum import LoadedLUM, load_pretrained_lum
 from lumrec.tracking import ScalarLog, count_parameters, log_job_start, progress_bar
 

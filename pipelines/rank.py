@@ -3,7 +3,7 @@
     lumrec rank CONFIG [key=value ...]
 
 The config is ``RankConfig`` (``lumrec.pipelines.rank_config``); ``model`` names a backbone of the
-ranking registry (``lumrec.modules.ranking_registry``), built by ``build_ranker`` with tables
+ranking registry (``lumrec.modules.ranking.registry``), built by ``build_ranker`` with tables
 sized from the dataset manifest's vocabularies. Samples come from ``lumrec.data.ranking_samples``
 (one of its three protocols). With ``lum`` set, every batch gets
 ``LUMFeatureModule`` features looked up in a knowledge store (step 2) under the point-in-time
@@ -63,9 +63,9 @@ from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.distributed import DistContext, dense_optimizer, global_mean_loss, init_distributed, shard_model
 from lumrec.modules.lum_join import LUMJoin
-from lumrec.modules.ranker_builder import build_ranker
-from lumrec.modules.ranking import RankingBatch, RankingTrain, with_timestamps
-from lumrec.modules.ranking_registry import ranker_spec
+from lumrec.modules.ranking.builder import build_ranker
+from lumrec.modules.ranking.base import RankingBatch, RankingTrain, with_timestamps
+from lumrec.modules.ranking.registry import ranker_spec
 from lumrec.modules.warm_start import warm_start_from
 from lumrec.optim import RowwiseAdamW, fused_params_for, rowwise_adamw_table_state
 from lumrec.modules.table_parameters import named_table_parameters

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.modules.lum_join import RankLUMConfig
-from lumrec.modules.ranker_builder import RankModelConfig
+from lumrec.modules.ranking.builder import RankModelConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
 
 __all__ = ["RankConfig", "RankModelConfig", "RankTrainConfig", "check_train_config"]
@@ -66,7 +66,7 @@ class RankConfig:
     data: str = "out/data"  # a lumrec dataset folder
     out: str = "runs/rank"  # results.json, checkpoints/ and best/ go here
     samples: RankingSampleConfig = field(default_factory=RankingSampleConfig)
-    # A registered ranking backbone (lumrec.modules.ranking_registry): mlp | din | sim | hstu (HSTU end
+    # A registered ranking backbone (lumrec.modules.ranking.registry): mlp | din | sim | hstu (HSTU end
     # to end: the candidate appended to the behaviour sequence) | any backbone a file in modules/ registers.
     model: str = "sim"
     sizes: RankModelConfig = field(default_factory=RankModelConfig)

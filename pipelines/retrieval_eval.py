@@ -23,7 +23,7 @@ from lumrec.data.batches import iter_packed_batches
 from lumrec.data.sequences import UserSequences
 from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences, build_lum_tokens
 from lumrec.metrics import RetrievalMetrics, target_ranks
-from lumrec.modules.sequence_model import SequentialRecommender
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
 
 @dataclass

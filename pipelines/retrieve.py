@@ -36,8 +36,8 @@ from lumrec.data.ranking.features import context_keys, vocab_size
 from lumrec.data.ranking.reading import item_categories
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
-from lumrec.modules.ranking import TableConfig
-from lumrec.modules.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
+from lumrec.modules.ranking.base import TableConfig
+from lumrec.modules.retrieval.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
 from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.rank_config import RankTrainConfig, check_train_config
 from lumrec.train import EpochJob, seed_everything

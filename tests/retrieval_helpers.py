@@ -7,8 +7,8 @@ import torch
 from lumrec.data.batches import JaggedBatch, iter_packed_batches
 from lumrec.data.tokens import TokenSequences
 from lumrec.metrics import target_ranks
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
-from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.retrieval.sequence_model import RetrievalTrain, next_item_queries
 
 NUM_ITEMS = 40
 MAX_LEN = 16

@@ -11,7 +11,7 @@ import torch
 import lumrec.modules.ops.attention as attention_mod
 import lumrec.modules.ops.jagged as jagged_mod
 import lumrec.modules.ops.layout as layout_mod
-import lumrec.modules.relative_bias as relative_bias_mod
+import lumrec.modules.layers.relative_bias as relative_bias_mod
 from lumrec.modules.ops import (
     build_attention_layout,
     jagged_causal_attention,
@@ -22,7 +22,7 @@ from lumrec.modules.ops import (
     offsets_to_ids,
     padded_dense_to_jagged,
 )
-from lumrec.modules.relative_bias import RelativeAttentionBias, time_gap_buckets
+from lumrec.modules.layers.relative_bias import RelativeAttentionBias, time_gap_buckets
 
 MAX_LEN = 24
 HEADS = 2

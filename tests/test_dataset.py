@@ -195,7 +195,7 @@ def test_unpartitioned_tables_and_vocab(tmp_path):
 
 def test_list_columns_share_the_vocabulary_of_their_id_column():
     from lumrec.data.schema import vocabulary_column
-    from lumrec.modules.token_encoder import vocabulary_source
+    from lumrec.modules.layers.token_encoder import vocabulary_source
 
     sizes = {"item_id": 10, "category_id": 5}
     assert vocabulary_column("category_ids", sizes) == "category_id"

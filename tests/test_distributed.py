@@ -40,7 +40,7 @@ ATOL = 1e-5
 
 
 def _ranking_model() -> nn.Module:
-    from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, RankingTrain, TableConfig
+    from lumrec.modules.ranking.base import EmbeddingMLP, EmbeddingMLPConfig, RankingTrain, TableConfig
 
     torch.manual_seed(0)
     cfg = EmbeddingMLPConfig(
@@ -59,7 +59,7 @@ def _ranking_batches(rank: int, world: int) -> list[Any]:
     """This rank's slice of STEPS global batches; `category_ids` has 0..3 ids per sample (lengths 0, 1, max)."""
     from torchrec import KeyedJaggedTensor
 
-    from lumrec.modules.ranking import RankingBatch
+    from lumrec.modules.ranking.base import RankingBatch
 
     g = torch.Generator().manual_seed(1)
     lo, hi = rank * GLOBAL_B // world, (rank + 1) * GLOBAL_B // world
@@ -88,7 +88,7 @@ class TokenRegressor(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from lumrec.modules.token_encoder import FeatureTableConfig, TokenEncoder, TokenEncoderConfig
+        from lumrec.modules.layers.token_encoder import FeatureTableConfig, TokenEncoder, TokenEncoderConfig
 
         torch.manual_seed(0)
         cfg = TokenEncoderConfig(

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import lumrec.modules.grouped_query as gq_mod
+import lumrec.modules.retrieval.grouped_query as gq_mod
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.packing import PackPlan, pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens, drop_condition_ids
-from lumrec.modules.grouped_query import (
+from lumrec.modules.retrieval.grouped_query import (
     GroupedQuery,
     build_grouped_query_layout,
     condition_query_embeddings,
@@ -21,9 +21,9 @@ from lumrec.modules.grouped_query import (
     query_encode,
     separate_queries,
 )
-from lumrec.modules.hstu import HSTUAttentionConfig
-from lumrec.modules.lum import LUM, LUMConfig
-from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
+from lumrec.modules.layers.hstu import HSTUAttentionConfig
+from lumrec.modules.retrieval.lum import LUM, LUMConfig
+from lumrec.modules.layers.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
 
 MAX_LEN = 24
 BACKBONES = ["transformer", "hstu"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lumrec.modules.hstu as hstu_mod
-from lumrec.modules.hstu import HSTUConfig, HSTULayer, HSTUStack, stochastic_length_subsample
+import lumrec.modules.layers.hstu as hstu_mod
+from lumrec.modules.layers.hstu import HSTUConfig, HSTULayer, HSTUStack, stochastic_length_subsample
 from lumrec.modules.ops import jagged_causal_attention_reference, lengths_to_offsets, offsets_to_ids
 
 

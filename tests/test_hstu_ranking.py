@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import lumrec.modules.hstu_ranking as hstu_ranking_mod
+import lumrec.modules.ranking.hstu_ranking as hstu_ranking_mod
 from lumrec.modules.ops import build_attention_layout
-from lumrec.modules.hstu import HSTUConfig, HSTULayer
-from lumrec.modules.hstu_ranking import HSTURanker, HSTURankerConfig, append_candidates
-from lumrec.modules.ranker_builder import RankModelConfig, build_ranker
-from lumrec.modules.ranking import RankingBatch, RankingTrain, TableConfig, with_timestamps
+from lumrec.modules.layers.hstu import HSTUConfig, HSTULayer
+from lumrec.modules.ranking.hstu_ranking import HSTURanker, HSTURankerConfig, append_candidates
+from lumrec.modules.ranking.builder import RankModelConfig, build_ranker
+from lumrec.modules.ranking.base import RankingBatch, RankingTrain, TableConfig, with_timestamps
 from lumrec.modules.warm_start import warm_start
 from lumrec.pipelines.rank import run_rank
 from test_rank_pipeline import lum_config, make_data, rank_config, write_store  # noqa: E402 - shared tiny data

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import lumrec.modules.hstu_retrieval as hr_mod
+import lumrec.modules.retrieval.hstu_retrieval as hr_mod
 from lumrec.config import ConfigError
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import TokenConfig, TokenSequences, build_item_sequences
-from lumrec.modules.hstu_retrieval import (
+from lumrec.modules.retrieval.hstu_retrieval import (
     HSTU_PRESETS,
     ML1M_LOSS,
     HSTURetrieval,
@@ -22,9 +22,9 @@ from lumrec.modules.hstu_retrieval import (
     stochastic_length_batch,
     subsample_batch,
 )
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
-from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
-from lumrec.modules.retrieval_registry import build_model
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.retrieval.sequence_model import RetrievalTrain, next_item_queries
+from lumrec.modules.retrieval.registry import build_model
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
     MAX_LEN,

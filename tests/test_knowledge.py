@@ -38,7 +38,7 @@ from lumrec.data.sequences import build_user_sequences
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import build_lum_tokens
 from lumrec.data.validate import DataValidationError
-from lumrec.modules.grouped_query import as_conditions, default_max_history, grouped_query
+from lumrec.modules.retrieval.grouped_query import as_conditions, default_max_history, grouped_query
 from lumrec.modules.lum_features import LUMFeatureConfig
 from lumrec.pipelines.pretrain import Pretrainer
 from lumrec.pipelines.pretrain_config import DataConfig, PretrainConfig, TrainConfig

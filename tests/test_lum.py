@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lumrec.modules.lum as lum_mod
-import lumrec.modules.transformer as transformer_mod
+import lumrec.modules.retrieval.lum as lum_mod
+import lumrec.modules.layers.transformer as transformer_mod
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.dataset import Dataset
 from lumrec.data.packing import pack_sequences
@@ -19,14 +19,14 @@ from lumrec.data.sequences import UserSequences, offsets_from_lengths, sequences
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.data.tokens import CONDITION, ITEM, TokenConfig, build_lum_tokens, item_dense_matrix, item_lists_from_table
 from lumrec.config import ConfigError
-from lumrec.modules.hstu import HSTUAttentionConfig
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
-from lumrec.modules.lum import LUM, LUMConfig
+from lumrec.modules.layers.hstu import HSTUAttentionConfig
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.retrieval.lum import LUM, LUMConfig
 from lumrec.modules.ops import segment_positions
-from lumrec.modules.sequence_model import RetrievalTrain, next_item_queries
-from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
-from lumrec.modules.retrieval_registry import build_model
-from lumrec.modules.transformer import TransformerConfig, TransformerStack
+from lumrec.modules.retrieval.sequence_model import RetrievalTrain, next_item_queries
+from lumrec.modules.layers.token_encoder import ItemFeatureLookup, token_encoder_config_from_tokens
+from lumrec.modules.retrieval.registry import build_model
+from lumrec.modules.layers.transformer import TransformerConfig, TransformerStack
 
 MAX_LEN = 24
 BACKBONES = ["transformer", "hstu"]

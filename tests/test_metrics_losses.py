@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lumrec.metrics import RetrievalMetrics, target_ranks
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -103,7 +103,7 @@ def test_full_softmax_matches_reference():
 @pytest.mark.parametrize("bounded", [False, True])
 def test_matmul_cross_entropy_matches_torch(seed, bounded):
     """The fused full-softmax loss equals F.cross_entropy(q @ c.T, t) in value and gradients."""
-    from lumrec.modules.losses import matmul_cross_entropy
+    from lumrec.modules.layers.losses import matmul_cross_entropy
 
     g = torch.Generator().manual_seed(seed)
     n_q, n_c, d = (int(x) for x in torch.randint(1, 40, (3,), generator=g))
@@ -123,7 +123,7 @@ def test_matmul_cross_entropy_matches_torch(seed, bounded):
 
 
 def test_matmul_cross_entropy_large_logits_unbounded_is_stable():
-    from lumrec.modules.losses import matmul_cross_entropy
+    from lumrec.modules.layers.losses import matmul_cross_entropy
 
     q = torch.tensor([[300.0, 0.0], [0.0, -300.0]], requires_grad=True)
     c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
@@ -138,7 +138,7 @@ def test_matmul_cross_entropy_large_logits_unbounded_is_stable():
 @pytest.mark.parametrize("seed", range(6))
 def test_matmul_cross_entropy_with_masked_pairs_matches_torch(seed):
     """Masked (row, column) pairs behave as logits of -inf: same value and gradients as F.cross_entropy."""
-    from lumrec.modules.losses import matmul_cross_entropy
+    from lumrec.modules.layers.losses import matmul_cross_entropy
 
     g = torch.Generator().manual_seed(seed)
     n_q, n_c, d = (int(x) for x in torch.randint(2, 40, (3,), generator=g))
@@ -211,7 +211,7 @@ def test_sampled_and_in_batch_negatives_leave_seen_items_out(seed, in_batch):
 
 
 def test_seen_columns_finds_each_seen_item_among_the_candidates():
-    from lumrec.modules.losses import seen_columns
+    from lumrec.modules.layers.losses import seen_columns
 
     seen = torch.tensor([[0, 0, 1, 2, 2], [3, 8, 5, 1, 9]])
     cols = seen_columns(seen, torch.tensor([1, 3, 5, 7]))

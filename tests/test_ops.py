@@ -14,7 +14,7 @@ import lumrec.modules.ops as ops
 import lumrec.modules.ops.gather as gather_mod
 import lumrec.modules.ops.kernel as kernel_mod
 import lumrec.modules.ops.reference as reference_mod
-from lumrec.modules.hstu import HSTUConfig, HSTUStack
+from lumrec.modules.layers.hstu import HSTUConfig, HSTUStack
 from lumrec.modules.ops import (
     Kernel,
     build_attention_layout,
@@ -32,8 +32,8 @@ from lumrec.modules.ops import (
     set_kernel,
     use_kernel,
 )
-from lumrec.modules.relative_bias import RelativeAttentionBias
-from lumrec.modules.transformer import TransformerConfig, TransformerStack
+from lumrec.modules.layers.relative_bias import RelativeAttentionBias
+from lumrec.modules.layers.transformer import TransformerConfig, TransformerStack
 
 FAST = [Kernel.PYTORCH, Kernel.FBGEMM]
 KINDS = [("softmax", None), ("hstu", 9.0), ("hstu", "length")]

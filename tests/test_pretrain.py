@@ -13,8 +13,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from lumrec.config import ConfigError
 from lumrec.data.synthetic import SynthConfig, generate
-from lumrec.modules.sequence_model import ITEM, SequentialRecommender
-from lumrec.modules.retrieval_registry import MODEL_BUILDERS, register_model
+from lumrec.modules.retrieval.sequence_model import ITEM, SequentialRecommender
+from lumrec.modules.retrieval.registry import MODEL_BUILDERS, register_model
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 
 
@@ -222,7 +222,7 @@ def test_target_start_trains_only_on_new_days_targets(synth_path, tmp_path):
     """Continued training: events before target_start are context, never targets; inactive users are skipped."""
     from lumrec.data.dataset import Dataset, day_bounds
     from lumrec.data.sequences import sequences_from_dataset
-    from lumrec.modules.sequence_model import next_item_queries
+    from lumrec.modules.retrieval.sequence_model import next_item_queries
 
     last_day = Dataset(synth_path).days("behaviours")[-1]
     cfg = _config(synth_path, tmp_path / "ts", epochs=1)

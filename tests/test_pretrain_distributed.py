@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
 from lumrec.data.synthetic import SynthConfig, generate
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
@@ -244,7 +244,7 @@ def _assert_weight_close(key: str, got: torch.Tensor, want: torch.Tensor, adamw_
         # query's logits), so both runs train it on float32 noise, which AdamW normalises into
         # steps of up to lr: only that bound holds (measured 5e-6 to 1.2e-5; the q and v parts 1e-9).
         # Its AdamW moments are that noise itself, so they are not compared.
-        want, got = want.view(3, -1), got.view(3, -1)  # rows: q, k, v (lumrec.modules.transformer)
+        want, got = want.view(3, -1), got.view(3, -1)  # rows: q, k, v (lumrec.modules.layers.transformer)
         if key.endswith(".qkv.bias"):
             gap = float((got[1] - want[1]).abs().max())
             assert gap <= adamw_bound, f"{key} (key part): {gap}"

@@ -13,14 +13,14 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-import lumrec.modules.din as din_mod
-import lumrec.modules.ranker_builder as ranker_builder_mod
-import lumrec.modules.ranking as ranking_mod
-import lumrec.modules.ranking_registry as ranking_registry_mod
-import lumrec.modules.sim as sim_mod
+import lumrec.modules.ranking.din as din_mod
+import lumrec.modules.ranking.builder as ranker_builder_mod
+import lumrec.modules.ranking.base as ranking_mod
+import lumrec.modules.ranking.registry as ranking_registry_mod
+import lumrec.modules.ranking.sim as sim_mod
 from lumrec.config import ConfigError
 
-from lumrec.modules.din import (
+from lumrec.modules.ranking.din import (
     DIN,
     DINConfig,
     DINTrain,
@@ -31,8 +31,8 @@ from lumrec.modules.din import (
     target_attention_padded_reference,
 )
 from lumrec.modules.ops import lengths_to_offsets
-from lumrec.modules.ranker_builder import RankModelConfig, build_ranker
-from lumrec.modules.ranking import (
+from lumrec.modules.ranking.builder import RankModelConfig, build_ranker
+from lumrec.modules.ranking.base import (
     EmbeddingMLP,
     EmbeddingMLPConfig,
     EmbeddingMLPTrain,
@@ -44,8 +44,8 @@ from lumrec.modules.ranking import (
     TableConfig,
     dense_part,
 )
-from lumrec.modules.ranking_registry import ranker_spec, register_ranker, unregister_ranker
-from lumrec.modules.sim import SIM, SIMConfig, SIMTrain, hard_search_mask
+from lumrec.modules.ranking.registry import ranker_spec, register_ranker, unregister_ranker
+from lumrec.modules.ranking.sim import SIM, SIMConfig, SIMTrain, hard_search_mask
 from lumrec.ranking_metrics import auc
 
 NUM_USERS, NUM_ITEMS, NUM_CATS = 40, 64, 8
@@ -358,8 +358,8 @@ def test_unknown_model_errors_list_the_registered_backbones(tiny_backbone):
 
 def test_built_in_backbones_are_found_without_importing_their_files():
     """The registry imports each file under modules/ that registers a backbone: no list of them to edit."""
-    code = ("import sys; from lumrec.modules.ranking_registry import ranker_names, ranker_spec; "
-            "assert 'lumrec.modules.sim' not in sys.modules; print(ranker_names(), ranker_spec('hstu').timestamps)")
+    code = ("import sys; from lumrec.modules.ranking.registry import ranker_names, ranker_spec; "
+            "assert 'lumrec.modules.ranking.sim' not in sys.modules; print(ranker_names(), ranker_spec('hstu').timestamps)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "['din', 'hstu', 'mlp', 'sim'] True"
 

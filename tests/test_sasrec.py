@@ -9,12 +9,12 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import lumrec.modules.sasrec as sasrec_mod
+import lumrec.modules.retrieval.sasrec as sasrec_mod
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences
-from lumrec.modules.sasrec import SASRec, SASRecConfig
-from lumrec.modules.sequence_model import next_item_queries, seen_item_pairs
+from lumrec.modules.retrieval.sasrec import SASRec, SASRecConfig
+from lumrec.modules.retrieval.sequence_model import next_item_queries, seen_item_pairs
 
 from retrieval_helpers import (  # noqa: E402 - shared with the other retrieval model's tests
     MAX_LEN,

@@ -11,13 +11,13 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import lumrec.modules.token_encoder as token_encoder_mod
+import lumrec.modules.layers.token_encoder as token_encoder_mod
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.packing import pack_sequences
 from lumrec.data.sequences import UserSequences, offsets_from_lengths
 from lumrec.data.tokens import CONDITION, ITEM, JaggedIds, TokenConfig, build_lum_tokens
 from lumrec.data.validate import DataValidationError
-from lumrec.modules.token_encoder import (
+from lumrec.modules.layers.token_encoder import (
     FeatureTableConfig,
     ItemFeatureLookup,
     TokenEncoder,

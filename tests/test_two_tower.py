@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lumrec.modules.ranking import TableConfig
-from lumrec.modules.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
+from lumrec.modules.ranking.base import TableConfig
+from lumrec.modules.retrieval.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
 
 NUM_USERS, NUM_ITEMS, NUM_CATS, D = 60, 61, 6, 8  # items 1..60, 10 per category
 

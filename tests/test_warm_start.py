@@ -16,10 +16,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lumrec.checkpoint import CheckpointManager
 from lumrec.config import ConfigError, from_dict
 from lumrec.data.tokens import CONDITION, ITEM
-from lumrec.modules.din import DIN, DINConfig
-from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig, RankingBatch, RankingTrain, TableConfig
-from lumrec.modules.sim import SIM, SIMConfig
-from lumrec.modules.token_encoder import TokenEncoder
+from lumrec.modules.ranking.din import DIN, DINConfig
+from lumrec.modules.ranking.base import EmbeddingMLP, EmbeddingMLPConfig, RankingBatch, RankingTrain, TableConfig
+from lumrec.modules.ranking.sim import SIM, SIMConfig
+from lumrec.modules.layers.token_encoder import TokenEncoder
 import lumrec.modules.warm_start as warm_start_mod
 from lumrec.modules.warm_start import (
     WarmStartConfig,

@@ -15,7 +15,7 @@ Normaliser = float | Literal["length"]
 
 
 class RelativeBias(Protocol):
-    """What attention needs of a relative bias (``lumrec.modules.relative_bias.RelativeAttentionBias``).
+    """What attention needs of a relative bias (``lumrec.modules.layers.relative_bias.RelativeAttentionBias``).
 
     Called on padded blocks `positions, timestamps, query_timestamps [N, L]` it returns
     `[N, heads or 1, L, L]`; the fast path splits that call into pair indices, which depend

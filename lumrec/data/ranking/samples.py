@@ -270,7 +270,7 @@ class RankingSampleBatch:
     """B samples as tensors; histories oldest first, at most `max_history` events each.
 
     Field names `sparse_features`, `labels`, `dense_features`, `lum_features` match
-    `lumrec.modules.ranking.RankingBatch`, so a batch can be handed to a `RankingTrain` as it is.
+    `lumrec.modules.ranking.base.RankingBatch`, so a batch can be handed to a `RankingTrain` as it is.
     """
 
     sample_index: torch.Tensor  # int64 [B] row in the RankingSamples

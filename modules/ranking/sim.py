@@ -8,7 +8,7 @@
 Hard search is a mask over the jagged history computed with prefix sums (no Python loop, no
 padding); ``hard_search_mask`` is the whole of it and is tested against a per-sequence reference.
 
-Registered as ranking backbone ``sim`` (``lumrec.modules.ranking_registry``) with ``SIMOptions``.
+Registered as ranking backbone ``sim`` (``lumrec.modules.ranking.registry``) with ``SIMOptions``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch import nn
 from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.modules.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, context_arch, keep_most_recent
+from lumrec.modules.ranking.din import BehaviourModelConfig, SequenceArch, TargetAttentionArch, compact, context_arch, keep_most_recent
 from lumrec.modules.ops import offsets_to_ids
-from lumrec.modules.ranking import Dense, LogitArch, RankerParts, RankingTrain, dense_part, select_keys
-from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
-from lumrec.modules.ranking_registry import register_ranker
+from lumrec.modules.ranking.base import Dense, LogitArch, RankerParts, RankingTrain, dense_part, select_keys
+from lumrec.modules.ranking.base import TableConfig  # noqa: F401  (the docstring example uses it)
+from lumrec.modules.ranking.registry import register_ranker
 
 __all__ = ["SIMOptions", "SIMConfig", "SIM", "SIMTrain", "build_sim", "hard_search_mask"]
 

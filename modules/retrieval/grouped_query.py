@@ -44,7 +44,7 @@ from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import CONDITION, CONSTANT_CONDITION_KEY, ITEM, condition_key
 from lumrec.knowledge.conditions import Condition, ConditionLike, parse_conditions
 from lumrec.modules.ops import lengths_to_offsets, ranges_to_indices
-from lumrec.modules.lum import LUM
+from lumrec.modules.retrieval.lum import LUM
 
 __all__ = [
     "CONSTANT_FEATURE",
@@ -339,8 +339,8 @@ class GroupedQuery(nn.Module):
 
     Example::
 
-        >>> from lumrec.modules.lum import LUMConfig
-        >>> from lumrec.modules.token_encoder import FeatureTableConfig, ItemFeatureLookup, TokenEncoderConfig
+        >>> from lumrec.modules.retrieval.lum import LUMConfig
+        >>> from lumrec.modules.layers.token_encoder import FeatureTableConfig, ItemFeatureLookup, TokenEncoderConfig
         >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
         >>> _ = torch.manual_seed(0)
         >>> enc = TokenEncoderConfig([FeatureTableConfig("t_scenario", 3, 4, ["cond_scenario"]),

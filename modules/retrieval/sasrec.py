@@ -35,7 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import ITEM
 from lumrec.modules.ops import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
-from lumrec.modules.sequence_model import SequentialRecommender
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
 __all__ = [
     "ItemInputArch",

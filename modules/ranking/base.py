@@ -15,7 +15,7 @@ Arches (imitating torchrec's DLRM): ``PooledSparseArch`` (EmbeddingBagCollection
 dims]), ``LogitArch`` (MLP -> one logit), ``dense_part`` (width-checked dense / LUM input). A
 ``RankingTrain`` wrapper owns the BCE-with-logits loss so the model stays usable for inference.
 
-Every backbone registers itself by name (``lumrec.modules.ranking_registry``; this file: ``mlp``,
+Every backbone registers itself by name (``lumrec.modules.ranking.registry``; this file: ``mlp``,
 ``din.py``: ``din``, ``sim.py``: ``sim``, ``hstu_ranking.py``: ``hstu``) and is built from
 ``RankerParts``, the tables and sizes the ranking job derives from the data set. A backbone that
 reads times (HSTU's time bias) gets them in the KJT under two extra keys (``with_timestamps``).
@@ -34,8 +34,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from lumrec.modules.ranking_registry import NoOptions, register_ranker
-from lumrec.modules.token_encoder import FeatureTableConfig
+from lumrec.modules.ranking.registry import NoOptions, register_ranker
+from lumrec.modules.layers.token_encoder import FeatureTableConfig
 
 __all__ = [
     "HIST_TS_KEY",
@@ -135,7 +135,7 @@ class ItemFeature:
 
 @dataclass
 class RankerParts:
-    """What every ranking backbone is built from (``lumrec.modules.ranking_registry``): tables sized from the data set.
+    """What every ranking backbone is built from (``lumrec.modules.ranking.registry``): tables sized from the data set.
 
     `context_tables` are pooled per sample (user_id, scenario, ...; mean-pooled item list keys);
     `item_features` are the candidate's ids, item_id first, each with the behaviour key that

@@ -2,14 +2,14 @@
 
 A backbone registers a builder ``builder(parts, options) -> nn.Module``:
 
-- `parts` (``lumrec.modules.ranking.RankerParts``): what the ranking job derives from the data
+- `parts` (``lumrec.modules.ranking.base.RankerParts``): what the ranking job derives from the data
   set for every backbone: tables sized from the manifest vocabularies, the candidate and
   behaviour keys, the dense and LUM widths, the shared sizes of ``RankModelConfig``;
 - `options`: an instance of the backbone's own options dataclass, read from
   ``sizes.backbones.<name>`` of a rank config (unknown keys are errors naming them).
 
 The model maps ``(sparse_features: KJT, dense_features, lum_features)`` to logits [B], like every
-ranking model (``lumrec.modules.ranking``), and reports the width of its MLP input as
+ranking model (``lumrec.modules.ranking.base``), and reports the width of its MLP input as
 ``in_features`` (results.json's ``input_width``). Its embedding tables are torchrec
 ``EmbeddingBagCollection`` / ``EmbeddingCollection`` s, so the job gives them the row-wise optimizer
 and, on N ranks, shards the pooled ones. ``lumrec rank CONFIG model=<name>`` then trains it: the
@@ -19,7 +19,7 @@ the decorator), so nothing else is edited.
 Example (what a file ``modules/wide_mlp.py`` would hold)::
 
     >>> from dataclasses import dataclass
-    >>> from lumrec.modules.ranking import EmbeddingMLP, EmbeddingMLPConfig
+    >>> from lumrec.modules.ranking.base import EmbeddingMLP, EmbeddingMLPConfig
     >>> @dataclass
     ... class WideOptions:
     ...     width: int = 8
@@ -47,7 +47,7 @@ from lumrec.modules.registry_discovery import import_registering_modules
 if TYPE_CHECKING:
     from torch import nn
 
-    from lumrec.modules.ranking import RankerParts
+    from lumrec.modules.ranking.base import RankerParts
 
 __all__ = [
     "NoOptions",
@@ -76,7 +76,7 @@ class RankerSpec:
     builder: RankerBuilder
     options: type = NoOptions
     # The model reads the sample's and the behaviours' unix times from the KJT
-    # (keys sample_ts / hist_ts, added by lumrec.modules.ranking.with_timestamps).
+    # (keys sample_ts / hist_ts, added by lumrec.modules.ranking.base.with_timestamps).
     timestamps: bool = False
 
 

@@ -1,6 +1,6 @@
 """The built-in pre-training models' builders: SASRec, HSTU and HSTU-large (presets), LUM.
 
-Each is registered by name in ``retrieval_registry``; tables are sized from the dataset manifest.
+Each is registered by name in ``retrieval.registry``; tables are sized from the dataset manifest.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any, Mapping
 from lumrec.config import from_dict
 from lumrec.data.dataset import DatasetMeta
 from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
-from lumrec.modules.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
-from lumrec.modules.lum import LUM, LUMConfig
-from lumrec.modules.retrieval_registry import ModelBuilder, register_model
-from lumrec.modules.sasrec import SASRec, SASRecConfig
-from lumrec.modules.sequence_model import SequentialRecommender
-from lumrec.modules.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
+from lumrec.modules.retrieval.hstu_retrieval import HSTURetrieval, HSTURetrievalConfig, hstu_preset
+from lumrec.modules.retrieval.lum import LUM, LUMConfig
+from lumrec.modules.retrieval.registry import ModelBuilder, register_model
+from lumrec.modules.retrieval.sasrec import SASRec, SASRecConfig
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
+from lumrec.modules.layers.token_encoder import ItemFeatureLookup, token_encoder_config_from_dataset
 
 
 def _num_items(meta: DatasetMeta) -> int:

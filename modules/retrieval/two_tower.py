@@ -22,8 +22,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.modules.losses import InfoNCEConfig, InfoNCELoss
-from lumrec.modules.ranking import Dense, PooledSparseArch, TableConfig, check_sizes, dense_part, tables_from
+from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.modules.ranking.base import Dense, PooledSparseArch, TableConfig, check_sizes, dense_part, tables_from
 
 __all__ = ["TwoTowerConfig", "TowerArch", "TwoTower", "TwoTowerBatch", "TwoTowerTrain", "recall_at_k"]
 

@@ -7,7 +7,7 @@
 The output at a condition token predicts the item token that follows it (next-condition-item);
 the target vectors are the TokenEncoder's own item-token embeddings (``item_embeddings``), so
 in-sequence items and retrieval candidates live in one space. Train with
-``RetrievalTrain(LUM(...), InfoNCELoss(...))`` from ``lumrec.modules.sequence_model``.
+``RetrievalTrain(LUM(...), InfoNCELoss(...))`` from ``lumrec.modules.retrieval.sequence_model``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from torch.profiler import record_function
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import CONDITION
-from lumrec.modules.hstu import HSTUAttentionConfig, HSTUConfig, HSTUStack
-from lumrec.modules.sequence_model import SequentialRecommender
-from lumrec.modules.token_encoder import ItemFeatureLookup, TokenEncoder, TokenEncoderConfig
-from lumrec.modules.transformer import TransformerConfig, TransformerStack
+from lumrec.modules.layers.hstu import HSTUAttentionConfig, HSTUConfig, HSTUStack
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
+from lumrec.modules.layers.token_encoder import ItemFeatureLookup, TokenEncoder, TokenEncoderConfig
+from lumrec.modules.layers.transformer import TransformerConfig, TransformerStack
 
 __all__ = ["LUMConfig", "LUM"]
 
@@ -74,7 +74,7 @@ class LUM(SequentialRecommender):
 
     Example (a packed batch from ``lumrec.data`` works the same way)::
 
-        >>> from lumrec.modules.token_encoder import FeatureTableConfig
+        >>> from lumrec.modules.layers.token_encoder import FeatureTableConfig
         >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
         >>> _ = torch.manual_seed(0)
         >>> enc = TokenEncoderConfig([FeatureTableConfig("t_scenario", 3, 4, ["cond_scenario"]),

@@ -15,7 +15,7 @@ from torch import nn
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import CONDITION, ITEM
-from lumrec.modules.losses import InfoNCELoss
+from lumrec.modules.layers.losses import InfoNCELoss
 
 __all__ = ["CONDITION", "ITEM", "SequentialRecommender", "next_item_queries", "seen_item_pairs", "last_token_index", "RetrievalTrain"]
 

@@ -12,11 +12,11 @@ The batch stays jagged (T + B tokens): the HSTU layers cut it into length bucket
 Causality makes the candidate the only token that sees the candidate; a history token sees only
 earlier history. LUM / dense columns come last in the MLP input, so ``warm_start`` can widen it.
 
-Timestamps travel in the sparse KJT under two extra keys (``lumrec.modules.ranking.with_timestamps``):
+Timestamps travel in the sparse KJT under two extra keys (``lumrec.modules.ranking.base.with_timestamps``):
 `sample_ts` (one per sample, the candidate's time) and `hist_ts` (aligned with the history keys). No
 embedding table looks them up; they are only read when the layers' `use_time_bias` is on.
 
-Registered as ranking backbone ``hstu`` (``lumrec.modules.ranking_registry``) with
+Registered as ranking backbone ``hstu`` (``lumrec.modules.ranking.registry``) with
 ``HSTURankerOptions``: `sizes.backbones.hstu: {num_layers: 2, hstu: {num_heads: 2, max_len: 256}}`.
 """
 
@@ -30,10 +30,10 @@ from torch import nn
 from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lumrec.modules.din import BehaviourModelConfig, SequenceArch, compact, context_arch, keep_most_recent
-from lumrec.modules.hstu import HSTUConfig, HSTUStack
+from lumrec.modules.ranking.din import BehaviourModelConfig, SequenceArch, compact, context_arch, keep_most_recent
+from lumrec.modules.layers.hstu import HSTUConfig, HSTUStack
 from lumrec.modules.ops import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
-from lumrec.modules.ranking import (
+from lumrec.modules.ranking.base import (
     HIST_TS_KEY,
     SAMPLE_TS_KEY,
     Dense,
@@ -44,8 +44,8 @@ from lumrec.modules.ranking import (
     select_keys,
     with_timestamps,
 )
-from lumrec.modules.ranking import TableConfig  # noqa: F401  (the docstring example uses it)
-from lumrec.modules.ranking_registry import register_ranker
+from lumrec.modules.ranking.base import TableConfig  # noqa: F401  (the docstring example uses it)
+from lumrec.modules.ranking.registry import register_ranker
 
 __all__ = [
     "HSTURankerOptions",
@@ -200,7 +200,7 @@ class HSTURanker(nn.Module):
         if SAMPLE_TS_KEY not in sparse_features.keys() or HIST_TS_KEY not in sparse_features.keys():
             raise ValueError(
                 f"HSTURanker: use_time_bias needs KJT keys {SAMPLE_TS_KEY!r} and {HIST_TS_KEY!r} "
-                f"(add them with lumrec.modules.hstu_ranking.with_timestamps); keys: {sparse_features.keys()}"
+                f"(add them with lumrec.modules.ranking.hstu_ranking.with_timestamps); keys: {sparse_features.keys()}"
             )
         kjt = select_keys(sparse_features, [SAMPLE_TS_KEY, HIST_TS_KEY], "HSTURanker")
         sample, hist = kjt[SAMPLE_TS_KEY], kjt[HIST_TS_KEY]

@@ -2,7 +2,7 @@
 
 `build_ranker` sizes every table from the dataset manifest's vocabularies, gathers what all
 backbones share into ``RankerParts`` and hands it, with the backbone's own options, to the builder
-registered under the model's name (``lumrec.modules.ranking_registry``).
+registered under the model's name (``lumrec.modules.ranking.registry``).
 
 Example::
 
@@ -26,8 +26,8 @@ from torch import nn
 from lumrec.config import ConfigError
 from lumrec.data.ranking.features import context_keys, list_columns, vocab_size
 from lumrec.data.ranking.samples import HISTORY_BAG_PREFIX
-from lumrec.modules.ranking import ItemFeature, RankerParts, RankingTrain, TableConfig
-from lumrec.modules.ranking_registry import ranker_names, ranker_options, ranker_spec
+from lumrec.modules.ranking.base import ItemFeature, RankerParts, RankingTrain, TableConfig
+from lumrec.modules.ranking.registry import ranker_names, ranker_options, ranker_spec
 
 __all__ = ["HISTORY_CHOICES", "RankModelConfig", "build_ranker", "list_tables", "ranker_parts"]
 

@@ -48,11 +48,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import ITEM
-from lumrec.modules.hstu import HSTUConfig, HSTUStack, stochastic_length_subsample
+from lumrec.modules.layers.hstu import HSTUConfig, HSTUStack, stochastic_length_subsample
 from lumrec.modules.ops import offsets_to_lengths, ranges_to_indices
-from lumrec.modules.losses import InfoNCEConfig
-from lumrec.modules.sasrec import ItemInputArch, OutputNorm, check_dropout, apply_output_norm
-from lumrec.modules.sequence_model import SequentialRecommender
+from lumrec.modules.layers.losses import InfoNCEConfig
+from lumrec.modules.retrieval.sasrec import ItemInputArch, OutputNorm, check_dropout, apply_output_norm
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
 __all__ = [
     "HSTU_PRESETS",

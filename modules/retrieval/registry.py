@@ -3,7 +3,7 @@
 A builder gets ``(model_config dict, dataset manifest, dataset, token config, max_len)`` and
 returns a ``SequentialRecommender``; ``model: <name>`` in a pretrain config picks it. The registry
 imports the files that register a model itself (``registry_discovery``), so nothing else is edited.
-The built-in models (SASRec, HSTU, HSTU-large, LUM) register in ``retrieval_models``.
+The built-in models (SASRec, HSTU, HSTU-large, LUM) register in ``retrieval.builders``.
 
     >>> "lum" in model_names() and "sasrec" in model_names()
     True
@@ -16,7 +16,7 @@ from typing import Any, Callable
 from lumrec.data.dataset import Dataset, DatasetMeta
 from lumrec.data.tokens import TokenConfig
 from lumrec.modules.registry_discovery import import_registering_modules
-from lumrec.modules.sequence_model import SequentialRecommender
+from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
 __all__ = ["MODEL_BUILDERS", "ModelBuilder", "build_model", "model_names", "register_model"]
 

@@ -11,7 +11,7 @@ T real behaviours with segment ops, no padding. ``target_attention_padded_refere
 computation on a padded batch, for tests. Candidate and behaviour keys share tables
 (``EmbeddingCollection``, one vector per id), so `h_j - e_t` compares like with like.
 
-Registered as ranking backbone ``din`` (``lumrec.modules.ranking_registry``; no options of its own).
+Registered as ranking backbone ``din`` (``lumrec.modules.ranking.registry``; no options of its own).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.modules.ops import jagged_positions, jagged_to_padded_dense, lengths_to_offsets, offsets_to_ids, offsets_to_lengths
-from lumrec.modules.ranking import (
+from lumrec.modules.ranking.base import (
     Dense,
     LogitArch,
     PooledSparseArch,
@@ -38,7 +38,7 @@ from lumrec.modules.ranking import (
     select_keys,
     tables_from,
 )
-from lumrec.modules.ranking_registry import NoOptions, register_ranker
+from lumrec.modules.ranking.registry import NoOptions, register_ranker
 
 __all__ = [
     "BehaviourModelConfig",

@@ -24,7 +24,7 @@ from lumrec.modules.ops import (
     offsets_to_ids,
     offsets_to_lengths,
 )
-from lumrec.modules.relative_bias import RelativeAttentionBias
+from lumrec.modules.layers.relative_bias import RelativeAttentionBias
 
 __all__ = ["HSTUAttentionConfig", "HSTUConfig", "HSTULayer", "HSTUStack", "stochastic_length_subsample"]
 

@@ -1,0 +1,1 @@
+"""Building blocks of the sequence models: token encoder, relative attention bias, HSTU layer, transformer, losses."""
