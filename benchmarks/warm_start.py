@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lum_tables import SourceSpec, ensure_dataset  # noqa: E402  (sibling script modules)
 from results_file import merge_row  # noqa: E402
 
+from lumrec.library_noise import silence_known_library_noise  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "warm_start.json"
 ROWS = {
@@ -272,6 +274,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny synthetic logs: a smoke run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    silence_known_library_noise()
     log.setLevel(logging.INFO)
 
     if args.tiny and args.dataset != "synthetic":

@@ -62,6 +62,13 @@ KNOWN_LIBRARY_WARNINGS: tuple[KnownWarning, ...] = (
     ),
     KnownWarning(
         "torch",
+        r"is_fx_tracing will return true for both fx.symbolic_trace and torch.export",
+        "torchrec's KeyedJaggedTensor asks torch.fx whether it is being traced; the notice is about "
+        "torch.export, which no lumrec job runs.",
+        logger="torch.fx._symbolic_trace",
+    ),
+    KnownWarning(
+        "torch",
         r"torch.distributed is disabled, unavailable or uninitialized",
         "DCP assumes one process when no process group exists: that is the intent of a one-process run.",
         category=UserWarning,

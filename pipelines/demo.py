@@ -99,20 +99,6 @@ def describe_batch(batch, dense_names: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_pretraining() -> Iterator[None]:
-    """Step 1 prints one line, not a progress bar per (short) epoch; checkpoint logs are quiet while it runs."""
-    had = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
-    try:
-        yield
-    finally:
-        if had is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = had
-
-
-@contextlib.contextmanager
 def _quiet_loggers(*names: str) -> Iterator[None]:
     """Only warnings from these loggers while the block runs (the demo prints its own summary lines)."""
     loggers = [logging.getLogger(n) for n in names]
@@ -174,8 +160,7 @@ def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
 
     pcfg = lum_pretrain_config(cfg, data, run, end)
     t0 = time.perf_counter()
-    with _quiet_pretraining():
-        result = Pretrainer(pcfg).run(max_steps=cfg.pretrain_steps)
+    result = Pretrainer(pcfg).run(max_steps=cfg.pretrain_steps)
     seconds = time.perf_counter() - t0
     steps = result.get("steps", result.get("step"))
     hr = result.get("test", {}).get("hr@10")
@@ -192,7 +177,7 @@ def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dic
     t0 = time.perf_counter()
     results = []
     for day in days:
-        q = QueryConfig(checkpoint=str(run), as_of_ds=day, users="all", store=str(store), progress=False, threads=cfg.step_threads,
+        q = QueryConfig(checkpoint=str(run), as_of_ds=day, users="all", store=str(store), threads=cfg.step_threads,
                         conditions=[ConditionSpec(f, "all") for f in cfg.condition_features])
         results.append(run_query(q))
     seconds = time.perf_counter() - t0
@@ -211,7 +196,7 @@ def ranker_parts(cfg: DemoConfig, store: Path):
     sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],
                             item_stats=ITEM_STATS)
     train = RankTrainConfig(seed=cfg.seed, epochs=cfg.rank_epochs, batch_size=cfg.rank_batch_size, lr=2e-3, max_history=50,
-                            threads=cfg.step_threads, progress=False)
+                            threads=cfg.step_threads)
     lum = RankLUMConfig(store=str(store), conditions=["scenario=1", "scenario=2"], candidate_condition_feature="query_id",
                         features=list(cfg.lum_features))
     return sizes, train, lum
@@ -259,6 +244,7 @@ def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> d
     pretrain = lum_pretrain_config(cfg, data, daily_out, days[0])
     pretrain.train.epochs, pretrain.train.max_minutes = cfg.daily_epochs, 0.0
     sizes, train, lum = ranker_parts(cfg, daily_out / "knowledge")
+    train = dataclasses.replace(train, progress=False)  # the daily job's own bar counts the stages
     dcfg = DailyConfig(
         data=str(data.root), out=str(daily_out), start=days[0], end=days[-1], epochs_per_day=cfg.daily_epochs,
         lum_init=str(out / "lum" / "checkpoints"), pretrain=pretrain,
@@ -269,7 +255,7 @@ def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> d
         rank_warm_start=WarmStartConfig(source=str(out / "rank" / "base" / "checkpoints")),
     )
     t0 = time.perf_counter()
-    with _quiet_pretraining(), _quiet_loggers("lumrec.rank", "lumrec.query", "lumrec.pretrain", "lumrec.modules.warm_start"), \
+    with _quiet_loggers("lumrec.rank", "lumrec.query", "lumrec.pretrain", "lumrec.modules.warm_start"), \
             warnings.catch_warnings():
         # DCP says "assuming the intent is to save in a single process" at every checkpoint: it is.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")

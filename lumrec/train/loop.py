@@ -155,7 +155,8 @@ class TrainLoop:
             if loader.batch == 0:
                 state.loss_sum, state.loss_count = 0.0, 0
             bar = progress_bar(total=len(loader), desc=f"{self.name} epoch {epoch}", main_process=self.is_main and self.progress,
-                               initial=loader.batch, unit="batch", mininterval=2.0)
+                               initial=loader.batch, unit="batch", mininterval=2.0,
+                               leave=False)  # the epoch's log line is the record; the bar only shows it moving
             self._t0, tokens0 = time.perf_counter(), state.tokens
             for batch in loader:
                 logs = b.log_every_steps > 0 and (state.step + 1) % b.log_every_steps == 0
