@@ -125,7 +125,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from lumrec.plots import plot_paths
 
-    for path in plot_paths([Path(p) for p in args.inputs], Path(args.out)):
+    datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
+    for path in plot_paths([Path(p) for p in args.inputs], Path(args.out), datasets):
         print(path)
     return 0
 
@@ -162,6 +163,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="run folders (results.json / tb/), daily folders (report.tsv), "
                    "demo folders, or a lum_tables results JSON")
     p.add_argument("--out", default="plots", help="folder the PNGs are written to (default plots/)")
+    p.add_argument("--datasets", help="comma-separated data sets (and their order) of a lum_tables results file's bars")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("validate", help="read every table of a dataset and check it against the schemas")

@@ -9,6 +9,8 @@ Each input is recognised by what it holds:
   where they exist, else per epoch from the history, beside the validation metric per evaluation;
 - a daily run folder (``report.tsv``), drawn with every other daily folder given as one line per
   folder in ``daily_auc.png`` (next-day AUC per day);
+- a ``warm_start`` results file, drawn as ``warm_start_<data set>.png``: next-day AUC per day, one
+  line per row (DLRM from scratch, warm-started, with LUM ...), mean over seeds;
 - a Base vs Base+LUM summary: a ``lum_tables`` results file (one group of bars per data set) or a
   demo folder (``rank/summary.json``), drawn as ``base_vs_lum.png`` (mean AUC, one bar per row,
   error bars = std over seeds).
@@ -150,29 +152,44 @@ def daily_auc(folders: Sequence[Path]) -> list[Curve]:
     return curves
 
 
+def warm_start_lines(path: Path, datasets: Sequence[str] | None = None) -> dict[str, list[Curve]]:
+    """Per data set of a warm_start results file: one next-day AUC curve per row (mean over its seeds)."""
+    data = json.loads(path.read_text())
+    names = list(datasets) if datasets is not None else sorted(data)
+    unknown = [n for n in names if n not in data]
+    if unknown:
+        raise ValueError(f"{path}: no data set {unknown} (has {sorted(data)})")
+    out = {}
+    for name in names:
+        rows = data[name].get("rows", {})
+        out[name] = [Curve(row.get("label", key), list(row["eval_days"]), [float(v) for v in row["next_day_auc"]])
+                     for key, row in rows.items() if "next_day_auc" in row]
+    return out
+
+
 def draw_daily(folders: Sequence[Path], out: Path) -> Path:
     """`daily_auc.png`: next-day AUC per day, one line per daily run."""
+    return draw_day_lines(daily_auc(folders), "daily pipeline: next-day AUC", out / "daily_auc.png")
+
+
+def draw_day_lines(curves: Sequence[Curve], title: str, path: Path) -> Path:
+    """Next-day AUC per day, one line per curve (days are labels, placed by position)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    curves = daily_auc(folders)
-    # Days are labels, placed by position: runs over different days share one axis.
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     days = sorted({day for curve in curves for day in curve.x})
+    few = len(curves) <= 2  # values are written on the points only where they stay readable
     for curve in curves:
         xs = [days.index(day) for day in curve.x]
         ax.plot(xs, curve.y, "o-", label=curve.label)
-        for x, y in zip(xs, curve.y):
+        for x, y in zip(xs, curve.y) if few else ():
             ax.annotate(f"{y:.4f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_xticks(range(len(days)), days)
-    ax.set_xlabel("training day (AUC measured on the next day)")
+    ax.set_xticks(range(len(days)), days, rotation=20 if len(days) > 4 else 0)
+    ax.set_xlabel("day the AUC is measured on (the model trained on the day before)")
     ax.set_ylabel("next-day AUC")
-    ax.set_title("daily pipeline: next-day AUC")
-    ax.legend()
-    path = out / "daily_auc.png"
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     _save(fig, path)
     return path
-
-
-_ROW_LABELS = {"base": "Base", "lum": "Base+LUM"}
 
 
 @dataclass
@@ -183,22 +200,36 @@ class BarGroup:
     bars: dict[str, tuple[float, float]]
 
 
-def bars_from_lum_tables(path: Path, rows: Sequence[str] = ("base", "lum")) -> list[BarGroup]:
-    """Base vs Base+LUM AUC per data set of a lum_tables results file (tiny smoke rows are left out)."""
+def bars_from_lum_tables(path: Path, datasets: Sequence[str] | None = None) -> list[BarGroup]:
+    """Base vs Base+LUM test AUC per data set of a lum_tables results file.
+
+    Base+LUM is the LUM row validation AUC selected where several LUM rows were run
+    (`selected_on_validation`), else the `lum` row. `datasets` picks and orders data sets by
+    name; by default every one except the tiny smoke rows.
+    """
     data = json.loads(path.read_text())
+    entries = {key.split("/")[0]: entry for key, entry in sorted(data.items())
+               if isinstance(entry, dict) and "base" in entry.get("rows", {})}
+    if datasets is None:
+        names = [name for name in entries if not name.endswith("-tiny")]
+    else:
+        names = list(datasets)
+        unknown = [n for n in names if n not in entries]
+        if unknown:
+            raise ValueError(f"{path}: no data set {unknown} (has {sorted(entries)})")
     groups = []
-    for key, entry in sorted(data.items()):
-        if "-tiny" in key or not isinstance(entry, dict) or "rows" not in entry:
+    for name in names:
+        entry = entries[name]
+        rows = entry["rows"]
+        chosen = entry.get("selected_on_validation") or rows.get("lum")
+        if chosen is None:
             continue
-        bars = {}
-        for row in rows:
-            if row in entry["rows"]:
-                label = _ROW_LABELS.get(row) or entry.get("labels", {}).get(row, row)
-                bars[label] = (float(entry["rows"][row]["auc_mean"]), float(entry["rows"][row].get("auc_std", 0.0)))
-        if len(bars) == len(rows):
-            groups.append(BarGroup(key.split("/")[0], bars))
+        groups.append(BarGroup(name, {
+            "Base": (float(rows["base"]["auc_mean"]), float(rows["base"].get("auc_std", 0.0))),
+            "Base+LUM": (float(chosen["auc_mean"]), float(chosen.get("auc_std", 0.0))),
+        }))
     if not groups:
-        raise ValueError(f"{path}: no data set with rows {list(rows)} (a lum_tables results file has 'rows' per data set)")
+        raise ValueError(f"{path}: no data set with a base and a LUM row (a lum_tables results file has 'rows' per data set)")
     return groups
 
 
@@ -251,15 +282,28 @@ def _save(fig: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_paths(inputs: Sequence[Path], out: Path) -> list[Path]:
-    """Draw what each input holds (module docstring) into `out`; returns the PNGs written."""
+def _is_warm_start_file(path: Path) -> bool:
+    """Whether a results file holds daily AUC rows (benchmarks/warm_start.py) rather than Base vs Base+LUM rows."""
+    data = json.loads(path.read_text())
+    return any(isinstance(e, dict) and any("next_day_auc" in r for r in e.get("rows", {}).values()) for e in data.values())
+
+
+def plot_paths(inputs: Sequence[Path], out: Path, datasets: Sequence[str] | None = None) -> list[Path]:
+    """Draw what each input holds (module docstring) into `out`; returns the PNGs written.
+
+    `datasets`: the data sets (and their order) of a lum_tables results file's bars.
+    """
     written: list[Path] = []
     daily: list[Path] = []
     for path in map(Path, inputs):
         if not path.exists():
             raise FileNotFoundError(f"lumrec plot: {path} does not exist")
-        if path.is_file():
-            written.append(draw_bars(bars_from_lum_tables(path), out))
+        if path.is_file() and _is_warm_start_file(path):
+            for name, curves in warm_start_lines(path, datasets).items():
+                written.append(draw_day_lines(curves, f"warm start, {name}: next-day AUC (mean over seeds)",
+                                              out / f"warm_start_{name}.png"))
+        elif path.is_file():
+            written.append(draw_bars(bars_from_lum_tables(path, datasets), out))
         elif (path / "report.tsv").exists():
             daily.append(path)
         elif (path / "rank" / "summary.json").exists():  # a demo folder: its Base vs Base+LUM and its daily run

@@ -103,3 +103,33 @@ def test_plot_errors_name_the_input(tmp_path, capsys):
     (bad / "report.tsv").write_text("ds\tauc\n2026-01-08\t0.7\n")
     with pytest.raises(ValueError, match="report.tsv: no next_day_auc column"):
         plot_paths([bad], tmp_path / "png")
+
+
+def test_bars_pick_data_sets_in_order_and_the_lum_row_chosen_on_validation(tmp_path):
+    tables = _lum_tables(tmp_path)
+    data = json.loads(tables.read_text())
+    data["beauty/sim"] = {"rows": {"base": {"auc_mean": 0.757, "auc_std": 0.001}, "lum": {"auc_mean": 0.751, "auc_std": 0.002},
+                                   "no-condition": {"auc_mean": 0.769, "auc_std": 0.003}},
+                          "selected_on_validation": {"row": "no-condition", "auc_mean": 0.769, "auc_std": 0.003}}
+    tables.write_text(json.dumps(data))
+    groups = bars_from_lum_tables(tables, ["synthetic", "beauty"])
+    assert [g.name for g in groups] == ["synthetic", "beauty"]
+    assert groups[1].bars["Base+LUM"] == (0.769, 0.003)  # validation picked the LUM row, not the test set
+    with pytest.raises(ValueError, match=r"no data set \['amazon'\]"):
+        bars_from_lum_tables(tables, ["amazon"])
+    assert cli_main(["plot", str(tables), "--datasets", "beauty,synthetic", "--out", str(tmp_path / "png")]) == 0
+    _open_png(tmp_path / "png" / "base_vs_lum.png")
+
+
+def test_warm_start_results_draw_one_line_per_row(tmp_path):
+    path = tmp_path / "warm_start.json"
+    days = ["2026-01-05", "2026-01-06", "2026-01-07"]
+    path.write_text(json.dumps({"synthetic": {"rows": {
+        "dlrm-scratch": {"label": "DLRM(scratch)", "eval_days": days, "next_day_auc": [0.70, 0.71, 0.72]},
+        "lum-param": {"label": "LUM(param)", "eval_days": days, "next_day_auc": [0.73, 0.74, 0.745]},
+    }}}))
+    (png,) = plot_paths([path], tmp_path / "png")
+    assert png.name == "warm_start_synthetic.png"
+    _open_png(png)
+    with pytest.raises(ValueError, match=r"no data set \['ml1m'\]"):
+        plot_paths([path], tmp_path / "png", datasets=["ml1m"])
