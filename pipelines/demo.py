@@ -63,6 +63,7 @@ class DemoConfig:
     pretrain_epochs: int = 15  # 330 steps: the budget is in epochs, so every machine prints the same numbers
     pretrain_minutes: float = 0.0  # optional wall-clock cap (0 = none); with a cap the numbers depend on the machine
     pretrain_steps: int | None = None  # a step budget instead (tests)
+    pretrain_log_every_steps: int = 10  # the loss curve in lum/tb (`lumrec plot out/demo/lum`)
     lum_max_len: int = 64  # tokens per LUM sequence (32 most recent events)
     lum_d_model: int = 32
     lum_rows_per_batch: int = 32
@@ -149,7 +150,7 @@ def lum_pretrain_config(cfg: DemoConfig, data: Dataset, run: Path, end: str):
                         item_features=["item_id"], train_excludes_last=1),
         train=TrainConfig(seed=cfg.seed, epochs=cfg.pretrain_epochs, rows_per_batch=cfg.lum_rows_per_batch, lr=2e-3, num_negatives=-1,
                           max_minutes=cfg.pretrain_minutes, threads=cfg.threads, eval_every_epochs=10_000,
-                          checkpoint_every_steps=10**9, log_every_steps=10**9),
+                          checkpoint_every_steps=10**9, log_every_steps=cfg.pretrain_log_every_steps),
         model_config={"d_model": cfg.lum_d_model, "num_layers": 2, "num_heads": 2, "ffn_dim": 2 * cfg.lum_d_model},
     )
 

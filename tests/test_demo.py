@@ -16,7 +16,8 @@ TINY_SYNTH = SynthConfig(seed=0, num_users=80, num_items=50, num_categories=4, n
 
 def tiny_demo(out) -> DemoConfig:
     return DemoConfig(out=str(out), max_len=64, pretrain_days=2, pretrain_steps=4, lum_max_len=32, lum_d_model=8,
-                      lum_rows_per_batch=8, rank_epochs=1, rank_batch_size=128, threads=1)
+                      lum_rows_per_batch=8, rank_epochs=1, rank_batch_size=128, threads=1,
+                      pretrain_log_every_steps=2)
 
 
 def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
@@ -51,6 +52,9 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
     # LUM features widen the ranker's input: 3 similarities + 4 missing flags (3 conditions, the item).
     assert figures["rank_input_width"]["lum"] - figures["rank_input_width"]["base"] == 7
     assert 0.0 < figures["base_auc"] < 1.0 and 0.0 < figures["lum_auc"] < 1.0
+    # Every job of the demo leaves TensorBoard event files in its run folder.
+    for job in ("lum", "knowledge", "rank/base", "rank/lum", "daily"):
+        assert list((tmp_path / "demo" / job / "tb").glob("events.out.tfevents.*")), f"no TensorBoard events for {job}"
 
 
 def test_demo_rejects_too_few_days(tmp_path):
