@@ -1,5 +1,8 @@
 """The `lumrec` command: data subcommands here, job subcommands registered by lumrec.pipelines.
 
+Subcommands import their code when they run (imports inside the `_cmd_*` functions): `lumrec --help`
+and the data commands start in well under a second instead of loading torch and torchrec.
+
 Core never imports pipelines (DESIGN.md layering), so jobs plug in through the entry-point
 group ``lumrec.commands``: each entry is a function ``register(subparsers)`` that adds a
 subcommand whose parsed args carry ``func``.

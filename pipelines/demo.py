@@ -25,22 +25,31 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from lumrec.cli import dataclass_overrides
+from lumrec.comparison import comparison_table, summarize_seeds
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.dataset import Dataset, write_text_atomic
 from lumrec.data.packing import epoch_plan, padding_waste
+from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.data.ranking_samples import build_ranking_samples
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.stats import dataset_stats
 from lumrec.data.synthetic import SynthConfig, ensure_generated
 from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
+from lumrec.modules.lum_join import RankLUMConfig
+from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.pipelines.daily import DailyConfig, run_daily
+from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
+from lumrec.pipelines.query import ConditionSpec, QueryConfig, run_query
+from lumrec.pipelines.rank import RankConfig, run_rank
+from lumrec.pipelines.rank_config import RankModelConfig, RankTrainConfig
 
 log = logging.getLogger("lumrec.demo")
 
@@ -142,7 +151,6 @@ def show_data(cfg: DemoConfig, data: Dataset) -> dict:
 
 def lum_pretrain_config(cfg: DemoConfig, data: Dataset, run: Path, end: str):
     """The demo LUM's PretrainConfig (step 1; the daily pipeline's template in step 4)."""
-    from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, TrainConfig
 
     return PretrainConfig(
         model="lum", out=str(run),
@@ -157,7 +165,6 @@ def lum_pretrain_config(cfg: DemoConfig, data: Dataset, run: Path, end: str):
 
 def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
     """Pre-train the LUM on days <= `end` for the time (or step) budget."""
-    from lumrec.pipelines.pretrain import Pretrainer
 
     pcfg = lum_pretrain_config(cfg, data, run, end)
     t0 = time.perf_counter()
@@ -173,7 +180,6 @@ def step1_pretrain(cfg: DemoConfig, data: Dataset, run: Path, end: str) -> dict:
 
 def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dict:
     """Grouped query of every scenario and query for every user, one knowledge partition per day."""
-    from lumrec.pipelines.query import ConditionSpec, QueryConfig, run_query
 
     t0 = time.perf_counter()
     results = []
@@ -190,8 +196,6 @@ def step2_query(cfg: DemoConfig, run: Path, store: Path, days: list[str]) -> dic
 
 def ranker_parts(cfg: DemoConfig, store: Path):
     """The demo ranker's sizes, training and LUM settings (step 3, and the daily DLRM of step 4)."""
-    from lumrec.modules.lum_join import RankLUMConfig
-    from lumrec.pipelines.rank_config import RankModelConfig, RankTrainConfig
 
     # No user_id table: with one day of training impressions per-user embeddings only overfit (measured).
     sizes = RankModelConfig(embedding_dim=16, mlp=[64, 32], attention_mlp=[32], context_keys=["scenario", "query_id"],
@@ -205,10 +209,6 @@ def ranker_parts(cfg: DemoConfig, store: Path):
 
 def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day: str, last_day: str) -> dict:
     """Rank Base vs Base+LUM on the same samples, features and budget; print the table and return the summary."""
-    from lumrec.data.ranking.config import RankingSampleConfig
-    from lumrec.data.ranking_samples import build_ranking_samples
-    from lumrec.comparison import comparison_table, summarize_seeds
-    from lumrec.pipelines.rank import RankConfig, run_rank
 
     sample_cfg = RankingSampleConfig(protocol="impressions", first_day=first_day, last_day=last_day, test_fraction=0.3,
                                      valid_fraction=0.3)
@@ -236,10 +236,6 @@ def step3_rank(cfg: DemoConfig, data: Dataset, store: Path, out: Path, first_day
 
 def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> dict:
     """Three simulated days of the daily pipeline, continuing step 1's LUM and warm-starting from step 3's Base DLRM."""
-    from lumrec.modules.warm_start_config import WarmStartConfig
-    from lumrec.pipelines.daily import DailyConfig, run_daily
-    from lumrec.pipelines.query import ConditionSpec, QueryConfig
-    from lumrec.pipelines.rank import RankConfig
 
     daily_out = out / "daily"
     pretrain = lum_pretrain_config(cfg, data, daily_out, days[0])
@@ -256,10 +252,7 @@ def step4_daily(cfg: DemoConfig, data: Dataset, out: Path, days: list[str]) -> d
         rank_warm_start=WarmStartConfig(source=str(out / "rank" / "base" / "checkpoints")),
     )
     t0 = time.perf_counter()
-    with _quiet_loggers("lumrec.rank", "lumrec.query", "lumrec.pretrain", "lumrec.modules.warm_start"), \
-            warnings.catch_warnings():
-        # DCP says "assuming the intent is to save in a single process" at every checkpoint: it is.
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+    with _quiet_loggers("lumrec.rank", "lumrec.query", "lumrec.pretrain", "lumrec.modules.warm_start"):
         statuses = run_daily(dcfg)
     seconds = time.perf_counter() - t0
     reports = [json.loads((daily_out / "days" / f"ds={d}" / "report.json").read_text()) for d in days]
@@ -337,7 +330,6 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     """`lumrec demo`: run the demo with command-line overrides of the synthetic config."""
-    from lumrec.cli import dataclass_overrides
 
     cfg = DemoConfig(out=args.out, max_len=args.max_len)
     for name in ("pretrain_minutes", "threads", "step_threads"):  # optional flags (not every registrar adds them)

@@ -323,6 +323,8 @@ def build_item_sequences(seqs: UserSequences, cfg: TokenConfig, item_lists: Mapp
 
 def kjt_at(tokens: TokenSequences, token_index: np.ndarray | None = None):
     """A KeyedJaggedTensor over the tokens `token_index` (all when None), stride = number of those tokens."""
+    # torch and torchrec load here only: importing, validating and describing data (`lumrec import`,
+    # `stats`, `validate`) never builds a tensor and starts without them.
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
