@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from lumrec.knowledge import knowledge_days
 from lumrec.data.synthetic import SynthConfig
-from lumrec.pipelines.demo import DemoConfig, main, run_demo
+from lumrec.pipelines.demo import DEMO_SYNTH, DemoConfig, main, run_demo
 
 TINY_SYNTH = SynthConfig(seed=0, num_users=80, num_items=50, num_categories=4, num_queries=8, num_days=6, impressions_per_user_day=10)
 
@@ -71,3 +73,20 @@ def test_cli_entry_reads_synthetic_overrides(tmp_path, monkeypatch):
     assert main(args) == 0
     assert seen["synth"].num_users == 50 and seen["synth"].num_days == 11 and seen["cfg"].max_len == 128
     assert seen["cfg"].pretrain_minutes == 0.5 and seen["cfg"].threads == 1
+
+
+def _without_timings(text: str) -> str:
+    """Demo output with its wall-clock figures masked (the README's block is from one machine)."""
+    return re.sub(r"\b\d+ s\b", "<t> s", text)
+
+
+def test_readme_shows_what_the_default_demo_prints(tmp_path, capsys):
+    """The README's demo block equals the default demo's output (steps 1-4 and both tables) apart from timings."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- demo-output:start -->\n```\n", 1)[1].split("\n```\n<!-- demo-output:end -->", 1)[0]
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(out=str(out)), SynthConfig(**DEMO_SYNTH))
+    lines = capsys.readouterr().out.replace(str(out), "out/demo").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("step 1:"))
+    printed = "\n".join(lines[start:-1])  # the last line is the JSON of key figures
+    assert _without_timings(printed) == _without_timings(block)
