@@ -111,8 +111,8 @@ def curves_from_run(run: Path) -> tuple[Curve | None, Curve | None]:
     return loss, metric
 
 
-def draw_curves(run: Path, out: Path) -> Path:
-    """`<run name>_curves.png`: loss and validation metric against training steps."""
+def draw_curves(run: Path, out: Path, name: str | None = None) -> Path:
+    """`<name>_curves.png` (default: the run folder's name): loss and validation metric against training steps."""
     loss, metric = curves_from_run(run)
     if loss is None and metric is None:
         raise ValueError(f"{run}: no training history (results.json 'history') and no tb/ train/loss scalars to plot")
@@ -130,8 +130,8 @@ def draw_curves(run: Path, out: Path) -> Path:
         ax.legend(handles, [h.get_label() for h in handles], loc="center right")
     elif loss is not None:
         ax.legend()
-    ax.set_title(f"training: {run.name}")
-    path = out / f"{run.name}_curves.png"
+    ax.set_title(f"training: {name or run.name}")
+    path = out / f"{name or run.name}_curves.png"
     _save(fig, path)
     return path
 
@@ -295,6 +295,7 @@ def plot_paths(inputs: Sequence[Path], out: Path, datasets: Sequence[str] | None
     """
     written: list[Path] = []
     daily: list[Path] = []
+    curve_names: set[str] = set()
     for path in map(Path, inputs):
         if not path.exists():
             raise FileNotFoundError(f"lumrec plot: {path} does not exist")
@@ -311,7 +312,10 @@ def plot_paths(inputs: Sequence[Path], out: Path, datasets: Sequence[str] | None
             if (path / "daily" / "report.tsv").exists():
                 daily.append(path / "daily")
         elif (path / "results.json").exists() or (path / "tb").is_dir():
-            written.append(draw_curves(path, out))
+            # Two runs of one name (rank/lum, daily/lum) keep apart: the parent folder joins the name.
+            name = path.name if path.name not in curve_names else f"{path.parent.name}_{path.name}"
+            curve_names.add(name)
+            written.append(draw_curves(path, out, name))
         else:
             raise ValueError(f"lumrec plot: {path} is neither a run folder (results.json or tb/), a daily folder "
                              "(report.tsv), a demo folder (rank/summary.json) nor a lum_tables results file")
