@@ -6,6 +6,9 @@ and the data commands start in well under a second instead of loading torch and 
 Core never imports pipelines (DESIGN.md layering), so jobs plug in through the entry-point
 group ``lumrec.commands``: each entry is a function ``register(subparsers)`` that adds a
 subcommand whose parsed args carry ``func``.
+
+Every failure reaches the user as one line, ``lumrec <command>: error: <message>``, and the exit
+code of its class (``lumrec.errors``); ``--debug`` (before or after the subcommand) adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import traceback
 import typing
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Callable
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lumrec.errors import describe
 from lumrec.library_noise import silence_known_library_noise
 
 log = logging.getLogger("lumrec")
@@ -99,10 +104,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from lumrec.config import load_config
     from lumrec.data.stats import dataset_stats, format_stats
     from lumrec.data.synthetic import SynthConfig, generate
+    from lumrec.locks import RunLock
 
     base = load_config(SynthConfig, args.config) if args.config else SynthConfig()
     config = dataclasses.replace(base, **dataclass_overrides(args, SynthConfig))
-    generate(args.out, config, progress=True)
+    with RunLock(args.out, "synth"):  # one writer per dataset folder
+        generate(args.out, config, progress=True)
     print(format_stats(dataset_stats(args.out)))
     return 0
 
@@ -189,10 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The full `lumrec` argument parser."""
     parser = argparse.ArgumentParser(prog="lumrec", description="LUM and HSTU generative recommenders on TorchRec.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure (exit codes: docs/operations.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_data_commands(sub)
     for register in _plugin_registrars():
         register(sub)
+    for command in sub.choices.values():
+        # SUPPRESS: a subcommand that was not given --debug leaves the top-level value alone.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of a failure")
     return parser
 
 
@@ -208,12 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         # Log lines go through tqdm while a job runs, so they print above its progress bar, not across it.
         with logging_redirect_tqdm():
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # Bad input is the user's to fix: one clear line, no traceback (use -v for it).
-        if args.verbose:
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every failure becomes one line and its class's exit code
+        return report_failure(args.command, err, debug=args.debug)
+    except BaseException as err:  # torch DCP raises CheckpointException, a BaseException
+        if isinstance(err, (SystemExit, GeneratorExit)):
             raise
-        print(f"lumrec {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return report_failure(args.command, err, debug=args.debug)
+
+
+def report_failure(command: str, err: BaseException, debug: bool = False) -> int:
+    """Print `err` as one line `lumrec COMMAND: error: MESSAGE` (and its traceback when `debug`); return its exit code."""
+    code, message = describe(err)
+    if debug:
+        traceback.print_exception(err)
+    print(f"lumrec {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,27 @@
-"""YAML configs mapped onto dataclasses; an unknown or mistyped key is an error naming the key."""
+"""YAML configs mapped onto dataclasses; an unknown, mistyped or out-of-range key is an error naming the key.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Train:
+    ...     epochs: int = 1
+    ...     day: str | None = None
+    ...     def __post_init__(self) -> None:
+    ...         check_at_least(self, 1, "epochs", section="train")
+    ...         check_days(self, "day", section="train")
+    >>> from_dict(Train, {"epochs": 0}, source="run.yaml", prefix="train")
+    Traceback (most recent call last):
+    lumrec.config.ConfigError: run.yaml: key 'train.epochs' must be >= 1, got 0
+    >>> from_dict(Train, {"day": parse_yaml("2026-13-45")}, source="run.yaml", prefix="train")
+    Traceback (most recent call last):
+    lumrec.config.ConfigError: run.yaml: key 'train.day' is not a valid date: '2026-13-45' (month must be in 1..12); expected YYYY-MM-DD, e.g. 2026-01-15
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -12,11 +29,86 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from lumrec.errors import UserError, one_line
+
 T = TypeVar("T")
 
+DATE_FORMAT = "YYYY-MM-DD, e.g. 2026-01-15"
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that does not fit its dataclass; the message names the key path and the file."""
+
+
+class ConfigValueError(ConfigError):
+    """A field value out of range, raised by a config's own checks (`__post_init__`); `from_dict` adds file and key path."""
+
+    def __init__(self, key: str, problem: str, section: str = "") -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{section}.{key} {problem}" if section else f"{key} {problem}")
+
+
+def check_at_least(obj: Any, minimum: float, *names: str, section: str = "") -> None:
+    """Raise ConfigValueError for the first field of `names` below `minimum` (a None value is allowed: "not set")."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigValueError(name, f"must be >= {minimum}, got {value!r}", section)
+
+
+def check_above(obj: Any, minimum: float, *names: str, section: str = "") -> None:
+    """Raise ConfigValueError for the first field of `names` not strictly above `minimum` (None allowed)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > minimum:
+            raise ConfigValueError(name, f"must be > {minimum}, got {value!r}", section)
+
+
+def date_problem(text: Any) -> str | None:
+    """Why `text` is not a YYYY-MM-DD calendar day, or None when it is one."""
+    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return "not in the form YYYY-MM-DD"
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def check_days(obj: Any, *names: str, section: str = "") -> None:
+    """Raise ConfigValueError for the first field of `names` (a day string or None) that is not a valid date."""
+    for name in names:
+        value = getattr(obj, name)
+        problem = None if value is None else date_problem(value)
+        if problem is not None:
+            raise ConfigValueError(name, f"is not a valid date: {value!r} ({problem}); expected {DATE_FORMAT}", section)
+
+
+class _InvalidDate(str):
+    """A YAML scalar shaped like a date that is no date (2026-13-45): kept as text, rejected by `_coerce` with its key."""
+
+    reason: str = ""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that an impossible date does not fail the whole file without naming its key."""
+
+
+def _timestamp_or_text(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    try:
+        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except ValueError as err:
+        text = _InvalidDate(loader.construct_scalar(node))
+        text.reason = str(err)
+        return text
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_or_text)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values; an impossible date stays text, so the key that holds it can be named."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_name(tp: Any) -> str:
@@ -27,6 +119,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Convert a YAML value to the annotated type `tp`, recursing into dataclasses and containers."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _InvalidDate):
+        raise ConfigError(f"{source}: key {path!r} is not a valid date: {str(value)!r} ({value.reason}); expected {DATE_FORMAT}")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -103,7 +197,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", p
     if missing:
         key = f"{prefix}.{missing[0]}" if prefix else missing[0]
         raise ConfigError(f"{source}: missing required config key {key!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as err:  # the class's own range checks: add the file and the full key path
+        key = f"{prefix}.{err.key}" if prefix else err.key
+        raise ConfigError(f"{source}: key {key!r} {err.problem}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # other checks in __post_init__ say what is wrong; add where
+        where = f"key {prefix!r}: " if prefix else ""
+        raise ConfigError(f"{source}: {where}{err}") from None
 
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
@@ -112,7 +215,7 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = No
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -133,7 +236,10 @@ def apply_override(data: dict, item: str, source: str = "<override>") -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: override {item!r}: {part!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML ({one_line(str(err))})") from None
 
 
 def to_dict(obj: Any) -> dict:

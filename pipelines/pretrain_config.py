@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lumrec.config import ConfigValueError, check_above, check_at_least, check_days
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.optim import RowwiseAdamW
 
@@ -48,6 +49,11 @@ class DataConfig:
     # Streaming continuation: only items on or after this day (YYYY-MM-DD) are training targets;
     # earlier events are context. Users without events on or after it are skipped. None = all.
     target_start: str | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_len", section="data")
+        check_at_least(self, 0, "min_history", "condition_dropout", section="data")
+        check_days(self, "start", "end", "target_start", section="data")
 
 
 # data.long_history choices: the most recent max_len tokens only, or the whole history in windows.
@@ -103,6 +109,16 @@ class TrainConfig:
     # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
     lr_decay_fraction: float = 0.0
     lr_final_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Sizes and counts that cannot be zero or negative (0 means "off" for the ones checked against 0).
+        check_at_least(self, 1, "epochs", "rows_per_batch", "eval_rows_per_batch", "eval_every_epochs", section="train")
+        check_at_least(self, 0, "patience", "checkpoint_every_steps", "keep_checkpoints", "threads", "log_every_steps",
+                       "max_minutes", "weight_decay", "embedding_weight_decay", "lr_decay_fraction", "lr_final_ratio",
+                       section="train")
+        check_above(self, 0, "lr", "embedding_lr", "temperature", section="train")
+        if self.num_negatives == 0 or self.num_negatives < -1:
+            raise ConfigValueError("num_negatives", f"must be >= 1, or -1 for every item, got {self.num_negatives!r}", "train")
 
 
 @dataclass

@@ -13,15 +13,16 @@ Example::
 
     >>> cfg = RankConfig(model="din", train=RankTrainConfig(epochs=1))
     >>> check_train_config(cfg.train)
-    >>> check_train_config(RankTrainConfig(batch_size=0))
+    >>> RankTrainConfig(batch_size=0)
     Traceback (most recent call last):
-    ValueError: train.batch_size must be >= 1, got 0
+    lumrec.config.ConfigValueError: train.batch_size must be >= 1, got 0
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lumrec.config import check_above, check_at_least
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.modules.lum_join import RankLUMConfig
 from lumrec.modules.ranking.builder import RankModelConfig
@@ -49,14 +50,16 @@ class RankTrainConfig:
     log_every_steps: int = 50
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_train_config(self)
+
 
 def check_train_config(t: RankTrainConfig) -> None:
-    """Raise a ValueError naming the `train.` key whose value cannot work."""
-    for name in ("batch_size", "eval_batch_size", "epochs"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if t.max_history is not None and t.max_history < 0:
-        raise ValueError(f"train.max_history must be >= 0 or null, got {t.max_history}")
+    """Raise a ConfigValueError (a ValueError) naming the `train.` key whose value cannot work (also after edits in place)."""
+    check_at_least(t, 1, "batch_size", "eval_batch_size", "epochs", section="train")
+    check_at_least(t, 0, "max_history", "threads", "checkpoint_every_steps", "keep_checkpoints", "patience", "max_minutes",
+                   "log_every_steps", "weight_decay", section="train")
+    check_above(t, 0, "lr", section="train")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,8 @@ import pyarrow.parquet as pq
 
 from lumrec.data.schema import TableSpec, table_spec
 from lumrec.data.validate import DataValidationError, check_batch, check_schema, conform
+from lumrec.config import DATE_FORMAT, ConfigError, date_problem
+from lumrec.errors import one_line, storage_error, writing
 
 MANIFEST = "_lumrec.json"
 _DS_RE = re.compile(r"^ds=(\d{4}-\d{2}-\d{2})$")
@@ -52,31 +55,54 @@ def ds_of(ts: int) -> str:
     return dt.datetime.fromtimestamp(int(ts), tz=dt.timezone.utc).strftime("%Y-%m-%d")
 
 
+def parse_day(ds: str, what: str = "day") -> dt.datetime:
+    """Day `ds` (YYYY-MM-DD) as midnight UTC; an impossible date is a ConfigError naming `what` and the format.
+
+        >>> parse_day("2026-13-45", what="ds")
+        Traceback (most recent call last):
+        lumrec.config.ConfigError: bad ds '2026-13-45': not a valid date (month must be in 1..12); expected YYYY-MM-DD, e.g. 2026-01-15
+    """
+    try:
+        return dt.datetime.strptime(ds, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+    except (TypeError, ValueError):
+        problem = date_problem(ds) or "not in the form YYYY-MM-DD"
+        raise ConfigError(f"bad {what} {ds!r}: not a valid date ({problem}); expected {DATE_FORMAT}") from None
+
+
 def day_bounds(ds: str) -> tuple[int, int]:
     """[start, end) unix seconds of day `ds` (UTC)."""
-    try:
-        day = dt.datetime.strptime(ds, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
-    except ValueError:
-        raise ValueError(f"bad day {ds!r}: expected YYYY-MM-DD") from None
-    start = int(day.timestamp())
+    start = int(parse_day(ds).timestamp())
     return start, start + SECONDS_PER_DAY
 
 
 def shift_ds(ds: str, days: int) -> str:
     """The day `days` after `ds` (negative: before)."""
-    day = dt.datetime.strptime(ds, "%Y-%m-%d") + dt.timedelta(days=days)
-    return day.strftime("%Y-%m-%d")
+    return (parse_day(ds) + dt.timedelta(days=days)).strftime("%Y-%m-%d")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file so that readers see the old file or the whole new one, never a part.
+
+    A disk failure (full, read-only, too large) is a StorageError naming `path`; the temporary file goes.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with writing(path), _removed_on_error(tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+@contextmanager
+def _removed_on_error(tmp: Path) -> Iterator[None]:
+    """Delete the writer's own temporary file when the block fails (a half-written file on a full disk is no use)."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -85,11 +111,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    """Write `table` to `path` via a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `table` to `path` via a temporary file and rename; a disk failure is a StorageError naming `path`."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with writing(path), _removed_on_error(tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
 
 
 class Dataset:
@@ -248,18 +275,49 @@ def _read_file_batches(
     bounds: tuple[int, int] | None,
     vocab: dict[str, int] | None,
 ) -> Iterator[pa.RecordBatch]:
-    """Yield validated, type-conformed record batches of one Parquet file."""
+    """Yield validated, type-conformed record batches of one Parquet file.
+
+    A file that cannot be read (corrupt footer or data page, 0 bytes) or, when validating, holds no
+    rows is a DataValidationError naming the file and its table and partition; a disk failure is a StorageError.
+    """
     try:
         pfile = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataValidationError(str(path), f"unreadable Parquet file: {err}") from None
+    except (pa.ArrowException, OSError) as err:
+        raise _unreadable(path, spec, err) from None
     if validate:
         check_schema(str(path), pfile.schema_arrow, spec)
+        if pfile.metadata.num_rows == 0:
+            raise DataValidationError(str(path), f"empty Parquet file (0 rows) in {_where(path, spec)}; "
+                                      "delete it or write the partition again")
     if columns:
         absent = [c for c in columns if c not in pfile.schema_arrow.names]
         if absent:
             raise DataValidationError(str(path), f"requested column(s) {absent} not in file", column=absent[0])
-    for batch in pfile.iter_batches(batch_size=batch_size, columns=columns):
+    batches = pfile.iter_batches(batch_size=batch_size, columns=columns)
+    while True:
+        # Only the reads are guarded: an error of the consumer between batches is not this file's.
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise _unreadable(path, spec, err) from None
         if validate:
             check_batch(str(path), batch, spec, ds_bounds=bounds, vocab_sizes=vocab)
         yield from conform(batch, spec).to_batches()
+
+
+def _where(path: Path, spec: TableSpec) -> str:
+    """"table 'behaviours', partition ds=2026-01-02" of a day file, "table 'items'" of another."""
+    partition = f", partition {path.parent.name}" if spec.partitioned and _DS_RE.match(path.parent.name) else ""
+    return f"table {spec.name!r}{partition}"
+
+
+def _unreadable(path: Path, spec: TableSpec, err: BaseException) -> Exception:
+    """The error of a Parquet file that could not be read: the disk's (StorageError) or the file's own damage."""
+    if isinstance(err, OSError):
+        disk = storage_error(err, path)
+        if disk is not None:
+            return disk
+    return DataValidationError(str(path), f"unreadable Parquet file in {_where(path, spec)} ({one_line(str(err))}); "
+                               "the file is damaged: restore it, or import or generate the dataset again")

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lumrec.data.schema import TableSpec, vocabulary_column
+from lumrec.errors import DataError
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError, ValueError):
     """Bad input data; the message names the file, the column and how many rows are affected."""
 
     def __init__(self, file: str, problem: str, column: str | None = None, rows: int | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ import pyarrow as pa
 from lumrec.data.dataset import MANIFEST, SECONDS_PER_DAY, Dataset, DatasetMeta, day_bounds
 from lumrec.data.schema import TABLES
 from lumrec.data.validate import DataValidationError
+from lumrec.errors import writing
+
+log = logging.getLogger(__name__)
 
 # Entries an import may leave in its output folder; only these are removed on overwrite.
 _DATASET_ENTRIES = frozenset([MANIFEST, "vocab", *TABLES])
@@ -36,25 +40,38 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def prepare_output(out: str | Path, overwrite: bool) -> Dataset:
-    """Create (or, with overwrite, clear) the output folder and return it as a Dataset.
+    """Create (or clear) the output folder and return it as a Dataset.
 
-    A non-empty folder is refused unless `overwrite`; then only a lumrec dataset's own
-    entries are removed, so a wrong path cannot wipe unrelated files.
+    The manifest is written last, so a folder with dataset entries and no manifest is the output of
+    a killed import: it is replaced without asking. A complete dataset is replaced only with
+    `overwrite`. Only a lumrec dataset's own entries are ever removed, so a wrong path cannot wipe
+    unrelated files; hidden entries other than the manifest's temporary files (e.g. a lock) stay.
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root}: output exists and is not a folder")
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{root}: output folder is not empty; pass overwrite=True to replace the dataset in it")
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in _DATASET_ENTRIES)
+        raise FileExistsError(f"{root}: output exists and is not a folder; choose another output folder")
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.exists() else []
+    if entries:
+        complete = (root / MANIFEST).exists()
+        if complete and not overwrite:
+            raise FileExistsError(f"{root}: output folder holds a complete dataset; pass --overwrite "
+                                  "(overwrite=True from Python) to replace the dataset in it, or choose another folder")
+        foreign = [name for name in entries if name not in _DATASET_ENTRIES]
         if foreign:
-            raise FileExistsError(f"{root}: refusing to overwrite, folder holds non-dataset entries {foreign}")
-        # The manifest goes first, so an interrupted import never looks complete.
+            raise FileExistsError(f"{root}: refusing to {'overwrite' if complete else 'import into'} it: the folder holds "
+                                  f"non-dataset entries {foreign}; choose another output folder")
+        if not complete:
+            log.info("%s: replacing the output of an interrupted import (no %s)", root, MANIFEST)
+        # The manifest goes first, so an interrupted clean-up never leaves a folder that looks complete.
         (root / MANIFEST).unlink(missing_ok=True)
-        for child in root.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    root.mkdir(parents=True, exist_ok=True)
+        for name in entries:
+            child = root / name
+            shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
+    if root.exists():
+        for leftover in root.glob(f".{MANIFEST}.*.tmp"):  # a killed manifest write's temporary file
+            leftover.unlink(missing_ok=True)
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
     return Dataset(root)
 
 
