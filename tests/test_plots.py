@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lumrec.cli import main as cli_main
+from lumrec.errors import EXIT_USER
 from lumrec.plots import bars_from_lum_tables, curves_from_run, daily_auc, plot_paths
 from lumrec.tracking import ScalarLog
 
@@ -96,9 +97,9 @@ def test_daily_auc_line_and_base_vs_lum_bars_through_the_cli(tmp_path, capsys):
 def test_plot_errors_name_the_input(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli_main(["plot", str(empty), "--out", str(tmp_path / "png")]) == 1
+    assert cli_main(["plot", str(empty), "--out", str(tmp_path / "png")]) == EXIT_USER
     assert str(empty) in capsys.readouterr().err
-    assert cli_main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "png")]) == 1
+    assert cli_main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "png")]) == EXIT_USER
     bad = _daily_folder(tmp_path, "bad", [0.7])
     (bad / "report.tsv").write_text("ds\tauc\n2026-01-08\t0.7\n")
     with pytest.raises(ValueError, match="report.tsv: no next_day_auc column"):
