@@ -3,6 +3,11 @@
 A partition is written into a hidden temporary folder and renamed into place when complete,
 so a reader sees a whole partition or none, never a part (a rewrite of the same day swaps
 the folders: for an instant the day is absent, which reads as "no knowledge yet").
+
+A killed writer leaves its hidden folder (``.tmp-as_of_ds=D-xxxxxxxx``) and, when killed
+amid a swap, the day's previous partition moved aside (``.old-as_of_ds=D-xxxxxxxx``). The
+next job that takes the store's lock (the query job, `lumrec.locks.RunLock`) removes the
+first and puts the second back, so the store again holds the day's previous partition.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from lumrec.errors import writing
 from lumrec.faults import failpoint
 from lumrec.knowledge.conditions import ConditionLike, parse_conditions
 from lumrec.knowledge.partitions import (
@@ -125,9 +131,10 @@ class KnowledgeWriter:
             ],
             schema=USER_SCHEMA,
         )
-        if self._users is None:
-            self._users = pq.ParquetWriter(self.tmp / USERS_FILE, USER_SCHEMA, compression="zstd")
-        self._users.write_table(table)
+        with writing(self.tmp / USERS_FILE):  # a full disk names the file (ENOSPC names none)
+            if self._users is None:
+                self._users = pq.ParquetWriter(self.tmp / USERS_FILE, USER_SCHEMA, compression="zstd")
+            self._users.write_table(table)
         self._user_ids.append(ids)
         failpoint("knowledge.users_written")
 
@@ -143,9 +150,10 @@ class KnowledgeWriter:
             [pa.array(ids, pa.int64()), _list_array(vecs), self._constant(self.as_of_ds, n), self._constant(self.model_version, n)],
             schema=ITEM_SCHEMA,
         )
-        if self._items is None:
-            self._items = pq.ParquetWriter(self.tmp / ITEMS_FILE, ITEM_SCHEMA, compression="zstd")
-        self._items.write_table(table)
+        with writing(self.tmp / ITEMS_FILE):
+            if self._items is None:
+                self._items = pq.ParquetWriter(self.tmp / ITEMS_FILE, ITEM_SCHEMA, compression="zstd")
+            self._items.write_table(table)
         self._item_ids.append(ids)
 
     @staticmethod
@@ -163,9 +171,10 @@ class KnowledgeWriter:
         # Empty tables are still written, so a reader never meets a missing file in a complete partition.
         for attr, name, schema in (("_users", USERS_FILE, USER_SCHEMA), ("_items", ITEMS_FILE, ITEM_SCHEMA)):
             writer = getattr(self, attr)
-            if writer is None:
-                writer = pq.ParquetWriter(self.tmp / name, schema, compression="zstd")
-            writer.close()
+            with writing(self.tmp / name):
+                if writer is None:
+                    writer = pq.ParquetWriter(self.tmp / name, schema, compression="zstd")
+                writer.close()
             setattr(self, attr, None)
         manifest = KnowledgeManifest(
             as_of_ds=self.as_of_ds, model_version=self.model_version, dim=self.dim, conditions=self.conditions,
@@ -173,14 +182,21 @@ class KnowledgeWriter:
             created_at=time.time(), extra=self.extra,
         )
         meta_tmp = self.tmp / f".{KNOWLEDGE_MANIFEST}.tmp"
-        meta_tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
+        with writing(meta_tmp):
+            meta_tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
         os.replace(meta_tmp, self.tmp / KNOWLEDGE_MANIFEST)
         old = None
         if self.final.exists():
             # A directory cannot be replaced by rename while it has files: move the old one aside first.
             old = self.final.parent / f".old-{self.final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
+            failpoint("knowledge.old_moved_aside")
+        try:
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            if old is not None:  # keep the day's previous partition rather than none
+                os.replace(old, self.final)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
@@ -205,10 +221,14 @@ class KnowledgeWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._done:
             return
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()  # a writer removes its own temporary folder
+            raise
 
 
 def write_knowledge(
