@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lumrec.errors import describe
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 def report_failure(command: str, err: BaseException, debug: bool = False) -> int:
     """Print `err` as one line `lumrec COMMAND: error: MESSAGE` (and its traceback when `debug`); return its exit code."""
     code, message = describe(err)
+    # The failed job's progress bars end first, so the error gets a line of its own.
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     if debug:
         traceback.print_exception(err)
     print(f"lumrec {command}: error: {message}", file=sys.stderr)

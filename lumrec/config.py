@@ -202,8 +202,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", p
     except ConfigValueError as err:  # the class's own range checks: add the file and the full key path
         key = f"{prefix}.{err.key}" if prefix else err.key
         raise ConfigError(f"{source}: key {key!r} {err.problem}") from None
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        if str(err).startswith(f"{source}:"):
+            raise
+        where = f"key {prefix!r}: " if prefix else ""  # a check that names its own source (e.g. a registry's): add the file
+        raise ConfigError(f"{source}: {where}{err}") from None
     except ValueError as err:  # other checks in __post_init__ say what is wrong; add where
         where = f"key {prefix!r}: " if prefix else ""
         raise ConfigError(f"{source}: {where}{err}") from None

@@ -15,6 +15,7 @@ from lumrec.data.importers.amazon import import_amazon
 from lumrec.data.importers.ml_100k import import_ml_100k
 from lumrec.data.importers.ml_1m import import_ml_1m
 from lumrec.data.importers.ml_1m_ratings import import_ml_1m_ratings
+from lumrec.locks import LOCK_FILE, RunLock
 
 Importer = Callable[..., DatasetMeta]
 
@@ -47,7 +48,21 @@ def run_import(kind: str, src: str | Path, out: str | Path, **options: Any) -> D
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for import kind {kind!r}; accepted: {allowed}")
-    return fn(src, out, **options)
+    created = not Path(out).exists()
+    try:
+        with RunLock(out, f"import {kind}"):  # one writer per dataset folder; a killed import's files are ours to clear
+            return fn(src, out, **options)
+    except BaseException:
+        if created:
+            _remove_if_only_lock(Path(out))
+        raise
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    """Remove a folder that a failed import created and left holding nothing but its released lock file."""
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        folder.rmdir()
 
 
 __all__ = ["IMPORTERS", "importer_options", "run_import"]

@@ -16,6 +16,7 @@ from lumrec.data.dataset import MANIFEST, SECONDS_PER_DAY, Dataset, DatasetMeta,
 from lumrec.data.schema import TABLES
 from lumrec.data.validate import DataValidationError
 from lumrec.errors import writing
+from lumrec.faults import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def items_table(item_ids: np.ndarray, categories: list[list[int]], titles: list[
 
 def finish(ds: Dataset, meta: DatasetMeta) -> DatasetMeta:
     """Write the manifest (last: its presence marks the dataset complete) and return it."""
+    failpoint("import.before_manifest")  # every table written, no manifest: what a killed import leaves
     ds.write_meta(meta)
     return meta
 
