@@ -30,6 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lumrec.config import check_at_least
 from lumrec.modules.ranking.din import BehaviourModelConfig, SequenceArch, compact, context_arch, keep_most_recent
 from lumrec.modules.layers.hstu import HSTUConfig, HSTUStack
 from lumrec.modules.ops import lengths_to_offsets, offsets_to_ids, offsets_to_lengths
@@ -124,6 +125,7 @@ class HSTURankerOptions:
     hstu: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_at_least(self, 1, "num_layers")
         _check_layer_keys(self.hstu)  # when the config is read, not when the model is built
 
 
