@@ -26,21 +26,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from iopath.common.file_io import g_pathmgr
 from torch import nn
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from lumrec.checkpoint import META_FILE, CheckpointManager
+from lumrec.checkpoint import META_FILE, CheckpointError, CheckpointManager, UnsafeCheckpointError, load_dcp, read_metadata
 from lumrec.config import ConfigError
 from lumrec.modules.warm_start_config import WarmStartConfig, WarmStartError
 from lumrec.data.tokens import CONSTANT_CONDITION_KEY, condition_key
@@ -115,7 +112,7 @@ class WarmStartReport:
 def _checkpoint_tensors(folder: Path, key: str) -> dict[str, torch.Tensor]:
     """The tensors under `key` of a DCP checkpoint folder, read without a model to load into."""
 
-    metadata = FileSystemReader(str(folder)).read_metadata()
+    metadata = read_metadata(folder)  # without running code from the folder
     paths = metadata.planner_data or {}
     state: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
@@ -137,9 +134,7 @@ def _checkpoint_tensors(folder: Path, key: str) -> dict[str, torch.Tensor]:
     if not state:
         tops = sorted({str((paths.get(k) or k.split("."))[0]) for k in metadata.state_dict_metadata})
         raise WarmStartError(f"{folder}: checkpoint has no tensors under {key!r} (checkpoint_key); it has {tops}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    load_dcp(state, folder, no_dist=True)
     return {names[flat]: t for flat, t in state.items()}
 
 
@@ -157,18 +152,21 @@ def load_source_state(source: str | os.PathLike, checkpoint_key: str = "model") 
             folder, manager, number = path, CheckpointManager(path.parent, keep=0), int(step.group(1))
         else:
             manager = CheckpointManager(path, keep=0)
-            number = manager.latest()
-            if number is None:
+            if not manager.candidates():
                 raise WarmStartError(
                     f"warm start source {path}: not a checkpoint folder (no complete step-NNNNNNNN with {META_FILE} inside)"
                 )
-            folder = manager.step_dir(number)
+            folder, number = path, None
         try:
-            manager.verify(number)
+            if number is None:  # a root folder: its newest checkpoint that verifies (newer damaged ones logged)
+                number, _ = manager.newest_valid()
+                folder = manager.step_dir(number)
+            else:
+                manager.verify(number)
             return _checkpoint_tensors(folder, checkpoint_key)
-        except WarmStartError:
-            raise
-        except Exception as err:  # CheckpointError, or DCP failing on a damaged file
+        except (WarmStartError, UnsafeCheckpointError):
+            raise  # a planted checkpoint is named as such, not as a damaged one
+        except CheckpointError as err:
             raise WarmStartError(f"warm start source {folder}: unreadable checkpoint: {err}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

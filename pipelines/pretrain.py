@@ -297,16 +297,16 @@ class Pretrainer:
         manager, step = CheckpointManager(path, keep=0), None
         if _STEP_DIR.match(path.name):
             manager, step = CheckpointManager(path.parent, keep=0), int(path.name.split("-")[1])
-        elif manager.latest() is None:
+        elif not manager.candidates():
             raise FileNotFoundError(f"train.init_from: {path} holds no complete checkpoint (step-NNNNNNNN with its meta file)")
         state = self._state()
-        manager.load(state, step)
+        info = manager.load(state, step)  # a root folder: its newest checkpoint that verifies
         self._apply_state(state)
         # Moments carry over; the learning rates are this run's (the source's may have decayed).
         for opt, lrs in zip(self.optimizers, self._base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
-        log.info("initialised from %s", manager.step_dir(step if step is not None else manager.latest()))
+        log.info("initialised from %s", manager.step_dir(info.step))
 
     def _init_tables(self, cfg: WarmStartConfig) -> None:
         """Feature warm-up: the token encoder's tables from an existing DLRM's (see TrainConfig.table_init)."""

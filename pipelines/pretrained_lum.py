@@ -2,17 +2,19 @@
 
     loaded = load_pretrained_lum("runs/lum")            # best checkpoint if there is one, else latest
     loaded.model, loaded.model_version                  # eval-mode LUM, "<run>/<kind>/step-NNNNNNNN@<digest>"
+
+`<digest>` is the first 12 hex digits of the SHA-256 of the weights (`lumrec.checkpoint.tensor_digest`):
+equal weights, equal version. Given a run folder, the newest checkpoint of the kind that verifies is loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lumrec.checkpoint import META_FILE, CheckpointManager, load_model_weights
+from lumrec.checkpoint import CheckpointManager, load_model_weights, tensor_digest
 from lumrec.config import from_dict
 from lumrec.data.dataset import Dataset, DatasetMeta
 from lumrec.data.tokens import TokenConfig
@@ -43,24 +45,16 @@ def _pick_checkpoint(path: Path, kind: str) -> tuple[Path, Path]:
         return path.parent.parent, path
     if kind not in ("auto", "best", "latest"):
         raise ValueError(f"query: checkpoint_kind must be 'auto', 'best' or 'latest', got {kind!r}")
-    found = {}
-    for name, folder in (("best", path / "best"), ("latest", path / "checkpoints")):
-        step = CheckpointManager(folder, keep=0).latest()
-        if step is not None:
-            found[name] = CheckpointManager(folder, keep=0).step_dir(step)
-    choice = ("best" if "best" in found else "latest") if kind == "auto" else kind
-    if choice not in found:
+    managers = {"best": CheckpointManager(path / "best", keep=0), "latest": CheckpointManager(path / "checkpoints", keep=0)}
+    present = [name for name, manager in managers.items() if manager.candidates()]
+    choice = ("best" if "best" in present else "latest") if kind == "auto" else kind
+    if choice not in present:
         raise FileNotFoundError(
             f"{path}: no complete {'checkpoint' if kind == 'auto' else kind + ' checkpoint'} "
             f"(looked in {path / 'best'} and {path / 'checkpoints'})"
         )
-    return path, found[choice]
-
-
-def _checkpoint_digest(step_dir: Path) -> str:
-    """A short digest of a checkpoint's files, from the SHA-256s its meta file already records."""
-    digests = json.loads((step_dir / META_FILE).read_text()).get("digests", {})
-    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:12]
+    step, _ = managers[choice].newest_valid()  # newer ones that do not verify are logged and skipped
+    return path, managers[choice].step_dir(step)
 
 
 def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: str | None = None) -> LoadedLUM:
@@ -78,5 +72,7 @@ def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: s
         raise ValueError(f"{config_path}: knowledge querying needs a LUM, but this run trained model {cfg.model!r}")
     load_model_weights(step_dir, model)
     model.eval()
-    version = f"{run_dir.name}/{step_dir.parent.name}/{step_dir.name}@{_checkpoint_digest(step_dir)}"
+    # The digest is the weights' own: equal weights give equal versions (file digests are not:
+    # DCP's .metadata records the save's temporary folder and a random save id).
+    version = f"{run_dir.name}/{step_dir.parent.name}/{step_dir.name}@{tensor_digest(model.state_dict())[:12]}"
     return LoadedLUM(model, data, meta, token_config, step_dir, version)

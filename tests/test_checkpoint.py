@@ -1,11 +1,13 @@
-"""Checkpoints: round trip, latest/keep, partial and corrupt checkpoints named in errors."""
+"""Checkpoints: round trip, latest/keep, partial and corrupt checkpoints named in errors, fallback to a valid one, digests."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
-from lumrec.checkpoint import CheckpointError, CheckpointManager, load_model_weights
+from lumrec.checkpoint import CheckpointError, CheckpointManager, load_model_weights, tensor_digest
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -95,3 +97,89 @@ def test_load_model_weights_and_missing(tmp_path):
         CheckpointManager(tmp_path / "empty").load({})
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         load_model_weights(tmp_path, dst)
+
+
+def _damage(step_dir):
+    victim = next(step_dir.glob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:-4] + b"XXXX")
+    return victim
+
+
+def test_latest_load_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, caplog):
+    mgr = CheckpointManager(tmp_path, keep=5)
+    models = {step: _model(step) for step in (1, 2, 3, 4)}
+    dirs = {step: mgr.save(step, {"model": m.state_dict()}) for step, m in models.items()}
+    victim = _damage(dirs[4])
+    (dirs[3] / "lumrec_meta.json").unlink()
+    (dirs[2] / "lumrec_meta.json").write_text("[1, 2")
+    state = {"model": _model(9).state_dict()}
+    with caplog.at_level(logging.WARNING, logger="lumrec.checkpoint"):
+        info = mgr.load(state)
+    assert info.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(state["model"].values(), models[1].state_dict().values()))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{dirs[4]}: skipped, not a usable checkpoint: {victim}: corrupt checkpoint file (SHA-256 mismatch)" in warned
+    assert any(w.startswith(f"{dirs[3]}: skipped") and "partial checkpoint, lumrec_meta.json missing" in w for w in warned)
+    assert any(w.startswith(f"{dirs[2]}: skipped") and "corrupt checkpoint metadata" in w for w in warned)
+    assert any("using step 1, the newest checkpoint that verifies (3 newer skipped)" in w for w in warned)
+    # A named step still fails on that step.
+    with pytest.raises(CheckpointError, match=rf"{victim}: corrupt checkpoint file"):
+        mgr.load({"model": _model(9).state_dict()}, step=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-0000000{s}" for s in (1, 2, 3, 4)]  # load moves nothing
+
+
+def test_a_folder_where_nothing_verifies_is_one_named_error(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    first, second = _damage(mgr.save(1, {"model": _model(0).state_dict()})), mgr.save(2, {"model": _model(0).state_dict()})
+    (second / ".metadata").unlink()
+    with pytest.raises(CheckpointError) as err:
+        mgr.load({"model": _model(0).state_dict()})
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path}: no checkpoint verifies (step-00000002: ")
+    assert f"step-00000001: {first}: corrupt checkpoint file (SHA-256 mismatch)" in text
+    assert "file .metadata listed in lumrec_meta.json is missing" in text
+    assert text.endswith(f"restore a good copy, or move {tmp_path} aside to start afresh")
+
+
+def test_resume_sets_newer_damaged_checkpoints_aside(tmp_path):
+    """keep=1: a damaged newest checkpoint left in place would be the one kept when the resumed run saves."""
+    mgr = CheckpointManager(tmp_path, keep=1)
+    good = _model(0)
+    mgr.save(5, {"model": good.state_dict()})
+    mgr.keep = 2
+    mgr.save(9, {"model": _model(1).state_dict()})
+    _damage(mgr.step_dir(9))
+    mgr.keep = 1
+    state = {"model": _model(2).state_dict()}
+    assert mgr.resume(state).step == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000005", "step-00000009.damaged"]
+    mgr.save(7, {"model": good.state_dict()})
+    assert mgr.steps() == [7] and mgr.latest() == 7
+    mgr.keep = 2
+    _damage(mgr.save(9, {"model": good.state_dict()}))  # damaged again: kept beside the first
+    assert mgr.resume({"model": _model(2).state_dict()}).step == 7
+    assert (tmp_path / "step-00000009.damaged-2").is_dir()
+
+
+def test_unlisted_or_misplaced_files_do_not_verify(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    path = mgr.save(3, {"model": _model(0).state_dict()})
+    (path / "__9_0.distcp").write_bytes(b"extra")
+    with pytest.raises(CheckpointError, match=r"__9_0\.distcp not listed in lumrec_meta\.json"):
+        mgr.verify(3)
+    (path / "__9_0.distcp").unlink()
+    moved = path.rename(tmp_path / "step-00000004")
+    with pytest.raises(CheckpointError, match=r"records step 3, not the folder's step 4"):
+        mgr.verify(4)
+    assert moved.exists()
+
+
+def test_tensor_digest_is_equal_for_equal_weights_only():
+    a, b = _model(0).state_dict(), _model(0).state_dict()
+    assert tensor_digest(a) == tensor_digest(b) == tensor_digest(dict(reversed(list(b.items()))))
+    b["0.bias"] = b["0.bias"].clone()
+    b["0.bias"][0] += 1e-7
+    assert tensor_digest(a) != tensor_digest(b)
+    assert tensor_digest({"w": torch.zeros(2)}) != tensor_digest({"w": torch.zeros(2, dtype=torch.float64)})
+    assert tensor_digest({"w": torch.zeros(4)}) != tensor_digest({"w": torch.zeros(2, 2)})
+    assert tensor_digest({"w": torch.ones(3, dtype=torch.bfloat16)}) == tensor_digest({"w": torch.ones(3, dtype=torch.bfloat16)})

@@ -59,14 +59,21 @@ class RunCheckpoints:
         """The newest complete step checkpoint, or None."""
         return self.steps.latest()
 
+    def has_any(self) -> bool:
+        """Whether the run folder holds a step checkpoint, complete or damaged (then the run resumes, or says why not)."""
+        return bool(self.steps.candidates())
+
     def save(self, state: TrainState) -> Path:
         """Checkpoint the tensors with `state` (its loader position set by the caller)."""
         return self.steps.save(state.step, self.tensors(False), extra=state.to_extra())
 
     def load(self) -> TrainState:
-        """Load the latest step checkpoint into the model and optimizers; returns its run state."""
+        """Load the newest step checkpoint that verifies into the model and optimizers; returns its run state.
+
+        Newer ones that do not verify are logged and set aside (`CheckpointManager.resume`).
+        """
         tensors = self.tensors(True)
-        info = self.steps.load(tensors)
+        info = self.steps.resume(tensors)
         self.apply(tensors)
         return TrainState.from_extra(info.extra)
 

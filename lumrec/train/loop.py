@@ -109,8 +109,11 @@ class TrainLoop:
         self.checkpoints.save(self.state)
 
     def resume(self) -> bool:
-        """Continue from the latest complete checkpoint of the run folder, if any (else `on_fresh_start`)."""
-        if self.checkpoints.latest() is None:
+        """Continue from the newest checkpoint of the run folder that verifies, if it holds any (else `on_fresh_start`).
+
+        A folder whose checkpoints are all damaged is no fresh start: loading raises a CheckpointError naming each.
+        """
+        if not self.checkpoints.has_any():
             if self.on_fresh_start is not None:
                 self.on_fresh_start()
             return False
