@@ -16,15 +16,22 @@ Under N ranks rank 0 alone takes the lock and tells every rank the outcome, so n
 in a collective when the folder is taken. A process may take a lock it already holds (a job
 inside a job on the same folder): the lock is released when the outermost holder lets go.
 
-Stale locks. On a local file system a lock is never stale: the kernel releases it when its
-holder's process ends, kill -9 included, and the next job takes it (logging that the previous
-holder ended without releasing it). On a shared file system (NFS, Lustre, ...) ``flock`` may
-not reach across hosts, so the file's content decides there: a file that still names a holder
-on another host (it did not release the lock: killed, or still running) is refused, since this
-host cannot tell whether that process lives. Check the named pid on the named host; once it
-has ended, rerun with ``LUMREC_BREAK_LOCK=1`` to take the lock over. Where the file system
-has no ``flock`` at all, the same rule holds on one host too: a named pid that is still alive
-there holds the folder.
+Stale locks. Where ``flock`` works a lock is never stale: the kernel releases it when its
+holder's process ends, kill -9 included, and the next job takes it, logging a WARNING that names
+the holder that ended without releasing it. That holds on a local disk and on shared file
+systems whose locks reach every host (NFSv4, Lustre mounted with ``flock``, GPFS, CephFS), so a
+job killed on one host or container resumes on another without help. Two cases need the operator:
+
+- The file system has no ``flock`` at all (it fails with ENOLCK or EOPNOTSUPP; WARNING logged):
+  the file's content decides. A holder named on this host holds the folder while its pid is
+  alive; one named on another host may be alive, which this host cannot tell, so the job stops
+  with `LockHeldError`. Check that pid on that host; once it has ended, rerun with
+  ``LUMREC_BREAK_LOCK=1`` to take the lock over.
+- ``flock`` works on each host but does not reach across them (NFSv3 with ``local_lock``,
+  Lustre with ``localflock``): lumrec cannot see a job on another host. The takeover WARNING
+  names the other host's job: if it still runs, stop one of the two, and mount the file system
+  with shared locks. Before starting a job on another host, ``cat FOLDER/.lumrec.lock`` shows
+  the holder (empty: released).
 
 Leftovers. With the lock taken, this job is the folder's only writer, so every temporary
 entry in it is a killed writer's. Taking the lock removes them (logged one by one):
@@ -74,7 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["BREAK_ENV", "LOCK_FILE", "LockHeldError", "LockInfo", "RunLock", "held_here", "lock_holder", "remove_leftovers",
-           "under_lock"]
+           "stale_lock_refusal", "under_lock"]
 
 LOCK_FILE = ".lumrec.lock"
 BREAK_ENV = "LUMREC_BREAK_LOCK"
@@ -164,10 +171,29 @@ def _held_message(folder: Path, holder: LockInfo | None) -> str:
             "or give this job another folder (a lock is free as soon as its holder's process ends, kill -9 included)")
 
 
-def _foreign_message(lock_file: Path, holder: LockInfo) -> str:
-    return (f"{lock_file}: the lock was last taken by {holder.describe()}, which has not released it (killed, or still "
-            f"running: locks may not reach across hosts on this file system, so {socket.gethostname()} cannot tell). "
-            f"Check pid {holder.pid} on host {holder.host}; once it has ended, rerun with {BREAK_ENV}=1 to take the lock over")
+def stale_lock_refusal(lock_file: Path, holder: LockInfo, flock_works: bool, breaking: bool = False) -> str | None:
+    """Why the lock that `holder` did not release cannot be taken over (module docstring, "Stale locks"), or None.
+
+    `flock_works`: this process holds the flock, so no live process on a host that shares the lock does.
+    `breaking`: the operator said the holder has ended (``LUMREC_BREAK_LOCK=1``).
+
+        >>> info = LockInfo("node-7", 4242, "pretrain", "2026-01-01T00:00:00Z", "lumrec pretrain a.yaml")
+        >>> stale_lock_refusal(Path("run/.lumrec.lock"), info, flock_works=True) is None
+        True
+        >>> stale_lock_refusal(Path("run/.lumrec.lock"), info, flock_works=False).split(";")[0]
+        "run/.lumrec.lock: the lock was taken by job 'pretrain' on host node-7, pid 4242, started 2026-01-01T00:00:00Z (command: lumrec pretrain a.yaml), which has not released it"
+    """
+    if flock_works or breaking:
+        return None
+    if holder.host == socket.gethostname():
+        if not _pid_alive(holder.pid):
+            return None
+        return (f"{lock_file}: the lock is held by {holder.describe()}, which is still running (this file system has no "
+                f"flock, so the lock file decides). Wait for it or stop it; if pid {holder.pid} is another program by now, "
+                f"rerun with {BREAK_ENV}=1 to take the lock over")
+    return (f"{lock_file}: the lock was taken by {holder.describe()}, which has not released it; it may still run (this "
+            f"file system has no flock and {socket.gethostname()} cannot see processes on {holder.host}). Check pid "
+            f"{holder.pid} on {holder.host}; once it has ended, rerun with {BREAK_ENV}=1 to take the lock over")
 
 
 def _open_locked(folder: Path, job: str) -> int:
@@ -178,7 +204,7 @@ def _open_locked(folder: Path, job: str) -> int:
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by programs this job starts (PEP 446)
     try:
-        shared = True
+        flock_works = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -191,19 +217,17 @@ def _open_locked(folder: Path, job: str) -> int:
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            shared = False
+            flock_works = False
             log.warning("%s: the file system does not support flock (%s); the lock file's content alone decides (lumrec.locks)",
                         path, err.strerror)
         previous = LockInfo.parse(_read(fd))
         if previous is not None:
-            here = socket.gethostname()
-            breaking = os.environ.get(BREAK_ENV, "") not in ("", "0")
-            if previous.host != here and not breaking:
-                raise LockHeldError(_foreign_message(path, previous), folder, previous)
-            if previous.host == here and not shared and _pid_alive(previous.pid) and not breaking:
-                raise LockHeldError(_held_message(folder, previous), folder, previous)
-            how = f"{BREAK_ENV}=1" if previous.host != here else "it has ended"
-            log.warning("%s: taking over the lock of %s, which did not release it (%s)", folder, previous.describe(), how)
+            refusal = stale_lock_refusal(path, previous, flock_works, breaking=os.environ.get(BREAK_ENV, "") not in ("", "0"))
+            if refusal is not None:
+                raise LockHeldError(refusal, folder, previous)
+            elsewhere = "" if previous.host == socket.gethostname() else (
+                f"; if it still runs on {previous.host}, this file system does not share locks across hosts: stop one of the two")
+            log.warning("%s: taking over the lock of %s, which ended without releasing it%s", folder, previous.describe(), elsewhere)
         _write(fd, LockInfo.here(job))
     except BaseException:
         os.close(fd)
