@@ -24,6 +24,12 @@ partition and the reports are replaced atomically, so a job killed anywhere and 
 the same checkpoints and metrics as an uninterrupted one (``tests/test_daily.py`` kills each
 stage with ``lumrec.faults`` failpoints).
 
+Config drift (``pipelines/daily_drift.py``): a stage's manifest holds the digest of the resolved
+config it ran with, recorded beside it. A rerun whose config changes a finished stage's outputs
+is refused, naming the day and each key (saved and new value), unless ``redo=changed``: then the
+outputs of that stage and every later one of the day and of every later day are removed (a
+journal, ``OUT/redo.json``, lets a killed redo finish on the next run) and the days run again.
+
 The stages are one list, ``DAY_STAGES``: each ``Stage`` has its name, whether it needs LUM, its
 work (a ``DailyJob`` method) and its columns of the report table. TensorBoard scalars go to
 ``OUT/tb`` at step = the day's index among the dataset's impression days: ``next_day/auc``,
@@ -40,18 +46,23 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from lumrec.checkpoint import CheckpointManager
-from lumrec.config import load_config
+from lumrec.config import check_at_least, check_days, load_config
 from lumrec.data.dataset import Dataset, write_text_atomic
 from lumrec.data.synthetic import SynthConfig, generate, generated_with
 from lumrec.distributed import barrier, from_rank0, init_distributed, is_main
+from lumrec.errors import EXIT_WAITING
 from lumrec.faults import failpoint
-from lumrec.knowledge import latest_as_of
-from lumrec.modules.warm_start_config import WarmStartConfig
+from lumrec.knowledge import KNOWLEDGE_MANIFEST, latest_as_of, partition_dir
+from lumrec.locks import RunLock, under_lock
+from lumrec.modules.warm_start import load_source_state
+from lumrec.modules.warm_start_config import WarmStartConfig, WarmStartError
+from lumrec.pipelines.daily_drift import (DriftChecks, ShapeMismatchError, config_digest, describe_mismatches, shape_key_changes,
+                                          shape_mismatches)
 from lumrec.pipelines.pretrain import Pretrainer
 from lumrec.pipelines.pretrain_config import PretrainConfig
 from lumrec.pipelines.query import QueryConfig, run_query
@@ -88,9 +99,16 @@ class DailyConfig:
     # (c)+(d) ranking. Per day: data, out, the samples' days and split, lum.store, warm_start.
     rank: RankConfig = field(default_factory=RankConfig)
     rank_warm_start: WarmStartConfig | None = None  # the first day's DLRM (later days: D-1's)
+    # A finished stage whose config changed in a way that changes its outputs: "none" refuses to go on;
+    # "changed" recomputes it, the later stages of its day and every later day.
+    redo: Literal["none", "changed"] = "none"
+
+    def __post_init__(self) -> None:
+        check_days(self, "ds", "start", "end")
+        check_at_least(self, 1, "epochs_per_day", "bootstrap_epochs")
 
 
-class DailyJob:
+class DailyJob(DriftChecks):
     """Runs the stages of a range of days over one output folder."""
 
     def __init__(self, cfg: DailyConfig) -> None:
@@ -169,6 +187,10 @@ class DailyJob:
     def stage_file(self, ds: str, stage: str) -> Path:
         return self.day_dir(ds) / "stages" / f"{stage}.json"
 
+    def config_file(self, ds: str, stage: str) -> Path:
+        """The resolved config the stage ran with (its digest is in the stage manifest)."""
+        return self.day_dir(ds) / "stages" / f"{stage}.config.json"
+
     def stage_done(self, ds: str, stage: str) -> dict[str, Any] | None:
         """The manifest of a complete stage, or None."""
         path = self.stage_file(ds, stage)
@@ -179,11 +201,14 @@ class DailyJob:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: corrupt stage manifest ({err}); delete it to rerun the stage") from None
 
-    def _finish_stage(self, ds: str, stage: str, result: dict[str, Any]) -> dict[str, Any]:
-        """Write the stage's manifest last (atomically): from now on the stage is complete."""
+    def _finish_stage(self, ds: str, stage: str, result: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the stage's config, then its manifest last (both atomically): from now on the stage is complete."""
         failpoint(f"daily.{stage}.before_manifest")
-        manifest = self._from_main({"ds": ds, "stage": stage, **result})
+        digest = {"config_digest": config_digest(config)} if config is not None else {}
+        manifest = self._from_main({"ds": ds, "stage": stage, **result, **digest})
         if self.is_main:
+            if config is not None:
+                write_text_atomic(self.config_file(ds, stage), json.dumps(config, indent=2, sort_keys=True))
             write_text_atomic(self.stage_file(ds, stage), json.dumps(manifest, indent=2, sort_keys=True))
         self._barrier()  # no rank reads the stage as incomplete after this
         return manifest  # what a later run reads back for a complete stage: the report is the same either way
@@ -208,8 +233,8 @@ class DailyJob:
         return prev
 
     # -- (a) pre-training -------------------------------------------------------------------
-    def pretrain(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """(a) Continue LUM pre-training from D-1's checkpoint with D's behaviours as targets."""
+    def pretrain_config(self, ds: str) -> PretrainConfig:
+        """The LUM pre-training job of day `ds`: D-1's checkpoint (or `lum_init`) continued on D's behaviours."""
         prev = self._continues(ds, "pretrain")
         source = str(self.day_dir(prev) / "lum" / "checkpoints") if prev is not None else self.cfg.lum_init
         cfg: PretrainConfig = copy.deepcopy(self.cfg.pretrain)
@@ -220,17 +245,45 @@ class DailyJob:
         cfg.data.target_start = ds if source is not None else None
         cfg.train.init_from = source
         cfg.train.epochs = self.cfg.epochs_per_day if source is not None else self.cfg.bootstrap_epochs
-        result = Pretrainer(cfg).run()
+        return cfg
+
+    def pretrain(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """(a) Continue LUM pre-training from D-1's checkpoint with D's behaviours as targets."""
+        prev = self._continues(ds, "pretrain")
+        cfg = self.pretrain_config(ds)
+        source = cfg.train.init_from
+        trainer = Pretrainer(cfg)
+        if source is not None and trainer.checkpoints.latest() is None:  # a fresh run loads `source` into this model
+            found = shape_mismatches(load_source_state(source), trainer._state()["model"])  # DCP loads equal shapes only
+            if found:
+                raise self._shape_error(ds, "pretrain", prev, source, describe_mismatches(found), self.recorded_form(cfg),
+                                        "start a new daily folder (out=...) whose first day pre-trains afresh (or continues a "
+                                        "LUM of the new shape: lum_init)")
+        result = trainer.run()
         summary = {"continued_from": prev or (source and "lum_init"), "steps": result["steps"], "train_users": result["train_users"],
-                   "epochs": cfg.train.epochs, "train_minutes": result["train_minutes"]}
+                   "epochs": cfg.train.epochs, "train_minutes": result["train_minutes"], **_inexact(result)}
         if "table_init" in result:  # feature warm-up (first day only): which tables came from the DLRM
             summary["table_init_tables"] = result["table_init"]["tables"]
         return summary
 
+    def _shape_error(self, ds: str, stage: str, prev: str | None, source: str, tensors: str, current: dict[str, Any],
+                     migrate: str) -> ShapeMismatchError:
+        """Day `ds`'s model does not fit the checkpoint it continues: the tensors, the keys changed since `prev`, what to do."""
+        run = Path(source).parent  # a run's checkpoints/ folder, or one step-NNNNNNNN in it
+        record = self.config_file(prev, stage) if prev is not None else (run.parent if run.name == "checkpoints" else run) / "config.json"
+        try:
+            saved = json.loads(record.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            saved = None
+        what = f"day {prev}'s" if prev is not None else "lum_init's"
+        return ShapeMismatchError(
+            f"daily: day {ds}: {what} {'LUM' if stage == 'pretrain' else 'DLRM'} ({source}) does not fit this day's model"
+            f"{shape_key_changes(stage, saved, current)}: {tensors}. A checkpoint continues only into the same shapes: set "
+            f"the keys back to the values in {record}, or {migrate} (docs/operations.md, model changes between days)")
+
     # -- (b) knowledge query ----------------------------------------------------------------
-    def query(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """(b) Refresh the knowledge as of D: the active users, the others carried over (or everyone)."""
-        self._require(ds, "pretrain")
+    def query_config(self, ds: str) -> QueryConfig:
+        """The knowledge query of day `ds`: D's LUM asked for D's active users (or everyone), the others carried over."""
         cfg: QueryConfig = copy.deepcopy(self.cfg.query)
         cfg.checkpoint = str(self.day_dir(ds) / "lum")
         cfg.checkpoint_kind = "latest"
@@ -241,10 +294,16 @@ class DailyJob:
         incremental = previous is not None and not self.cfg.full_refresh and ds in self.behaviour_days
         cfg.users = "active" if incremental else "all"
         cfg.carry_over_from = previous if incremental else None
+        return cfg
+
+    def query(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """(b) Refresh the knowledge as of D: the active users, the others carried over (or everyone)."""
+        self._require(ds, "pretrain")
+        cfg = self.query_config(ds)
         # Every rank answers a share of the users; rank 0 writes the partition (one writer).
         result = self._from_main(run_query(cfg, self.ctx))
         refreshed = result["users"]
-        return {"refresh": "incremental" if incremental else "full", "refreshed_users": refreshed,
+        return {"refresh": "incremental" if cfg.users == "active" else "full", "refreshed_users": refreshed,
                 "carried_over_users": result["carried_over"], "carry_over_from": cfg.carry_over_from,
                 "total_users": refreshed + result["carried_over"], "conditions": result["conditions"],
                 "model_version": result["model_version"], "seconds": result["seconds"]}
@@ -267,6 +326,12 @@ class DailyJob:
         else:
             cfg.lum = None
         cfg.out = str(self.day_dir(ds) / ("eval" if eval_day else "rank"))
+        if eval_day is None:  # training: warm-started from D-1's DLRM, the first day from rank_warm_start
+            prev = self._continues(ds, "rank")
+            if prev is not None:
+                cfg.warm_start = WarmStartConfig(source=str(self.day_dir(prev) / "rank" / "checkpoints"))
+            else:
+                cfg.warm_start = copy.deepcopy(self.cfg.rank_warm_start)
         return cfg
 
     def rank(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -275,15 +340,27 @@ class DailyJob:
             self._require(ds, "query")  # D's samples read D-1's knowledge; the order keeps days in sequence
         prev = self._continues(ds, "rank")
         cfg = self.rank_config(ds)
-        if prev is not None:
-            cfg.warm_start = WarmStartConfig(source=str(self.day_dir(prev) / "rank" / "checkpoints"))
-        else:
-            cfg.warm_start = copy.deepcopy(self.cfg.rank_warm_start)
-        result = run_rank(cfg)
+        try:
+            result = run_rank(cfg)
+        except WarmStartError as err:
+            if prev is None:
+                raise  # rank_warm_start: the error names its source and keys
+            # The warm start names the tensors; its advice (name_map, exclude) is for a hand-written warm start.
+            tensors = str(err).split(": ", 1)[-1].split(". Map names with", 1)[0]
+            source = cfg.warm_start.source
+            raise self._shape_error(ds, "rank", prev, source, tensors, self.recorded_form(cfg),
+                                    f"start a new daily folder (out=...) whose first day warm-starts from this DLRM with "
+                                    f"rank_warm_start: {{source: {source}, strict_shapes: false}} (equal shapes are copied, "
+                                    "LUM input columns widen, the rest start afresh)") from None
         last = result["history"][-1]
         return {"warm_start": result.get("warm_start"), "train_samples": result["samples"]["train"]["samples"],
                 "train_loss": last["train_loss"], "epochs": result["epochs_run"], "steps": result["steps"],
-                "train_minutes": result["train_minutes"]}
+                "train_minutes": result["train_minutes"], **_inexact(result)}
+
+    def eval_config(self, ds: str) -> RankConfig | None:
+        """The next-day evaluation job of day `ds`, or None while D+1's impressions are not there."""
+        nxt = self.next_day(ds)
+        return self.rank_config(ds, eval_day=nxt) if nxt is not None else None
 
     # -- (d) next-day evaluation and the report ----------------------------------------------
     def next_day(self, ds: str) -> str | None:
@@ -314,14 +391,14 @@ class DailyJob:
         if self.is_main:
             write_text_atomic(self.day_dir(ds) / "report.json", json.dumps(report, indent=2, sort_keys=True))
             failpoint("daily.report.written")
-            reports = []
-            for folder in sorted((self.out / "days").glob("ds=*")):
-                path = folder / "report.json"
-                if path.exists():
-                    reports.append(json.loads(path.read_text()))
-            write_text_atomic(self.out / "report.tsv", report_table(reports))
+            self._write_table()
         self._barrier()
         return report
+
+    def _write_table(self) -> None:
+        """OUT/report.tsv rebuilt from every day's report.json (rank 0)."""
+        reports = [json.loads(path.read_text()) for path in sorted((self.out / "days").glob("ds=*/report.json"))]
+        write_text_atomic(self.out / "report.tsv", report_table(reports))
 
     def evaluate_and_report(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """(d) Next-day metrics of D's DLRM and the day's report (written before the stage completes), or None: waiting."""
@@ -332,9 +409,9 @@ class DailyJob:
         return metrics
 
     # -- the loop ---------------------------------------------------------------------------
-    def stages(self) -> tuple[Stage, ...]:
-        """The stages of a day in order (without LUM: those that need none)."""
-        return tuple(s for s in DAY_STAGES if self.cfg.with_lum or not s.needs_lum)
+    def stages(self, every: bool = False) -> tuple[Stage, ...]:
+        """The stages of a day in order (without LUM: those that need none; `every`: all of them)."""
+        return tuple(s for s in DAY_STAGES if every or self.cfg.with_lum or not s.needs_lum)
 
     def run_day(self, ds: str, bar: Any = None, label: str = "") -> dict[str, Any]:
         """All stages of day `ds` that are not complete yet; returns the stage results and the day's status.
@@ -354,12 +431,13 @@ class DailyJob:
             else:
                 t0 = time.perf_counter()
                 log.info("%s %s: running", ds, stage.name)
+                config = self.stage_config(stage, ds)  # before it runs: what it runs with
                 result = stage.run(self, ds, results)
                 if result is None:
                     status = f"waiting for {stage.waits_for}"
                     log.info("%s %s: %s", ds, stage.name, status)
                     break
-                results[stage.name] = self._finish_stage(ds, stage.name, result)
+                results[stage.name] = self._finish_stage(ds, stage.name, result, config)
                 seconds[stage.name] = time.perf_counter() - t0
                 log.info("%s %s: done in %.1f s", ds, stage.name, seconds[stage.name])
             if bar is not None:
@@ -377,10 +455,13 @@ class DailyJob:
             self.tb.scalars("next_day", {k: v for k, v in results["eval"].items() if k in metrics}, step)
         self.tb.flush()
 
+    @under_lock(lambda self: RunLock(self.out, "daily", self.ctx))  # its stages lock their own folders too
     def run(self) -> list[dict[str, Any]]:
         """Every day of the range in order; complete days are skipped. Returns one status per day."""
         days = self.days()
         stages = self.stages()
+        self._finish_pending_redo()
+        self._check_drift(days)
         if self.is_main:
             log_job_start("daily", data=f"{len(days)} day(s) {days[0]}..{days[-1]} of {self.data.root}", device="cpu",
                           threads=torch.get_num_threads(), lum="yes" if self.cfg.with_lum else "no",
@@ -415,7 +496,8 @@ class Stage:
 
     `run(job, ds, results)` does the work for day `ds` (`results`: the day's earlier stages) and
     returns what the stage manifest records, or None while the day cannot complete (`waits_for`).
-    A day without a stage's result shows "-" in its columns.
+    A day without a stage's result shows "-" in its columns. `config(job, ds)` is the dataclass config it
+    runs with (its digest goes into the manifest); `outputs(job, ds)` the files and folders it writes.
     """
 
     name: str
@@ -423,24 +505,29 @@ class Stage:
     columns: tuple[Column, ...]
     needs_lum: bool = False
     waits_for: str = ""
+    config: Callable[[DailyJob, str], Any] | None = None  # the job config the stage runs with on a day (recorded, compared)
+    outputs: Callable[[DailyJob, str], list[Path]] | None = None  # what a redo removes besides the manifest and config
 
 
 DAY_STAGES: tuple[Stage, ...] = (
-    Stage("pretrain", DailyJob.pretrain, needs_lum=True, columns=(
+    Stage("pretrain", DailyJob.pretrain, needs_lum=True, config=DailyJob.pretrain_config,
+          outputs=lambda job, ds: [job.day_dir(ds) / "lum"], columns=(
         Column("lum_steps", lambda r: r.get("steps", "-")),
         Column("lum_users", lambda r: r.get("train_users", "-")),
     )),
-    Stage("query", DailyJob.query, needs_lum=True, columns=(
+    Stage("query", DailyJob.query, needs_lum=True, config=DailyJob.query_config,
+          outputs=lambda job, ds: [partition_dir(job.store, ds) / KNOWLEDGE_MANIFEST, partition_dir(job.store, ds)], columns=(
         Column("refresh", lambda r: r.get("refresh", "-")),
         Column("refreshed", lambda r: r.get("refreshed_users", "-")),
         Column("carried", lambda r: r.get("carried_over_users", "-")),
     )),
-    Stage("rank", DailyJob.rank, columns=(
+    Stage("rank", DailyJob.rank, config=DailyJob.rank_config, outputs=lambda job, ds: [job.day_dir(ds) / "rank"], columns=(
         Column("rank_samples", lambda r: r["train_samples"]),
         Column("warm_start", lambda r: "yes" if r.get("warm_start") else "no"),
         Column("train_loss", lambda r: f"{r['train_loss']:.4f}"),
     )),
-    Stage("eval", DailyJob.evaluate_and_report, waits_for="next day", columns=(
+    Stage("eval", DailyJob.evaluate_and_report, waits_for="next day", config=DailyJob.eval_config,
+          outputs=lambda job, ds: [job.day_dir(ds) / "report.json", job.day_dir(ds) / "eval"], columns=(
         Column("eval_day", lambda r: r["eval_day"]),
         Column("next_day_auc", lambda r: f"{r['auc']:.4f}"),
         Column("ne", lambda r: f"{r['ne']:.4f}"),
@@ -458,6 +545,11 @@ def report_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _inexact(result: dict[str, Any]) -> dict[str, Any]:
+    """A training run's declaration that a resume changed its thread count (its weights are not bit-identical), if any."""
+    return {k: result[k] for k in ("bit_identical_resume", "threads") if k in result}
+
+
 def run_daily(cfg: DailyConfig) -> list[dict[str, Any]]:
     """Process `cfg`'s days in order (complete days skipped); returns one status per day."""
     return DailyJob(cfg).run()
@@ -467,10 +559,12 @@ def main(args: argparse.Namespace) -> int:
     """`lumrec daily CONFIG [ds=... | start=... end=...] [key=value ...]`."""
     cfg = load_config(DailyConfig, args.config, overrides=args.overrides)
     statuses = run_daily(cfg)
+    # A day waiting for the next day's data is no failure, but a scheduler must tell it from "done": rerun later.
+    code = EXIT_WAITING if any(s["status"].startswith("waiting") for s in statuses) else 0
     if os.environ.get("RANK", "0") != "0":
-        return 0  # rank 0 prints
+        return code  # rank 0 prints
     table = Path(cfg.out) / "report.tsv"
     if table.exists():
         print(table.read_text().rstrip())
     print(json.dumps([{"ds": s["ds"], "status": s["status"]} for s in statuses]))
-    return 0
+    return code

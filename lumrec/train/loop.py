@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+import torch
+
 from lumrec.config import check_same_run
 from lumrec.data.dataset import write_text_atomic
 from lumrec.distributed import barrier, is_main
@@ -145,6 +147,7 @@ class TrainLoop:
         {"stopped": "max_epochs" | "max_steps", "epoch": ..., "step": ...}.
         """
         self.resume()
+        self._record_threads()
         barrier(self.ctx)  # every rank has compared config.json before rank 0 rewrites it
         if self.is_main:
             write_text_atomic(self.out / "config.json", json.dumps(self.config.values, indent=2))
@@ -228,8 +231,25 @@ class TrainLoop:
         self.scalars.flush()
         return {"stopped": reason, "epoch": self.loader.epoch, "step": self.state.step}
 
+    def _record_threads(self) -> None:
+        """Note this process's torch thread count in the run state; a resume with another count is declared, not refused.
+
+        Another count sums floats in another order, so the weights drift from an uninterrupted run's
+        (a resume on a machine with more cores should still run): a WARNING now, and results.json
+        says `"bit_identical_resume": false` with the counts.
+        """
+        threads, used = torch.get_num_threads(), self.state.threads
+        if used and used[-1] != threads:
+            log.warning("%s: resumed with %d torch threads, its checkpoint was trained with %d: the weights will not be "
+                        "bit-identical to an uninterrupted run's (set the job's train.threads=%d to keep them identical)",
+                        self.out, threads, used[-1], used[-1])
+        if not used or used[-1] != threads:
+            used.append(threads)
+
     def _finish(self) -> dict[str, Any]:
         result = self.results(self.state)
+        if len(set(self.state.threads)) > 1:
+            result = {**result, "bit_identical_resume": False, "threads": list(self.state.threads)}
         if self.is_main:
             (self.out / "results.json").write_text(json.dumps(result, indent=2))
         self.scalars.close()

@@ -20,7 +20,7 @@ _ALIASES = {"best_auc": "best_metric"}
 
 @dataclass
 class TrainState:
-    """Where a run stands: step, loader position, best evaluation, patience, time, tokens, history."""
+    """Where a run stands: step, loader position, best evaluation, patience, time, tokens, history, thread counts."""
 
     step: int = 0
     epoch: int = 0  # loader position: epoch and next batch
@@ -34,6 +34,9 @@ class TrainState:
     loss_count: int = 0
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     done: bool = False  # patience or the time budget ran out
+    # torch thread counts the run trained with, in order (one entry unless a resume changed it): float
+    # sums run in another order with another count, so such a run is not bit-identical to an uninterrupted one.
+    threads: list[int] = field(default_factory=list)
 
     @property
     def epoch_loss(self) -> float:
