@@ -39,6 +39,9 @@ DATE_FORMAT = "YYYY-MM-DD, e.g. 2026-01-15"
 class ConfigError(UserError, ValueError):
     """A config that does not fit its dataclass; the message names the key path and the file."""
 
+    source: str | None = None  # the file (or reader) named first in the message, when `_located` made it
+    detail: str = ""
+
 
 class ConfigValueError(ConfigError):
     """A field value out of range, raised by a config's own checks (`__post_init__`); `from_dict` adds file and key path."""
@@ -201,15 +204,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", p
         return cls(**kwargs)
     except ConfigValueError as err:  # the class's own range checks: add the file and the full key path
         key = f"{prefix}.{err.key}" if prefix else err.key
-        raise ConfigError(f"{source}: key {key!r} {err.problem}") from None
+        raise _located(source, f"key {key!r} {err.problem}") from None
     except ConfigError as err:
-        if str(err).startswith(f"{source}:"):
+        # Raised by a nested reader (e.g. a registry's from_dict with its own source): the key path is
+        # in its text already; only the file is added, in place of that reader's source.
+        if err.source == source:
             raise
-        where = f"key {prefix!r}: " if prefix else ""  # a check that names its own source (e.g. a registry's): add the file
-        raise ConfigError(f"{source}: {where}{err}") from None
+        raise _located(source, err.detail if err.source is not None else str(err)) from None
     except ValueError as err:  # other checks in __post_init__ say what is wrong; add where
-        where = f"key {prefix!r}: " if prefix else ""
-        raise ConfigError(f"{source}: {where}{err}") from None
+        raise _located(source, f"{prefix}: {err}" if prefix else str(err)) from None
+
+
+def _located(source: str, detail: str) -> ConfigError:
+    """ConfigError "SOURCE: DETAIL" that remembers both parts, so an outer reader can put its own file in front."""
+    err = ConfigError(f"{source}: {detail}")
+    err.source, err.detail = source, detail
+    return err
 
 
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:

@@ -137,8 +137,8 @@ def test_zero_or_negative_sizes_are_rejected_at_load_naming_the_key(cls, data, k
 
 
 def test_model_sizes_are_rejected_naming_the_section():
-    # Model configs check their own sizes; the error names the file and the section that holds them.
-    with pytest.raises(ConfigError, match=r"job\.yaml: key 'rank\.sizes': .*hstu\.num_layers' must be >= 1"):
+    # Model configs check their own sizes; the error names the file and the key in the rank job's config.
+    with pytest.raises(ConfigError, match=r"^job\.yaml: key 'sizes\.backbones\.hstu\.num_layers' must be >= 1, got 0$"):
         from_dict(DailyConfig, {"rank": {"sizes": {"backbones": {"hstu": {"num_layers": 0}}}}}, source="job.yaml")
 
 
