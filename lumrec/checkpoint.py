@@ -143,7 +143,8 @@ def tensor_digest(state: Mapping[str, Any]) -> str:
 # every non-tensor value (optimizer hyper-parameters, ints, strings) with torch.load(weights_only=
 # False): whoever writes a checkpoint folder could run code in the process that loads it, and the
 # digest manifest cannot stop that (the same writer wrote it). Tensors DCP reads with
-# torch.load(weights_only=True) already. DCP metadata consists of these globals alone (found by
+# torch.load(weights_only=True) already, and the stream transforms metadata may name come from
+# DCP's own registry (zstd), not from the file. DCP metadata consists of these globals alone (found by
 # unpickling real checkpoints of one process and of two ranks, plain and sharded models with
 # their optimizers); torch's dtypes, layouts and memory formats are allowed by type below.
 _METADATA_GLOBALS = frozenset({
