@@ -16,6 +16,17 @@ ranker's features are the request (scenario, query), the candidate (item, catego
 statistics) and the user's recent behaviours. Base+LUM adds interest matching: the cosine of
 the LUM's answer `o_q` under the feed, search and the request's own query with the candidate's
 item embedding `e_i`.
+
+The output folder is the demo's own: every run replaces its ``lum/``, ``knowledge/``, ``rank/`` and
+``daily/``. A folder that holds anything else is refused (`claim_demo_folder`); the demo marks
+the folders it creates with ``.lumrec-demo``, so ``make demo`` reruns in ``out/demo``.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp()) / "demo"
+    >>> claim_demo_folder(folder)
+    >>> sorted(p.name for p in folder.iterdir())
+    ['.lumrec-demo']
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.stats import dataset_stats
 from lumrec.data.synthetic import SynthConfig, ensure_generated
 from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
+from lumrec.errors import UserError
 from lumrec.modules.lum_join import RankLUMConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.pipelines.daily import DailyConfig, run_daily
@@ -52,6 +64,10 @@ from lumrec.pipelines.rank import RankConfig, run_rank
 from lumrec.pipelines.rank_config import RankModelConfig, RankTrainConfig
 
 log = logging.getLogger("lumrec.demo")
+
+# The marker of a folder the demo writes, and what it writes there (steps 1-4 replace all but data/ on every run).
+DEMO_MARKER = ".lumrec-demo"
+DEMO_ENTRIES = ("data", "lum", "knowledge", "rank", "daily")
 
 # The demo's synthetic logs: the defaults over 11 days (7 for the LUM, 3 for the ranker, one more for step 4's last next-day AUC).
 DEMO_SYNTH = {"num_days": 11}
@@ -85,6 +101,42 @@ class DemoConfig:
     daily: bool = True  # step 4: three simulated days of the daily pipeline
     daily_epochs: int = 2  # continued pre-training passes over each day's behaviours
     step_threads: int = 1  # query and ranking: small matrices, a second thread mostly waits (and hurts on a busy machine)
+
+
+class DemoFolderError(UserError):
+    """The demo's output folder holds something the demo did not write; the message says what and what to do."""
+
+
+def _synthetic_logs(root: Path) -> bool:
+    """Whether `root` holds a dataset lumrec's synthetic generator wrote (its manifest records the SynthConfig)."""
+    try:
+        made = Dataset(root).read_meta().extra.get("config")
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(made, dict) and set(made) == {f.name for f in dataclasses.fields(SynthConfig)}
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Refuse `out` unless it is the demo's own (absent, empty, marked, or only the demo's folders with synthetic logs); mark it.
+
+    Steps 1-4 delete and rewrite `out`'s lum/, knowledge/, rank/ and daily/: never in a folder of anything else.
+    """
+    if (out / DEMO_MARKER).is_file():
+        return
+    if out.exists() and not out.is_dir():
+        raise DemoFolderError(f"demo: --out {out} is a file; pass a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    others = [name for name in entries if name not in DEMO_ENTRIES]
+    # A folder of only the demo's entries with lumrec's synthetic logs in data/ is a demo run's (made before the marker).
+    if entries and (others or not _synthetic_logs(out / "data")):
+        found = others or entries
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        what = "" if others else " (its data/ is not lumrec's synthetic logs)"
+        raise DemoFolderError(
+            f"demo: --out {out} is not a demo folder: it holds {shown}{what} and no {DEMO_MARKER} marker. The demo deletes "
+            f"and rewrites {', '.join(DEMO_ENTRIES[1:])} in its folder: pass --out with a new or empty folder, or remove {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `lumrec demo`: every demo run replaces lum/, knowledge/, rank/ and daily/ here\n")
 
 
 def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
@@ -294,6 +346,7 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
     """Run the demo (data -> step 1 -> step 2 -> step 3) and return its key figures (also printed as the last line)."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    claim_demo_folder(out)  # before anything is written there
     data = ensure_synthetic(out / "data", synth)
     figures = show_data(cfg, data)
     days = data.days("behaviours")
@@ -301,7 +354,8 @@ def run_demo(cfg: DemoConfig, synth: SynthConfig) -> dict:
         raise ValueError(f"DemoConfig.pretrain_days must leave 4 days for steps 3-4: {len(days)} days, pretrain_days={cfg.pretrain_days}")
     end = days[cfg.pretrain_days - 1]
     ranked_days = days[cfg.pretrain_days : cfg.pretrain_days + 3]  # step 3: train / valid / test; step 4: the daily days
-    # Steps 1-4 start afresh: their folders would otherwise resume runs made on other logs or settings.
+    # Steps 1-4 start afresh: their folders would otherwise resume runs made on other logs or settings
+    # (the folder is the demo's own: claim_demo_folder).
     for name in ("lum", "knowledge", "rank", "daily"):
         shutil.rmtree(out / name, ignore_errors=True)
     print()

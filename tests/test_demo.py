@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.errors import EXIT_USER
 from lumrec.knowledge import knowledge_days
-from lumrec.data.synthetic import SynthConfig
-from lumrec.pipelines.demo import DEMO_SYNTH, DemoConfig, main, run_demo
+from lumrec.pipelines.demo import DEMO_MARKER, DEMO_SYNTH, DemoConfig, DemoFolderError, claim_demo_folder, main, run_demo
 
 TINY_SYNTH = SynthConfig(seed=0, num_users=80, num_items=50, num_categories=4, num_queries=8, num_days=6, impressions_per_user_day=10)
 
@@ -57,6 +58,44 @@ def test_demo_runs_three_steps_and_ends_with_table_and_json(tmp_path, capsys):
     # Every job of the demo leaves TensorBoard event files in its run folder.
     for job in ("lum", "knowledge", "rank/base", "rank/lum", "daily"):
         assert list((tmp_path / "demo" / job / "tb").glob("events.out.tfevents.*")), f"no TensorBoard events for {job}"
+    assert (tmp_path / "demo" / DEMO_MARKER).is_file()  # the demo's own folder: a rerun replaces its steps' folders
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
+    """The demo deletes lum/, knowledge/, rank/ and daily/ of its folder: a folder holding anything else is refused, untouched."""
+    folder = tmp_path / "mine"
+    (folder / "rank").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(DemoFolderError) as err:
+        run_demo(tiny_demo(folder), TINY_SYNTH)
+    assert str(err.value) == (f"demo: --out {folder} is not a demo folder: it holds notes.txt and no {DEMO_MARKER} marker. The demo "
+                              "deletes and rewrites lum, knowledge, rank, daily in its folder: pass --out with a new or empty folder, "
+                              f"or remove {folder}")
+    assert err.value.exit_code == EXIT_USER
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "rank"]
+    # Only the demo's names, but data/ is not lumrec's synthetic logs: refused too.
+    (folder / "notes.txt").unlink()
+    with pytest.raises(DemoFolderError, match="it holds rank \\(its data/ is not lumrec's synthetic logs\\)"):
+        claim_demo_folder(folder)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DemoFolderError, match="is a file"):
+        claim_demo_folder(tmp_path / "file.txt")
+
+
+def test_demo_claims_new_empty_and_its_own_folders(tmp_path):
+    for folder in (tmp_path / "new" / "demo", tmp_path / "empty"):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.name == "empty":
+            folder.mkdir()
+        claim_demo_folder(folder)
+        assert (folder / DEMO_MARKER).is_file()
+        claim_demo_folder(folder)  # marked: the demo's
+    # A demo run's folder without the marker: only the demo's folders, lumrec's synthetic logs in data/.
+    old = tmp_path / "old"
+    generate(old / "data", TINY_SYNTH, progress=False)
+    (old / "rank" / "base").mkdir(parents=True)
+    claim_demo_folder(old)
+    assert (old / DEMO_MARKER).is_file() and (old / "rank" / "base").is_dir()
 
 
 def test_demo_rejects_too_few_days(tmp_path):
