@@ -3,7 +3,7 @@
 =============================  ======================================================
 job                            folder it locks
 =============================  ======================================================
-pretrain, rank, retrieve       the run folder (`out`), for `lumrec.train.TrainLoop.run`
+pretrain, rank, retrieve       the run folder (`out`), while `lumrec.train.TrainLoop.run` runs
 query                          the knowledge store (`store`)
 daily                          its `out` (its pretrain, query and rank lock their own folders)
 lumrec import, lumrec synth    the dataset folder being written
@@ -11,7 +11,7 @@ lumrec import, lumrec synth    the dataset folder being written
 
 The lock is ``fcntl.flock`` on ``FOLDER/.lumrec.lock``. The file holds the holder's host, pid,
 job, start time (UTC) and command line; a second job on the folder stops at once with
-`LockHeldError` naming them (exit code 73). The holder empties the file when it releases the lock.
+`LockHeldError` naming them (exit code 73, `lumrec.errors`). The holder empties the file when it releases the lock.
 Under N ranks rank 0 alone takes the lock and tells every rank the outcome, so no rank waits
 in a collective when the folder is taken. A process may take a lock it already holds (a job
 inside a job on the same folder): the lock is released when the outermost holder lets go.
@@ -27,8 +27,8 @@ job killed on one host or container resumes on another without help. Two cases n
   alive; one named on another host may be alive, which this host cannot tell, so the job stops
   with `LockHeldError`. Check that pid on that host; once it has ended, rerun with
   ``LUMREC_BREAK_LOCK=1`` to take the lock over.
-- ``flock`` works on each host but does not reach across them (NFSv3 with ``local_lock``,
-  Lustre with ``localflock``): lumrec cannot see a job on another host. The takeover WARNING
+- ``flock`` works on each host but does not reach across them (NFS mounted with
+  ``local_lock=flock``, Lustre with ``localflock``): lumrec cannot see a job on another host. The takeover WARNING
   names the other host's job: if it still runs, stop one of the two, and mount the file system
   with shared locks. Before starting a job on another host, ``cat FOLDER/.lumrec.lock`` shows
   the holder (empty: released).
