@@ -189,9 +189,11 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(code, int) and not isinstance(code, bool):
         return code, _message(exc)
     inner = _wrapped(exc)
-    if inner is not None:
+    if inner is not None:  # torch DCP's wrapper: the first rank's own error says what happened
         code, text = describe(inner)
-        return (code if code != EXIT_INTERNAL else EXIT_CHECKPOINT), text
+        if code == EXIT_INTERNAL:
+            return EXIT_CHECKPOINT, f"checkpoint save or load failed: {_message(inner)}"
+        return code, text
     for cls in type(exc).__mro__:
         mapped = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if mapped is not None:

@@ -345,3 +345,44 @@ def test_a_killed_import_reruns_without_flags(tmp_path):
     again = lumrec("import", "amazon", str(src), str(out))
     assert again.returncode == 0, again.stderr
     assert Dataset(out).read_meta().vocab_sizes["user_id"] == 3
+
+
+def test_a_disk_failure_inside_torch_dcp_is_named():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # DCP wraps each rank's failure in a CheckpointException, a BaseException the CLI still reports in one line.
+    wrapped = CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    with pytest.raises(StorageError, match=r"^runs/x/\.tmp-step-00000003: no space left on the device") as caught:
+        with writing("runs/x/.tmp-step-00000003"):
+            raise wrapped
+    assert describe(caught.value)[0] == EXIT_IO
+    code, message = describe(CheckpointException("load failed", {0: (RuntimeError("Size mismatch"), None)}))
+    assert code == EXIT_CHECKPOINT and message == "checkpoint save or load failed: Size mismatch"
+
+
+# -- lock held, waiting for data --------------------------------------------------------------
+
+
+def test_a_held_dataset_lock_exits_with_its_code(tmp_path):
+    locks = pytest.importorskip("lumrec.locks")
+    src = _amazon(tmp_path)
+    out = tmp_path / "out"
+    with locks.RunLock(out, "test holder"):
+        run = lumrec("import", "amazon", str(src), str(out))
+    assert run.returncode == EXIT_LOCK_HELD
+    assert str(out) in error_line(run, "import")
+
+
+def test_daily_waiting_for_the_next_day_has_its_own_exit_code(tmp_path):
+    config = tmp_path / "daily.yaml"
+    config.write_text(json.dumps({
+        "data": str(tmp_path / "data"), "out": str(tmp_path / "out"), "with_lum": False,
+        "synthetic": {"seed": 5, "num_users": 40, "num_items": 30, "num_categories": 3, "num_queries": 4, "num_days": 3,
+                      "impressions_per_user_day": 6},
+        "rank": {"model": "mlp", "sizes": {"embedding_dim": 4, "mlp": [8], "context_keys": ["scenario"]},
+                 "train": {"epochs": 1, "batch_size": 64, "max_history": 8, "threads": 1, "progress": False}},
+    }))
+    last = lumrec("daily", str(config), "ds=2026-01-03")  # the last day: no next day to evaluate on yet
+    assert last.returncode == EXIT_WAITING, last.stderr[-2000:]
+    assert json.loads(last.stdout.strip().splitlines()[-1]) == [{"ds": "2026-01-03", "status": "waiting for next day"}]
+    assert ": error: " not in last.stderr
