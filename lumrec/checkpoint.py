@@ -3,7 +3,8 @@
 A checkpoint is a folder ``ROOT/step-00000123/`` holding DCP's files plus ``lumrec_meta.json``
 (step, free-form JSON ``extra`` such as data position and RNG seeds, and a SHA-256 of every
 file). It is written under a temporary name and renamed when complete, and the meta file is
-written last, so a killed job never leaves something that looks like a checkpoint. Loading
+written last, so a killed job never leaves something that looks like a checkpoint (its temporary
+folder is removed by the next job that takes the run folder's lock, `lumrec.locks`). Loading
 verifies the digests and raises ``CheckpointError`` naming the folder and the file.
 Paths go through iopath, so a ``PathManager`` handler can map other URIs to local folders.
 
@@ -52,6 +53,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.tensor import DTensor
 from iopath.common.file_io import g_pathmgr
 
+from lumrec.errors import writing
 from lumrec.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -365,18 +367,25 @@ class CheckpointManager:
         if _rank() == 0:
             tmp.mkdir(parents=True, exist_ok=False)
         _barrier()
-        with _single_process_is_intended():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        _barrier()
+        try:
+            with _single_process_is_intended(), writing(tmp):  # a full disk names the folder (ENOSPC names no file)
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            _barrier()
+            if _rank() == 0:
+                digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                info = CheckpointInfo(step=step, extra=extra or {}, digests=digests, world_size=_world())
+                meta_tmp = tmp / f".{META_FILE}.tmp"
+                with writing(meta_tmp):
+                    meta_tmp.write_text(json.dumps(info.__dict__, indent=2, sort_keys=True))
+                os.replace(meta_tmp, tmp / META_FILE)
+                if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:
+            if _rank() == 0:  # this save's own folder and no other: a writer cleans up after itself
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if _rank() == 0:
-            digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            info = CheckpointInfo(step=step, extra=extra or {}, digests=digests, world_size=_world())
-            meta_tmp = tmp / f".{META_FILE}.tmp"
-            meta_tmp.write_text(json.dumps(info.__dict__, indent=2, sort_keys=True))
-            os.replace(meta_tmp, tmp / META_FILE)
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             self._prune()
             log.info("checkpoint step %d saved to %s", step, final)
         _barrier()
@@ -425,12 +434,13 @@ class CheckpointManager:
         return info
 
     def _prune(self) -> None:
-        """Keep the newest `keep` checkpoints and drop leftovers of killed saves."""
+        """Keep the newest `keep` checkpoints.
+
+        Temporary folders are left alone: one may be another process's unfinished save. A killed
+        save's folder is removed when the next job takes the run folder's lock (`lumrec.locks`).
+        """
         for old in self.steps()[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(self.step_dir(old), ignore_errors=True)
-        for child in self.root.iterdir():
-            if child.name.startswith(".tmp-step-"):
-                shutil.rmtree(child, ignore_errors=True)
 
 
 def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, prefix: str = "model") -> None:

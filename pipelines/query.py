@@ -34,6 +34,7 @@ from lumrec.data.sequences import UserSequences, sequences_from_dataset
 from lumrec.data.tokens import build_lum_tokens
 from lumrec.distributed import DistContext, gather_to_rank0, init_distributed
 from lumrec.knowledge import Condition, KnowledgeWriter, load_knowledge, parse_condition
+from lumrec.locks import RunLock, under_lock
 from lumrec.modules.retrieval.grouped_query import (
     CONSTANT_FEATURE,
     UNCONDITIONED_FEATURE,
@@ -170,6 +171,7 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
     With `ctx` (N ranks) every rank must call it: the users' batches are split over the ranks and rank 0
     writes the partition; rank 0 returns the summary, the others only what they computed.
     """
+@under_lock(lambda cfg, ctx=None: RunLock(cfg.store, "query", ctx))  # one writer per knowledge store
     if not cfg.as_of_ds:
         raise ValueError("query: as_of_ds is required (the day the knowledge is as of)")
     if cfg.carry_over_from is not None and cfg.carry_over_from >= cfg.as_of_ds:

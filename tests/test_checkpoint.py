@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lumrec.checkpoint import CheckpointError, CheckpointManager, load_model_weights, tensor_digest
+from lumrec.locks import LOCK_FILE, RunLock
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -80,10 +81,13 @@ def test_corrupt_file_is_named(tmp_path):
 
 
 def test_leftover_temp_folders_are_cleaned(tmp_path):
+    # A save never touches another writer's temporary folder; the lock's startup cleanup removes a killed one.
     (tmp_path / ".tmp-step-00000009-deadbeef").mkdir(parents=True)
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"model": _model(0).state_dict()})
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-step-00000009-deadbeef", "step-00000001"]
+    with RunLock(tmp_path, "test"):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "step-00000001"]
 
 
 def test_load_model_weights_and_missing(tmp_path):

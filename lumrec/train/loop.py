@@ -1,8 +1,9 @@
 """The resumable training loop every lumrec training job runs (pretrain, rank, retrieve).
 
-What the loop owns: epochs over a resumable loader, step checkpoints with the loader position,
-exact resume (the config checked against OUT/config.json), budgets (epochs, `max_steps`,
-`max_epochs`, patience, an optional wall-clock `max_minutes`), evaluation with the best model
+What the loop owns: the run folder's lock while it runs (`lumrec.locks`: one job per folder, the
+leftovers of killed writers removed at start), epochs over a resumable loader, step checkpoints
+with the loader position, exact resume (the config checked against OUT/config.json), budgets
+(epochs, `max_steps`, `max_epochs`, patience, an optional wall-clock `max_minutes`), evaluation with the best model
 kept in OUT/best, results.json, TensorBoard scalars in OUT/tb (train/loss, train/<step scalars>,
 train/tokens_per_s, and each evaluation's metrics) and a progress bar per epoch (rank 0, on a
 terminal). What a job gives it: a step function, an `Evaluation`, a `Clock`, a `SavePolicy` and
@@ -52,6 +53,7 @@ from lumrec.config import check_same_run
 from lumrec.data.dataset import write_text_atomic
 from lumrec.distributed import barrier, is_main
 from lumrec.faults import failpoint
+from lumrec.locks import RunLock, under_lock
 from lumrec.tracking import ScalarLog, progress_bar
 from lumrec.train.checkpoints import RunCheckpoints, RunConfig
 from lumrec.train.hooks import Budget, Clock, Evaluation, SavePolicy, StepFn, StepResult
@@ -140,6 +142,7 @@ class TrainLoop:
         self._t0 = time.perf_counter()
 
     # -- the loop ---------------------------------------------------------------------------
+    @under_lock(lambda self, *args, **kwargs: RunLock(self.out, self.name, self.ctx))  # one job per run folder
     def run(self, max_epochs: int | None = None, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs / patience / time budget run out, then return (and write) the job's results.
 
