@@ -100,11 +100,14 @@ class StorageError(LumrecError, OSError):
     def __init__(self, code: int | None, path: str | os.PathLike | None, detail: str = "") -> None:
         meaning, advice = _IO_ERRNOS.get(code or -1, (detail or "I/O error", "check the path and the device, then rerun"))
         where = f"{os.fspath(path)}: " if path is not None else ""
-        self.message = f"{where}{meaning}; {advice}"
+        self.message, self.detail = f"{where}{meaning}; {advice}", detail
         OSError.__init__(self, code, meaning, None if path is None else os.fspath(path))
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple:  # pickled between ranks: rebuilt from the same arguments
+        return type(self), (self.errno, self.filename, self.detail)
 
 
 def storage_error(err: OSError, path: str | os.PathLike | None = None) -> StorageError | None:
