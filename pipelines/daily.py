@@ -59,10 +59,9 @@ from lumrec.errors import EXIT_WAITING
 from lumrec.faults import failpoint
 from lumrec.knowledge import KNOWLEDGE_MANIFEST, latest_as_of, partition_dir
 from lumrec.locks import RunLock, under_lock
-from lumrec.modules.warm_start import load_source_state
 from lumrec.modules.warm_start_config import WarmStartConfig, WarmStartError
-from lumrec.pipelines.daily_drift import (DriftChecks, ShapeMismatchError, config_digest, describe_mismatches, shape_key_changes,
-                                          shape_mismatches)
+from lumrec.pipelines.daily_drift import (DriftChecks, ShapeMismatchError, checkpoint_shapes, config_digest, describe_mismatches,
+                                          shape_key_changes, shape_mismatches)
 from lumrec.pipelines.pretrain import Pretrainer
 from lumrec.pipelines.pretrain_config import PretrainConfig
 from lumrec.pipelines.query import QueryConfig, run_query
@@ -254,7 +253,7 @@ class DailyJob(DriftChecks):
         source = cfg.train.init_from
         trainer = Pretrainer(cfg)
         if source is not None and trainer.checkpoints.latest() is None:  # a fresh run loads `source` into this model
-            found = shape_mismatches(load_source_state(source), trainer._state()["model"])  # DCP loads equal shapes only
+            found = shape_mismatches(checkpoint_shapes(source), trainer._state()["model"])  # DCP loads equal shapes only
             if found:
                 raise self._shape_error(ds, "pretrain", prev, source, describe_mismatches(found), self.recorded_form(cfg),
                                         "start a new daily folder (out=...) whose first day pre-trains afresh (or continues a "

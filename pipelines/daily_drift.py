@@ -28,20 +28,24 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from lumrec.checkpoint import CheckpointManager, read_metadata
 from lumrec.config import config_changes, to_dict
 from lumrec.data.dataset import write_text_atomic
 from lumrec.errors import CheckpointLoadError, UserError
 
 log = logging.getLogger("lumrec.daily")
 
-__all__ = ["DriftChecks", "DriftError", "NEUTRAL_CHANGES", "REDO_JOURNAL", "RedoJournal", "SECTIONS", "ShapeMismatchError", "StageDrift",
+__all__ = ["DriftChecks", "checkpoint_shapes", "DriftError", "NEUTRAL_CHANGES", "REDO_JOURNAL", "RedoJournal", "SECTIONS", "ShapeMismatchError", "StageDrift",
            "config_digest", "describe_mismatches", "drift_message", "portable", "redo_targets", "remove_output",
            "SHAPE_KEYS", "shape_key_changes", "shape_mismatches", "stage_drift"]
+
+_STEP_DIR = re.compile(r"^step-\d{8}$")
 
 # The placeholder of the daily folder in recorded configs.
 OUT_TOKEN = "$OUT"
@@ -144,14 +148,42 @@ def drift_message(out: Path, drifts: list[StageDrift]) -> str:
             "or write to another out folder (docs/operations.md, config drift)")
 
 
+def checkpoint_shapes(source: str | os.PathLike, key: str = "model") -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors under `key` of a checkpoint folder (its root: the newest that verifies; or one step).
+
+    Read from DCP's metadata alone (lumrec.checkpoint.read_metadata: no code runs, no tensor is loaded).
+    """
+    folder = Path(source)
+    if not _STEP_DIR.match(folder.name):
+        manager = CheckpointManager(folder, keep=0)
+        folder = manager.step_dir(manager.newest_valid()[0])
+    metadata = read_metadata(folder)
+    paths = metadata.planner_data or {}
+    shapes = {}
+    for flat, meta in metadata.state_dict_metadata.items():
+        size = getattr(meta, "size", None)  # tensors only (bytes entries have none)
+        nested = paths.get(flat)  # DCP flattens {"model": {"a.b": t}} to "model.a.b"; planner_data keeps the path
+        if size is None or (nested is not None and (len(nested) < 2 or str(nested[0]) != key)):
+            continue
+        if nested is None and not flat.startswith(key + "."):
+            continue
+        name = ".".join(str(p) for p in nested[1:]) if nested is not None else flat[len(key) + 1:]
+        shapes[name] = tuple(size)
+    return shapes
+
+
 def shape_mismatches(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]]:
     """(name, saved shape, new shape) of every tensor whose shape differs or that only one side has (None there).
 
+    Either side maps names to tensors or to shapes.
+
         >>> import torch
-        >>> shape_mismatches({"w": torch.zeros(4, 2), "b": torch.zeros(2)}, {"w": torch.zeros(8, 2), "b": torch.zeros(2)})
+        >>> shape_mismatches({"w": (4, 2), "b": (2,)}, {"w": torch.zeros(8, 2), "b": torch.zeros(2)})
         [('w', (4, 2), (8, 2))]
     """
     def shape(t: Any) -> tuple[int, ...] | None:
+        if isinstance(t, tuple):
+            return t
         size = getattr(t, "size", None)  # torch.Tensor and torchrec's ShardedTensor (its global size) alike
         return tuple(size()) if callable(size) else None
 
