@@ -130,6 +130,27 @@ def _wrapped(exc: BaseException) -> BaseException | None:
     return None
 
 
+# torch.save's zip writer reports a failed write as a RuntimeError without errno ("unexpected pos ...").
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing")
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is read as a full disk
+
+
+def _failed_torch_write(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """A StorageError for torch's errno-less write failure: ENOSPC when the file system is (nearly) full, else a plain I/O error."""
+    if not isinstance(exc, RuntimeError) or not any(s in str(exc) for s in _TORCH_WRITE_FAILED):
+        return None
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        stat = None
+    if stat is not None and stat.f_bavail * stat.f_frsize < _NEARLY_FULL:
+        return StorageError(errno.ENOSPC, path, str(exc))
+    return StorageError(None, path, f"write failed ({one_line(str(exc))})")
+
+
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
     """Turn a disk failure inside the block into a StorageError naming `path` (ENOSPC names no file by itself).
@@ -149,9 +170,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if named is None:
             raise
         raise named from err
-    except BaseException as exc:  # noqa: BLE001 - only DCP's wrapper of a disk failure is translated
-        inner = _wrapped(exc)
-        named = storage_error(inner, path) if isinstance(inner, OSError) else None
+    except BaseException as exc:  # noqa: BLE001 - only disk failures (also inside DCP's wrapper) are translated
+        inner = _wrapped(exc) or exc
+        named = storage_error(inner, path) if isinstance(inner, OSError) else _failed_torch_write(inner, path)
         if named is None:
             raise
         raise named from exc

@@ -289,6 +289,28 @@ def test_disk_full_while_writing_a_text_file(mount):
     assert list(folder.iterdir()) == []
 
 
+def test_disk_full_while_saving_a_checkpoint_names_its_folder(mount):
+    import torch
+
+    from lumrec.checkpoint import CheckpointManager
+
+    folder = mount("ckpt", "size=256k")
+    manager = CheckpointManager(folder / "checkpoints")
+    with pytest.raises(StorageError, match=rf"^{folder}/checkpoints/\.tmp-step-00000001-[0-9a-f]+: no space left on the device"):
+        manager.save(1, {"w": torch.randn(256, 1024)})  # 1 MiB into 256 KiB
+    assert manager.steps() == [] and list((folder / "checkpoints").iterdir()) == []  # the writer removed its temporary folder
+
+
+def test_disk_full_while_writing_knowledge_names_the_file(mount):
+    from lumrec.knowledge import KnowledgeWriter
+
+    folder = mount("knowledge", "size=64k")
+    with pytest.raises(StorageError, match=rf"^{folder}/\.tmp-as_of_ds={DAY}-[0-9a-f]+/\S+\.parquet: no space left"):
+        with KnowledgeWriter(folder, DAY, "v1", ["scenario=1", "scenario=2"], dim=64) as writer:
+            writer.write_users(np.arange(1, 1001), np.random.default_rng(0).normal(size=(1000, 2, 64)).astype(np.float32))
+            writer.write_items(np.arange(1, 11), np.zeros((10, 64), np.float32))
+
+
 def test_read_only_folder(tmp_path, mount):
     if os.geteuid() == 0:
         folder = mount("ro", "size=1m,ro")  # root writes through chmod; a read-only file system stops it
