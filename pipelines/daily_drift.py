@@ -41,9 +41,9 @@ from lumrec.errors import CheckpointLoadError, UserError
 
 log = logging.getLogger("lumrec.daily")
 
-__all__ = ["DriftChecks", "checkpoint_shapes", "DriftError", "NEUTRAL_CHANGES", "REDO_JOURNAL", "RedoJournal", "SECTIONS", "ShapeMismatchError", "StageDrift",
-           "config_digest", "describe_mismatches", "drift_message", "portable", "redo_targets", "remove_output",
-           "SHAPE_KEYS", "shape_key_changes", "shape_mismatches", "stage_drift"]
+__all__ = ["checkpoint_shapes", "config_digest", "describe_mismatches", "drift_message", "DriftChecks", "DriftError",
+           "NEUTRAL_CHANGES", "portable", "REDO_JOURNAL", "redo_targets", "RedoJournal", "remove_output", "SECTIONS",
+           "shape_key_changes", "SHAPE_KEYS", "shape_mismatches", "ShapeMismatchError", "stage_drift", "StageDrift"]
 
 _STEP_DIR = re.compile(r"^step-\d{8}$")
 

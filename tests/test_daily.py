@@ -77,7 +77,7 @@ def _daily(config: Path, out: Path, *extra: str, failpoints: str | None = None) 
 
 def _strip_timing(obj):
     if isinstance(obj, dict):
-        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS and k != "model_version"}
+        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}  # model_version: the weights' digest, compared
     if isinstance(obj, list):
         return [_strip_timing(v) for v in obj]
     return obj
