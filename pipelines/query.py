@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lumrec.config import load_config
+from lumrec.config import check_at_least, check_days, load_config
 from lumrec.data.batches import make_jagged_batch
 from lumrec.data.dataset import SECONDS_PER_DAY, day_bounds
 from lumrec.data.packing import pack_sequences
@@ -92,6 +92,12 @@ class QueryConfig:
     # Incremental refresh: an earlier as_of_ds of the same store whose users that are not queried
     # now keep their vectors (a user without new behaviour has the same history). None = no carry-over.
     carry_over_from: str | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "rows_per_batch", "item_chunk", section="query")
+        check_at_least(self, 0, "threads", section="query")
+        # as_of_ds "" = not set yet (a daily template sets it per day; the job itself requires it).
+        check_days(self, *(["as_of_ds"] if self.as_of_ds else []), "history_start", "carry_over_from", section="query")
 
 
 def resolve_conditions(specs: list[ConditionSpec], lum: LUM, vocab_sizes: dict[str, int]) -> list[Condition]:
@@ -165,13 +171,13 @@ def _carry_over(writer: KnowledgeWriter, cfg: QueryConfig, conditions: list[Cond
     return int(keep.sum())
 
 
+@under_lock(lambda cfg, ctx=None: RunLock(cfg.store, "query", ctx))  # one writer per knowledge store
 def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     """Write the knowledge store partition of `cfg.as_of_ds`; returns a summary (store, counts, seconds).
 
     With `ctx` (N ranks) every rank must call it: the users' batches are split over the ranks and rank 0
     writes the partition; rank 0 returns the summary, the others only what they computed.
     """
-@under_lock(lambda cfg, ctx=None: RunLock(cfg.store, "query", ctx))  # one writer per knowledge store
     if not cfg.as_of_ds:
         raise ValueError("query: as_of_ds is required (the day the knowledge is as of)")
     if cfg.carry_over_from is not None and cfg.carry_over_from >= cfg.as_of_ds:

@@ -254,6 +254,6 @@ class TrainLoop:
         if len(set(self.state.threads)) > 1:
             result = {**result, "bit_identical_resume": False, "threads": list(self.state.threads)}
         if self.is_main:
-            (self.out / "results.json").write_text(json.dumps(result, indent=2))
+            write_text_atomic(self.out / "results.json", json.dumps(result, indent=2))  # a full disk names the file
         self.scalars.close()
         return result
