@@ -11,11 +11,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lumrec.data.dataset import MANIFEST, SECONDS_PER_DAY, Dataset, DatasetMeta, day_bounds
 from lumrec.data.schema import TABLES
 from lumrec.data.validate import DataValidationError
-from lumrec.errors import writing
+from lumrec.errors import one_line, storage_error, writing
 from lumrec.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,17 @@ def prepare_output(out: str | Path, overwrite: bool) -> Dataset:
     with writing(root):
         root.mkdir(parents=True, exist_ok=True)
     return Dataset(root)
+
+
+def read_source_parquet(path: Path) -> pa.Table:
+    """A source Parquet file, whole; a damaged file is a DataValidationError, a disk failure a StorageError, both naming it."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        disk = storage_error(err, path) if isinstance(err, OSError) else None
+        if disk is not None:
+            raise disk from None
+        raise DataValidationError(str(path), f"unreadable Parquet file: {one_line(str(err))}") from None
 
 
 def open_text(path: Path, encoding: str = "latin-1") -> Any:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lumrec.data.dataset import DatasetMeta
-from lumrec.data.importers._common import check_columns, finish, int_column, prepare_output, require_file
+from lumrec.data.importers._common import check_columns, finish, int_column, prepare_output, read_source_parquet, require_file
 from lumrec.data.importers._movielens import (
     RatingColumns,
     age_group,
@@ -33,10 +32,7 @@ ML_GENRES = (
 
 def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
     """Read a Parquet source file and check that it has `columns`."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataValidationError(str(path), f"unreadable Parquet file: {err}") from None
+    table = read_source_parquet(path)
     check_columns(path, table, columns)
     return table
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lumrec.data.dataset import DatasetMeta, day_bounds
 from lumrec.data.importers._common import (
@@ -15,6 +13,7 @@ from lumrec.data.importers._common import (
     finish,
     int_column,
     prepare_output,
+    read_source_parquet,
     require_file,
     synthetic_ts,
 )
@@ -24,10 +23,7 @@ from lumrec.data.validate import DataValidationError
 
 def read_interactions(path: Path) -> RatingColumns:
     """Read `user_id, movie_id, pos` from Parquet; pos must be >= 0 and unique per user."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataValidationError(str(path), f"unreadable Parquet file: {err}") from None
+    table = read_source_parquet(path)
     check_columns(path, table, ["user_id", "movie_id", "pos"])
     users = int_column(path, table, "user_id")
     items = int_column(path, table, "movie_id")
