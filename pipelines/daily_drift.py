@@ -38,6 +38,7 @@ from lumrec.checkpoint import CheckpointManager, read_metadata
 from lumrec.config import config_changes, to_dict
 from lumrec.data.dataset import write_text_atomic
 from lumrec.errors import CheckpointLoadError, UserError
+from lumrec.faults import failpoint
 
 log = logging.getLogger("lumrec.daily")
 
@@ -337,6 +338,7 @@ class DriftChecks:
             targets = redo_targets(points, days, list(every))
             for ds, name in targets:  # manifests first: from here on every target stage reads as incomplete
                 remove_output(self.stage_file(ds, name))
+            failpoint("daily.redo.manifests_removed")
             for ds, name in targets:
                 stage = every[name]
                 for path in [self.config_file(ds, name), *(stage.outputs(self, ds) if stage.outputs else [])]:

@@ -172,6 +172,31 @@ def test_a_redo_cut_short_is_finished_by_the_next_run(world):
     assert again["eval"] == json.loads(report)["eval"]
 
 
+def test_a_redo_killed_midway_is_finished_by_the_next_run(world):
+    """SIGKILL after the redo removed the manifests, before the outputs: the rerun (no flag) finishes it and runs the days."""
+    out = _copy(world, "killed-redo")
+    config = world / "daily-killed.yaml"
+    config.write_text(yaml.safe_dump({**_config(str(world / "data")), "out": str(out)}))
+    env = {k: v for k, v in os.environ.items() if k != "LUMREC_FAILPOINTS"}
+
+    def daily(*extra: str, failpoints: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lumrec.cli", "daily", str(config), "rank.train.lr=0.02", *extra],
+                              capture_output=True, text=True, timeout=300,
+                              env={**env, "LUMREC_FAILPOINTS": failpoints} if failpoints else env)
+
+    killed = daily(f"ds={DAYS[1]}", "redo=changed", failpoints="daily.redo.manifests_removed")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "redo.json").exists() and not _manifest(out, DAYS[1], "rank").exists()
+    assert (out / "days" / f"ds={DAYS[1]}" / "rank" / "checkpoints").exists()  # the old DLRM, not yet removed
+    done = daily(f"start={DAYS[1]}", f"end={DAYS[2]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finishing the redo a killed run started" in done.stderr and not (out / "redo.json").exists()
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [{"ds": DAYS[1], "status": "complete"},
+                                                                 {"ds": DAYS[2], "status": "complete"}]
+    for ds in DAYS[1:3]:
+        assert json.loads((out / "days" / f"ds={ds}" / "stages" / "rank.config.json").read_text())["train"]["lr"] == 0.02
+
+
 def test_a_next_day_with_other_model_shapes_is_a_named_error(world):
     out = _copy(world, "shapes")
     with pytest.raises(ShapeMismatchError) as err:
