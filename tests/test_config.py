@@ -117,3 +117,69 @@ def test_config_changes_names_dotted_keys_with_both_values():
     assert config_changes(saved, current, allowed=("out", "train.lr", "model_config"), defaults=defaults) == {}
     assert config_changes(saved, {**current, "train": {**current["train"], "new_key": 2}}, ("out", "train.lr", "model_config"),
                           defaults) == {"train.new_key": (1, 2)}
+
+
+@dataclass
+class Sized:
+    epochs: int = 1
+    size: int | None = None
+    day: str | None = None
+
+    def __post_init__(self) -> None:
+        from lumrec.config import check_at_least, check_days
+
+        check_at_least(self, 1, "epochs", "size", section="train")
+        check_days(self, "day", section="train")
+
+
+@dataclass
+class SizedJob:
+    train: Sized = field(default_factory=Sized)
+
+
+@dataclass
+class Registry:
+    """Stands for a registry that reads its section with its own `from_dict(source="Registry")`."""
+
+    def __post_init__(self) -> None:
+        from lumrec.config import _located
+
+        raise _located("Registry", "key 'sizes.x' must be >= 1, got 0")
+
+
+@dataclass
+class Top:
+    sizes: Registry = field(default_factory=Registry)
+
+
+def test_range_and_date_checks_name_the_file_and_full_key(tmp_path):
+    from lumrec.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"^train\.epochs must be >= 1, got 0$"):
+        Sized(epochs=0)  # built in Python: the section the class declares
+    assert Sized(size=None).size is None  # None = not set, never out of range
+    path = tmp_path / "job.yaml"
+    for text, message in (
+        ("train: {epochs: -1}\n", "key 'train.epochs' must be >= 1, got -1"),
+        ("train: {size: 0}\n", "key 'train.size' must be >= 1, got 0"),
+        ("train: {day: 2026-02-30}\n", "key 'train.day' is not a valid date: '2026-02-30' (day is out of range for month)"),
+        ("train: {day: '2026-13-01'}\n", "key 'train.day' is not a valid date: '2026-13-01' (month must be in 1..12)"),
+        ("train: {day: 20260101}\n", "key 'train.day': expected a string, got 20260101"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(SizedJob, path)
+        assert str(caught.value).startswith(f"{path}: {message}")
+    path.write_text("train: {day: 2026-01-15}\n")
+    assert load_config(SizedJob, path, ["train.epochs=3"]).train == Sized(epochs=3, day="2026-01-15")
+
+
+def test_yaml_keeps_an_impossible_date_as_text():
+    from lumrec.config import parse_yaml
+
+    assert parse_yaml("a: 2026-13-45\nb: 2026-01-02\n") == {"a": "2026-13-45", "b": __import__("datetime").date(2026, 1, 2)}
+
+
+def test_an_error_of_a_nested_reader_names_the_outer_file():
+    with pytest.raises(ConfigError, match=r"^top\.yaml: key 'sizes\.x' must be >= 1, got 0$"):
+        from_dict(Top, {"sizes": {}}, source="top.yaml")

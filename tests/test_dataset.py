@@ -203,3 +203,33 @@ def test_list_columns_share_the_vocabulary_of_their_id_column():
     assert vocabulary_column("brand_ids", sizes) is None and vocabulary_column("score", sizes) is None
     # The token encoder and the validator read the same rule.
     assert vocabulary_source("category_ids", sizes) == "category_id" and vocabulary_source("score", sizes) == "score"
+
+
+def test_impossible_days_say_why_and_the_format():
+    from lumrec.data.dataset import parse_day
+
+    for text, why in (("2026-13-01", "month must be in 1..12"), ("2026-02-30", "day is out of range for month"),
+                      ("26-01-01", "not in the form YYYY-MM-DD")):
+        with pytest.raises(ValueError, match=rf"bad as_of_ds '{text}': not a valid date \({why}\); expected YYYY-MM-DD"):
+            parse_day(text, what="as_of_ds")
+    with pytest.raises(ValueError, match="bad day '2026-02-30'"):
+        shift_ds("2026-02-30", 1)
+
+
+def test_a_zero_row_file_names_its_table_and_partition(tmp_path):
+    data = Dataset(tmp_path)
+    path = data.write_day("behaviours", DAY0, behaviours(0, T0))  # written (an empty day is no schema error) ...
+    with pytest.raises(DataValidationError, match=rf"{path}: empty Parquet file \(0 rows\) in table 'behaviours', "
+                                                  rf"partition ds={DAY0}; delete it or write the partition again"):
+        list(data.iter_batches("behaviours"))  # ... but never read as "no events that day"
+    assert sum(b.num_rows for _, b in data.iter_batches("behaviours", validate=False)) == 0
+
+
+def test_a_failed_atomic_write_removes_its_temporary_file(tmp_path):
+    from lumrec.data.dataset import write_text_atomic
+
+    target = tmp_path / "folder"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_text_atomic(target, "x")  # the rename onto a folder fails after the temporary file was written
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]

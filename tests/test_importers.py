@@ -358,6 +358,30 @@ def test_output_folder_is_protected_and_overwritable(tmp_path):
         run_import("amazon", src, out, overwrite=True)
 
 
+def test_an_interrupted_import_is_replaced_without_overwrite(tmp_path):
+    src = _amazon(tmp_path, ["1 2 3"], {"2": [5]})
+    out = tmp_path / "out"
+    run_import("amazon", src, out)
+    # What a killed import leaves: tables, a manifest's temporary file, no manifest.
+    (out / "_lumrec.json").unlink()
+    (out / "._lumrec.json.0123456789abcdef0123456789abcdef.tmp").write_text("{")
+    meta = run_import("amazon", src, out)
+    assert meta.vocab_sizes["user_id"] == 2 and Dataset(out).read_meta() == meta
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    # Not a dataset's entry: refused with or without a manifest, nothing removed.
+    (out / "_lumrec.json").unlink()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"refusing to import into it: the folder holds non-dataset entries \['notes.txt'\]"):
+        run_import("amazon", src, out)
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "behaviours").is_dir()
+
+
+def test_a_failed_first_import_leaves_no_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Amazon sequence file"):
+        run_import("amazon", tmp_path / "missing.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the dataset lock's folder goes with the failed import
+
+
 # -- round trips on slices of the real files --------------------------------------------------
 
 
