@@ -342,8 +342,8 @@ class DailyJob(DriftChecks):
         try:
             result = run_rank(cfg)
         except WarmStartError as err:
-            if prev is None:
-                raise  # rank_warm_start: the error names its source and keys
+            if prev is None or "cannot be carried over" not in str(err):
+                raise  # rank_warm_start's, or an unreadable source: the error names it
             # The warm start names the tensors; its advice (name_map, exclude) is for a hand-written warm start.
             tensors = str(err).split(": ", 1)[-1].split(". Map names with", 1)[0]
             source = cfg.warm_start.source
