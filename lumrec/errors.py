@@ -1,6 +1,6 @@
 """lumrec's error classes, one exit code per class, and the one line the `lumrec` command prints for any failure.
 
-Exit codes (``docs/`` lists them for operators)::
+Exit codes (``docs/operations.md`` says what to do about each)::
 
     0   success
     1   unexpected error: a bug (rerun with --debug for the traceback and report it)
