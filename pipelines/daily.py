@@ -58,7 +58,7 @@ from lumrec.distributed import barrier, from_rank0, init_distributed, is_main
 from lumrec.errors import EXIT_WAITING
 from lumrec.faults import failpoint
 from lumrec.knowledge import KNOWLEDGE_MANIFEST, latest_as_of, partition_dir
-from lumrec.locks import RunLock, under_lock
+from lumrec.locks import LockHeldError, RunLock, under_lock
 from lumrec.modules.warm_start_config import WarmStartConfig, WarmStartError
 from lumrec.pipelines.daily_drift import (DriftChecks, ShapeMismatchError, checkpoint_shapes, config_digest, describe_mismatches,
                                           shape_key_changes, shape_mismatches)
@@ -138,16 +138,24 @@ class DailyJob(DriftChecks):
         """
         problem = None
         if self.is_main:
-            made = generated_with(self.cfg.data, synth)
-            if made is None:
-                log.info("generating the synthetic logs (%s) into %s", synth, self.cfg.data)
-                generate(self.cfg.data, synth, progress=False)
-            elif not made:
-                problem = (f"daily: {self.cfg.data} holds a dataset that was not generated with `synthetic` = {asdict(synth)}; "
-                           "point `data` at another folder, or set `synthetic: null` to use the dataset as it is")
+            try:
+                # The dataset being written is locked like any other; the outcome travels to every rank
+                # (a rank left out of the decision would wait forever in the next collective).
+                with RunLock(self.cfg.data, "daily (synthetic logs)"):
+                    made = generated_with(self.cfg.data, synth)
+                    if made is None:
+                        log.info("generating the synthetic logs (%s) into %s", synth, self.cfg.data)
+                        generate(self.cfg.data, synth, progress=False)
+                    elif not made:
+                        problem = ("data", f"daily: {self.cfg.data} holds a dataset that was not generated with `synthetic` = "
+                                           f"{asdict(synth)}; point `data` at another folder, or set `synthetic: null` to use the "
+                                           "dataset as it is")
+            except LockHeldError as err:
+                problem = ("lock", str(err))
         problem = self._from_main(problem)
         if problem:
-            raise ValueError(problem)
+            kind, message = problem
+            raise LockHeldError(message, self.cfg.data) if kind == "lock" else ValueError(message)
 
     @property
     def is_main(self) -> bool:

@@ -55,6 +55,7 @@ from lumrec.data.stats import dataset_stats
 from lumrec.data.synthetic import SynthConfig, ensure_generated
 from lumrec.data.tokens import TokenConfig, build_lum_tokens, item_dense_matrix
 from lumrec.errors import UserError
+from lumrec.locks import RunLock
 from lumrec.modules.lum_join import RankLUMConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.pipelines.daily import DailyConfig, run_daily
@@ -141,7 +142,9 @@ def claim_demo_folder(out: Path) -> None:
 
 def ensure_synthetic(root: Path, config: SynthConfig) -> Dataset:
     """Generate the synthetic logs into `root` unless a dataset made with the same config is there."""
-    if ensure_generated(root, config):
+    with RunLock(root, "demo (synthetic logs)"):  # one writer per dataset folder
+        made = ensure_generated(root, config)
+    if made:
         log.info("generated synthetic logs into %s", root)
     else:
         log.info("reusing synthetic logs in %s (same config)", root)
