@@ -24,34 +24,15 @@ from lumrec.knowledge import knowledge_days, load_knowledge
 from lumrec.modules.warm_start import load_source_state
 from lumrec.pipelines.daily import DAY_STAGES, Column, DailyConfig, DailyJob, Stage, report_table
 
+from daily_helpers import tiny_daily_config  # noqa: E402 - shared by the daily tests
+
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 # Keys whose values are wall-clock times: everything else must be equal across runs.
 TIMING_KEYS = {"train_minutes", "seconds"}
 
 
 def _config(data: str) -> dict:
-    """A tiny daily config: 1-thread jobs (bitwise-reproducible), checkpoints every few steps (kills land between them)."""
-    return {
-        "data": data,
-        "out": "OUT",
-        "epochs_per_day": 1,
-        "bootstrap_epochs": 2,
-        "pretrain": {
-            "model": "lum",
-            "data": {"max_len": 16, "condition_features": ["scenario", "query_id"], "item_features": ["item_id"]},
-            "train": {"seed": 0, "rows_per_batch": 8, "lr": 0.003, "num_negatives": 8, "threads": 1, "eval_every_epochs": 10000,
-                      "checkpoint_every_steps": 3, "log_every_steps": 1000, "keep_checkpoints": 1},
-            "model_config": {"d_model": 8, "num_layers": 1, "num_heads": 1, "ffn_dim": 16},
-        },
-        "query": {"conditions": [{"feature": "scenario", "values": "all"}], "rows_per_batch": 4, "threads": 1, "progress": False},
-        "rank": {
-            "model": "mlp",
-            "sizes": {"embedding_dim": 4, "mlp": [8], "context_keys": ["scenario"]},
-            "lum": {"conditions": ["scenario=1", "scenario=2"], "features": ["sim", "missing"]},
-            "train": {"seed": 0, "epochs": 2, "batch_size": 64, "lr": 0.01, "max_history": 8, "threads": 1, "progress": False,
-                      "checkpoint_every_steps": 2},
-        },
-    }
+    return tiny_daily_config(data, checkpoint_every_steps=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,32 +25,14 @@ from lumrec.pipelines.daily_drift import (DriftError, RedoJournal, ShapeMismatch
                                           stage_drift)
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 
+from daily_helpers import tiny_daily_config  # noqa: E402 - shared by the daily tests
+
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 STAGES = ("pretrain", "query", "rank", "eval")
 
 
 def _config(data: str) -> dict:
-    """A tiny daily config with 1-thread jobs (the same as tests/test_daily.py's)."""
-    return {
-        "data": data,
-        "out": "OUT",
-        "epochs_per_day": 1,
-        "bootstrap_epochs": 2,
-        "pretrain": {
-            "model": "lum",
-            "data": {"max_len": 16, "condition_features": ["scenario", "query_id"], "item_features": ["item_id"]},
-            "train": {"seed": 0, "rows_per_batch": 8, "lr": 0.003, "num_negatives": 8, "threads": 1, "eval_every_epochs": 10000,
-                      "log_every_steps": 1000, "keep_checkpoints": 1},
-            "model_config": {"d_model": 8, "num_layers": 1, "num_heads": 1, "ffn_dim": 16},
-        },
-        "query": {"conditions": [{"feature": "scenario", "values": "all"}], "rows_per_batch": 4, "threads": 1, "progress": False},
-        "rank": {
-            "model": "mlp",
-            "sizes": {"embedding_dim": 4, "mlp": [8], "context_keys": ["scenario"]},
-            "lum": {"conditions": ["scenario=1", "scenario=2"], "features": ["sim", "missing"]},
-            "train": {"seed": 0, "epochs": 2, "batch_size": 64, "lr": 0.01, "max_history": 8, "threads": 1, "progress": False},
-        },
-    }
+    return tiny_daily_config(data, checkpoint_every_steps=False)
 
 
 @pytest.fixture(scope="module")
