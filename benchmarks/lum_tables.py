@@ -1,16 +1,21 @@
 """LUM's three steps on one data set: Base vs Base+LUM ranking AUC over seeds, and the LUM paper's ablations.
 
-One data set per invocation. Each invocation:
+One data set per invocation: a named one (``--dataset``, config ``configs/lum_tables/<dataset>.yaml``),
+or any lumrec data set folder (``--data-dir``) or import spec (the ``source`` section of a config)
+with any config file (``--config``). Each invocation:
 
-1. imports the data set once (cached under ``--out``; synthetic logs are generated),
-2. pre-trains a LUM (step 1, ``Pretrainer``, config from ``configs/lum_tables/<dataset>.yaml``)
-   for ``--minutes`` on events the ranking samples never see (point-in-time, below),
+1. imports the data set once (cached under ``--out``; synthetic logs are generated; ``--data-dir``
+   is read as it is), then checks every condition feature and value of the config against the data
+   (``lum_tables_checks``: a missing one stops the run before any training, naming the config key),
+2. pre-trains a LUM (step 1, ``Pretrainer``) for ``--minutes`` (or ``--epochs`` / ``--steps``) on
+   events the ranking samples never see (point-in-time, below),
 3. queries it under the configured conditions into a knowledge store (step 2, ``run_query``),
 4. trains the ranking backbone (``--model``, default SIM) without and with LUM features for each
    of ``--seeds`` seeds on the same samples, features and budget (step 3, ``run_rank``),
 
 then prints a table (test AUC mean ± std, NE, paired ΔAUC vs Base with its seed-to-seed std),
-ends with one JSON line and merges the row into ``benchmarks/results/lum_tables.json``.
+ends with one JSON line and merges the row into ``<out>/results/lum_tables.json`` (``--out`` defaults
+to ``out/bench``, ignored by git; the recorded tables take ``--results benchmarks/results/lum_tables.json``).
 
 Point-in-time (``knowledge.mode`` in the config):
 
@@ -40,7 +45,9 @@ coarse categories as conditions while the ranker keeps the fine ones). ``lum_bud
 validation}`` trains each LUM for the number of epochs a validation probe picks (each user's last
 knowledge event held out, early stopping on next-item HR@10) instead of until ``--minutes`` run out.
 
-    .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations]
+    .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations] \
+        --results benchmarks/results/lum_tables.json
+    .venv/bin/python benchmarks/lum_tables.py --data-dir out/my-import --config my_lum.yaml --epochs 20 --model din
     .venv/bin/python benchmarks/lum_tables.py --tiny     # < 60 s smoke run on tiny synthetic logs
 """
 
@@ -57,11 +64,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import merge_row  # noqa: E402  (a sibling script module)
 from typing import Any
 
+from lum_tables_checks import check_config  # noqa: E402  (sibling script modules)
+from lum_tables_data import SourceSpec, ensure_dataset, ensure_lum_dataset, write_knowledge_view  # noqa: E402,F401
+from results_file import merge_row  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "lum_tables.json"
+RESULTS = REPO / "benchmarks" / "results" / "lum_tables.json"  # the recorded tables: written only when --results names it
+DEFAULT_OUT = REPO / "out" / "bench"  # /out/ is ignored by git: default runs stay outside the tracked tree
 CONFIGS = REPO / "configs" / "lum_tables"
 DATASETS = {
     "synthetic": "synthetic.yaml",
@@ -88,16 +99,6 @@ log = logging.getLogger("lumrec.bench.lum_tables")
 
 
 # -- config ------------------------------------------------------------------------------------
-
-
-@dataclass
-class SourceSpec:
-    """How to get the data set: `lumrec import KIND SRC` (paths relative to --data), or the synthetic generator."""
-
-    kind: str = "synthetic"  # synthetic | ml-1m | ml-1m-ratings | amazon
-    src: str = ""
-    options: dict[str, Any] = field(default_factory=dict)  # importer options; *path* options relative to --data
-    synth: dict[str, Any] = field(default_factory=dict)  # SynthConfig keys (kind synthetic)
 
 
 @dataclass
@@ -175,111 +176,29 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_bench_config(dataset: str, tiny: bool) -> LumTablesConfig:
-    """The data set's config file (with its `tiny` overrides for --tiny), checked key by key."""
+def config_path(dataset: str | Path) -> Path:
+    """A named data set's config file, or `dataset` itself when it is a path."""
+    return CONFIGS / DATASETS[dataset] if dataset in DATASETS else Path(dataset)
+
+
+def load_bench_config(dataset: str | Path, tiny: bool) -> LumTablesConfig:
+    """The config file of a named data set, or the file at path `dataset` (with its `tiny` overrides for --tiny), checked key by key."""
     import yaml
 
     from lumrec.config import from_dict
 
-    path = CONFIGS / DATASETS[dataset]
+    path = config_path(dataset)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file (or --dataset one of {sorted(DATASETS)})")
     raw = yaml.safe_load(path.read_text()) or {}
-    if "extends" in raw:  # a variant: another config of this folder with some keys changed
-        parent = CONFIGS / raw.pop("extends")
+    if "extends" in raw:  # a variant: another config (beside this one, else of configs/lum_tables/) with some keys changed
+        parent = path.parent / raw["extends"] if (path.parent / raw["extends"]).is_file() else CONFIGS / raw["extends"]
+        raw.pop("extends")
         raw = deep_merge(yaml.safe_load(parent.read_text()) or {}, raw)
     if tiny:
         # `pretrain_steps` is the tiny run's step budget, not a key of the config itself.
         raw = deep_merge(raw, {k: v for k, v in raw.get("tiny", {}).items() if k != "pretrain_steps"})
     return from_dict(LumTablesConfig, raw, source=str(path))
-
-
-# -- step 0: data --------------------------------------------------------------------------------
-
-
-def ensure_dataset(src: SourceSpec, data_root: Path, folder: Path) -> Path:
-    """Import (or generate) the data set into `folder` once; a complete earlier import is reused."""
-    from lumrec.data.dataset import Dataset
-
-    if src.kind == "synthetic":
-        from lumrec.data.synthetic import SynthConfig, ensure_generated
-
-        ensure_generated(folder, SynthConfig(**src.synth))
-        return folder
-    data_root = data_root.resolve()  # the stamp compares absolute paths: ../shared/data and /x/shared/data are one source
-    options = {k: (str(data_root / v) if k in ("movies", "users", "attributes") else v) for k, v in src.options.items()}
-    wanted = {"kind": src.kind, "src": str(data_root / src.src), "options": options}
-    stamp = folder / "_lum_tables_import.json"  # what the folder was imported with: other options re-import
-    if not Dataset(folder).manifest_path.exists() or not stamp.exists() or json.loads(stamp.read_text()) != wanted:
-        from lumrec.data.importers import run_import
-
-        stamp.unlink(missing_ok=True)  # the importer refuses to overwrite a folder holding files it did not write
-        run_import(src.kind, data_root / src.src, folder, overwrite=True, **options)
-        stamp.write_text(json.dumps(wanted, sort_keys=True))
-    return folder
-
-
-def ensure_lum_dataset(cfg: LumTablesConfig, data_root: Path, out: Path, dataset: str, data_path: Path) -> Path:
-    """The data set the LUM trains on: the ranker's own, or (knowledge.lum_source_options) the source imported with other options."""
-    import numpy as np
-
-    from lumrec.data.dataset import Dataset
-
-    options = cfg.knowledge.lum_source_options
-    if not options:
-        return data_path
-    spec = SourceSpec(kind=cfg.source.kind, src=cfg.source.src, options={**cfg.source.options, **options}, synth=cfg.source.synth)
-    lum_path = ensure_dataset(spec, data_root, out / f"{dataset}-lum-import")
-    # Knowledge is joined by user_id and item_id, and the point-in-time check compares timestamps: all must agree.
-    mine, theirs = Dataset(data_path), Dataset(lum_path)
-    my_vocab, their_vocab = mine.read_meta().vocab_sizes, theirs.read_meta().vocab_sizes
-    for column in ("user_id", "item_id"):
-        if my_vocab.get(column) != their_vocab.get(column):
-            raise ValueError(f"knowledge.lum_source_options: the LUM's import {lum_path} numbers {column} differently from {data_path}")
-    a, b = mine.read_days("behaviours"), theirs.read_days("behaviours")
-    for column in ("user_id", "item_id", "ts"):
-        if not np.array_equal(a.column(column).to_numpy(), b.column(column).to_numpy()):
-            raise ValueError(f"knowledge.lum_source_options: behaviours column {column!r} differs between {lum_path} and {data_path}")
-    return lum_path
-
-
-def write_knowledge_view(data_path: Path, view: Path, holdout: int) -> Path:
-    """A copy of the data set whose behaviours keep, per user, all but the last `holdout` events (user_cut mode)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute  # noqa: F401 - pa.compute
-
-    from lumrec.data.dataset import Dataset
-
-    src, dst = Dataset(data_path), Dataset(view)
-    # Reused only if cut the same way from the same import (a re-import rewrites the source's manifest).
-    source_stamp, view_stamp = src.manifest_path.read_text(), view / "_source_manifest.json"
-    if dst.manifest_path.exists() and view_stamp.exists() and view_stamp.read_text() == source_stamp \
-            and dst.read_meta().extra.get("knowledge_view_holdout") == holdout:
-        return view
-    if view.exists():
-        shutil.rmtree(view)
-    for table in ("items", "users"):
-        if src.has_table(table):
-            dst.write_table(table, src.read_table(table))
-    events = src.read_days("behaviours")
-    users = events.column("user_id").to_numpy()
-    # Per user, in time order (stable, as the sequence builder orders them): how many of its events come later.
-    order = np.lexsort((events.column("ts").to_numpy(), users))
-    sorted_users = users[order]
-    ends = np.flatnonzero(np.r_[sorted_users[1:] != sorted_users[:-1], True])  # each user's last sorted position
-    positions = np.arange(len(order))
-    from_end = ends[np.searchsorted(ends, positions)] - positions
-    keep = np.zeros(len(order), bool)
-    keep[order] = from_end >= holdout
-    kept = events.filter(pa.array(keep))
-    for day in src.days("behaviours"):
-        part = kept.filter(pa.compute.equal(kept.column("ds"), day)).drop(["ds"])
-        if part.num_rows:
-            dst.write_day("behaviours", day, part)
-    meta = src.read_meta()
-    meta.extra = {**meta.extra, "knowledge_view_holdout": holdout, "knowledge_view_of": str(data_path)}
-    dst.write_meta(meta)
-    view_stamp.write_text(source_stamp)
-    return view
 
 
 # -- steps 1 and 2: knowledge ----------------------------------------------------------------------
@@ -445,12 +364,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from lumrec.pipelines.rank_config import RankConfig
 
     t_start = time.perf_counter()
-    cfg = load_bench_config(args.dataset, args.tiny)
-    key = f"{args.dataset}{'-tiny' if args.tiny else ''}/{args.model}"
+    cfg_file = config_path(args.config or args.dataset)
+    cfg = load_bench_config(cfg_file, args.tiny)
+    dataset = run_name(args)
+    key = f"{dataset}{'-tiny' if args.tiny else ''}/{args.model}"
     work = Path(args.out) / "lum_tables" / key.replace("/", "-")
-    data_path = ensure_dataset(cfg.source, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny else args.dataset))
+    if args.data_dir:  # a lumrec data set as it is: the config's source section is not imported
+        if cfg.knowledge.lum_source_options:
+            raise ValueError(f"{cfg_file}: knowledge.lum_source_options re-imports the source, which --data-dir {args.data_dir} "
+                             "does not name: drop --data-dir (the config's source section is imported) or the option")
+        data_path = source_path = Path(args.data_dir)
+    else:
+        data_path = ensure_dataset(cfg.source, Path(args.data), Path(args.out) / ("synthetic-tiny" if args.tiny and dataset == "synthetic"
+                                                                                 else dataset + ("-tiny" if args.tiny else "")))
+        source_path = ensure_lum_dataset(cfg, Path(args.data), Path(args.out), dataset, data_path)
+    check_config(cfg, source_path, data_path, str(cfg_file))  # before any training: every condition exists in the data
     data = Dataset(data_path)
-    source_path = ensure_lum_dataset(cfg, Path(args.data), Path(args.out), args.dataset, data_path)
     mode = cfg.knowledge.mode
     rank_raw = deep_merge(cfg.rank, {"data": str(data_path), "model": args.model})
     rank_raw.setdefault("train", {})["threads"] = args.threads
@@ -460,7 +389,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     history_data: Path | None = None
     if mode in ("daily", "fixed"):
         if cfg.knowledge.pretrain_end is None:
-            raise ValueError(f"configs/lum_tables/{DATASETS[args.dataset]}: knowledge.pretrain_end is required for mode {mode!r}")
+            raise ValueError(f"{cfg_file}: knowledge.pretrain_end is required for mode {mode!r}")
         lum_data, end = source_path, cfg.knowledge.pretrain_end
         samples_raw["first_day"] = shift_ds(end, 1)
         sample_days = data.days("impressions" if samples_raw.get("protocol") == "impressions" else "behaviours")
@@ -469,23 +398,26 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         as_of = None if mode == "daily" else end
     elif mode == "user_cut":
         k = cfg.knowledge.ranking_events
-        lum_data = history_data = write_knowledge_view(source_path, Path(args.out) / f"{args.dataset}-view-{k}", k + 2)
+        lum_data = history_data = write_knowledge_view(source_path, Path(args.out) / f"{dataset}-view-{k}", k + 2)
         end = Dataset(lum_data).days("behaviours")[-1]
         store_days, as_of = [end], end
         samples_raw["max_train_per_user"] = k
     else:
         raise ValueError(f"knowledge.mode must be daily, fixed or user_cut, got {mode!r}")
 
-    max_steps = cfg.tiny.get("pretrain_steps") if args.tiny else None
+    max_steps = args.steps or (cfg.tiny.get("pretrain_steps") if args.tiny else None)
+    minutes = 0.0 if (args.steps or args.epochs) else args.minutes  # 0: no time budget (lumrec.train.hooks.Budget)
+    if args.epochs:
+        cfg.pretrain = deep_merge(cfg.pretrain, {"train": {"epochs": args.epochs}})
     pre: dict[str, Any] = {}
     stores = {"lum": work / "store"}
     # Rows without LUM features (base, hstu-e2e) need no LUM: `--rows hstu-e2e` pre-trains none.
     if not args.rows or set(args.rows.split(",")) - set(LUM_FREE_ROWS):
-        pre["lum"] = pretrain_lum(cfg, lum_data, redo(work / "lum", args.fresh), end, args.minutes, args.threads, max_steps=max_steps)
+        pre["lum"] = pretrain_lum(cfg, lum_data, redo(work / "lum", args.fresh), end, minutes, args.threads, max_steps=max_steps)
         build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
     # The constant-condition LUM only serves the no-condition row (skipped when --rows leaves that row out).
     if args.ablations and (not args.rows or "no-condition" in args.rows.split(",")):
-        pre["lum-const"] = pretrain_lum(cfg, lum_data, redo(work / "lum-const", args.fresh), end, args.minutes, args.threads, [],
+        pre["lum-const"] = pretrain_lum(cfg, lum_data, redo(work / "lum-const", args.fresh), end, minutes, args.threads, [],
                                         max_steps=max_steps)
         stores["lum-const"] = work / "store-const"
         build_knowledge(work / "lum-const", stores["lum-const"], store_days, query_specs(cfg, lum_data, end, True), lum_data, args.fresh)
@@ -501,7 +433,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows["hstu-e2e"] = "hstu"  # the ranking model itself changes: HSTU end to end, no LUM
         for name, spec in cfg.extra_rows.items():
             if name in rows:
-                raise ValueError(f"configs/lum_tables/{DATASETS[args.dataset]}: extra_rows.{name} is a built-in row's name")
+                raise ValueError(f"{cfg_file}: extra_rows.{name} is a built-in row's name")
             rows[name] = lum_row_config(spec, stores["lum"], as_of, history_data)
     for name in NOT_RUN:
         rows[name] = "not run"
@@ -512,7 +444,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--rows: {sorted(unknown)} not among this invocation's rows {sorted(rows)} (ablation rows need --ablations)")
         rows = {k: v for k, v in rows.items() if k in wanted}
 
-    base_cfg = from_dict(RankConfig, rank_raw, source=f"configs/lum_tables/{DATASETS[args.dataset]} rank")
+    base_cfg = from_dict(RankConfig, rank_raw, source=f"{cfg_file} rank")
     samples = build_ranking_samples(data, base_cfg.samples)  # built once: every row and seed ranks the same samples
     runs: dict[str, list[dict]] = {}
     for name, lum in rows.items():
@@ -531,7 +463,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     extra_labels = {name: "  " + (spec.label or name) for name, spec in cfg.extra_rows.items()}
     labels = {k: ROW_LABELS.get(k, extra_labels.get(k, k)) for k in summary}
     lum_note = f", LUM pre-training {pre['lum']['steps']} steps / {pre['lum']['minutes']} min" if "lum" in pre else ", no LUM"
-    print(f"\n{args.dataset} ({'tiny, ' if args.tiny else ''}{args.model}, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
+    print(f"\n{dataset} ({'tiny, ' if args.tiny else ''}{args.model}, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
           f"{lum_note}): test AUC")
     print(comparison_table(summary, labels))
     selected = select_on_validation(summary)
@@ -540,7 +472,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               f"(valid {selected['valid_auc_mean']:.4f}, test {selected['auc_mean']:.4f}, Δ vs Base {selected['delta_auc_mean'] or 0:+.4f})")
     counts = samples.counts()
     row = {
-        "dataset": args.dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": args.minutes,
+        "dataset": dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": minutes or None,
+        "budget": {"minutes": minutes or None, "epochs": args.epochs, "steps": args.steps}, "config": str(cfg_file),
+        "data_dir": str(data_path),
         "first_seed": args.first_seed,
         "knowledge_mode": mode, "store_days": store_days, "pretrain": pre, "samples": counts,
         "rows": summary, "labels": {k: v.strip() for k, v in labels.items()},
@@ -571,12 +505,31 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """The row's data set name: the named data set, else the --data-dir folder's and/or the --config file's name."""
+    parts = [Path(args.data_dir).name] if args.data_dir else []
+    if args.config:
+        parts.append(Path(args.config).stem)
+    return "+".join(parts) or args.dataset
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lumrec.modules.ranking.registry import ranker_names
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
+                        help="a named data set and its config (default synthetic); --data-dir / --config replace either")
+    parser.add_argument("--data-dir", default=None, help="a lumrec data set folder to run on as it is (no import)")
+    parser.add_argument("--config", default=None,
+                        help="a lum_tables config file, any path (default configs/lum_tables/<dataset>.yaml); its source section is "
+                             "the import spec when --data-dir is not given")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/, amazon-beauty/ (default ../shared/data)")
-    parser.add_argument("--model", default="sim", choices=["mlp", "din", "sim"], help="ranking backbone (default sim, as in the LUM paper)")
-    parser.add_argument("--minutes", type=float, default=15.0, help="LUM pre-training budget per LUM (default 15)")
+    parser.add_argument("--model", default="sim", choices=ranker_names(), help="registered ranking backbone (default sim, as in the LUM paper)")
+    parser.add_argument("--minutes", type=float, default=15.0,
+                        help="LUM pre-training budget per LUM in wall-clock minutes, the default (15): the recorded rows used it, so "
+                             "--first-seed extensions stay comparable; what it buys depends on the machine and its load")
+    parser.add_argument("--epochs", type=int, default=None, help="LUM pre-training budget in epochs instead of --minutes (reproducible)")
+    parser.add_argument("--steps", type=int, default=None, help="LUM pre-training budget in steps instead of --minutes (reproducible)")
     parser.add_argument("--seeds", type=int, default=3, help="ranker seeds per row (default 3)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds FIRST..FIRST+SEEDS-1; > 0 adds seeds to the rows --rows names (their earlier seeds kept)")
@@ -584,13 +537,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="", help="comma-separated subset of the rows to rank (base is always run), e.g. lum,no-condition")
     parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: tiny synthetic logs, few steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
-    parser.add_argument("--out", default=str(REPO / "out" / "bench"), help="working folder: data cache, runs, stores")
-    parser.add_argument("--results", default=str(RESULTS), help="JSON file the row is merged into")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="working folder: data cache, runs, stores (default out/bench, ignored by git)")
+    parser.add_argument("--results", default=None,
+                        help=f"JSON file the row is merged into (default OUT/results/lum_tables.json; the recorded tables: {RESULTS.relative_to(REPO)})")
     parser.add_argument("--fresh", action="store_true",
                         help="redo from scratch the LUMs, stores and rank runs this invocation needs (other rows' runs are kept)")
     args = parser.parse_args(argv)
     if args.tiny and args.dataset != "synthetic":
-        parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic)")
+        parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic), or on --data-dir with --config")
+    if args.epochs is not None and args.steps is not None:
+        parser.error("--epochs and --steps are two budgets: give one")
+    if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1):
+        parser.error("--epochs and --steps must be >= 1")
+    if args.results is None:
+        args.results = str(Path(args.out) / "results" / "lum_tables.json")
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.first_seed < 0 or (args.first_seed > 0 and not args.rows):

@@ -174,3 +174,61 @@ def test_fresh_redoes_only_what_the_invocation_reruns(tmp_path):
     assert [m.exists() for m in markers] == [True, True, True, False]
     rows = json.loads((tmp_path / "r.json").read_text())["synthetic-tiny/sim"]
     assert rows["rows_kept_from_earlier_invocation"] == ["lum"]
+
+
+def _tiny_data_and_config(tmp_path, **lum):
+    """Tiny synthetic logs in a folder of their own and a copy of the synthetic config outside configs/ (lum keys changed)."""
+    import yaml
+
+    from lumrec.data.synthetic import SynthConfig, ensure_generated
+
+    bench = _bench()
+    raw = yaml.safe_load((bench.CONFIGS / "synthetic.yaml").read_text())
+    ensure_generated(tmp_path / "logs", SynthConfig(**raw["tiny"]["source"]["synth"]))
+    raw["lum"] = {**raw["lum"], **lum}
+    config = tmp_path / "elsewhere" / "my_lum.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(raw))
+    return bench, tmp_path / "logs", config
+
+
+def test_a_data_dir_with_a_config_anywhere_runs_tiny_and_writes_outside_the_repository(tmp_path):
+    bench, data, config = _tiny_data_and_config(tmp_path)
+    recorded = bench.RESULTS.read_bytes() if bench.RESULTS.exists() else None
+    out = tmp_path / "out"
+    assert bench.main(["--tiny", "--seeds", "1", "--data-dir", str(data), "--config", str(config), "--out", str(out),
+                       "--model", "din", "--steps", "5"]) == 0
+    rows = json.loads((out / "results" / "lum_tables.json").read_text())  # the default results file sits under --out
+    row = rows["logs+my_lum-tiny/din"]
+    assert row["config"] == str(config) and row["data_dir"] == str(data) and row["dataset"] == "logs+my_lum"
+    assert row["budget"] == {"minutes": None, "epochs": None, "steps": 5} and row["pretrain"]["lum"]["steps"] == 5
+    assert set(row["rows"]) == {"base", "lum"}
+    assert (bench.RESULTS.read_bytes() if bench.RESULTS.exists() else None) == recorded  # recorded tables untouched
+    assert not (out / "synthetic-tiny").exists()  # --data-dir is read as it is, not imported
+
+
+@pytest.mark.parametrize("lum, named", [
+    ({"conditions": ["color=1"]}, r"my_lum.yaml: lum.conditions: feature 'color' is not in data set .*behaviours columns \["),
+    ({"conditions": ["scenario=9"]}, r"lum.conditions: condition 'scenario=9': data set .* has scenario ids 1..2 \(vocabulary size 3\)"),
+    ({"candidate_condition_feature": "brand_id"}, r"lum.candidate_condition_feature: feature 'brand_id' is not in data set"),
+])
+def test_a_condition_the_data_lacks_stops_the_run_before_the_lum_trains(tmp_path, lum, named):
+    bench, data, config = _tiny_data_and_config(tmp_path, **lum)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=named):
+        bench.main(["--tiny", "--seeds", "1", "--data-dir", str(data), "--config", str(config), "--out", str(out)])
+    assert not (out / "lum_tables" / "logs+my_lum-tiny-sim" / "lum").exists()  # nothing trained
+
+
+def test_every_named_condition_of_the_recorded_configs_is_one_the_lum_is_asked():
+    """The configs' own conditions are consistent with their knowledge and pre-training sections (no data needed)."""
+    bench = _bench()
+    checks = load_benchmark("lum_tables_checks")
+    for dataset in bench.DATASETS:
+        cfg = bench.load_bench_config(dataset, False)
+        features = {c["feature"] for c in cfg.knowledge.conditions}
+        trained = set(cfg.pretrain["data"]["condition_features"])
+        assert features - checks.TOKEN_FEATURES <= trained, dataset
+        for spec in [cfg.lum, cfg.single_condition, *cfg.extra_rows.values()]:
+            assert {c.split("=")[0] for c in spec.conditions} <= features, dataset
+            assert spec.candidate_condition_feature in features | {None}, dataset
