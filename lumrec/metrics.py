@@ -1,4 +1,10 @@
-"""Retrieval metrics: rank each user's target among all items, HR@K and NDCG@K."""
+"""Retrieval metrics: rank each user's target among all items, HR@K and NDCG@K (K = 5, 10, 20, 50, 200) and MRR.
+
+    >>> m = RetrievalMetrics()
+    >>> m.update(torch.tensor([0, 7, 30]))  # 0-based ranks of three targets
+    >>> m.compute()["hr@5"], m.compute()["hr@10"], m.compute()["hr@50"]
+    (0.3333333333333333, 0.6666666666666666, 1.0)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_KS = (10, 50, 200)
+# Each K is its own running sum, so adding a K never changes another K's value.
+DEFAULT_KS = (5, 10, 20, 50, 200)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +35,7 @@ class RetrievalMetrics:
     """Running HR@K / NDCG@K over batches of target ranks."""
 
     ks: tuple[int, ...] = DEFAULT_KS
-    ndcg_ks: tuple[int, ...] = (10, 200)
+    ndcg_ks: tuple[int, ...] = DEFAULT_KS
     count: int = 0
     _hits: dict[int, float] = field(default_factory=dict)
     _ndcg: dict[int, float] = field(default_factory=dict)

@@ -62,6 +62,7 @@ from lumrec.pipelines.pretrain_config import (  # the configs are importable fro
     DataConfig,
     PretrainConfig,
     TrainConfig,
+    split_protocol,
 )
 from lumrec.pipelines.retrieval_eval import build_tokens, evaluate_retrieval, leave_one_out
 from lumrec.tracking import count_parameters, log_job_start
@@ -129,8 +130,8 @@ class Pretrainer:
         if cfg.train.embedding_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"train.embedding_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, "
                              f"got {cfg.train.embedding_optimizer!r}")
-        if cfg.data.train_excludes_last not in (0, 1, 2):
-            raise ValueError(f"data.train_excludes_last must be 0, 1 or 2, got {cfg.data.train_excludes_last}")
+        # Checked again here: a caller may set train_excludes_last after the config was built.
+        self.protocol = split_protocol(cfg.data)
         if cfg.data.long_history not in LONG_HISTORY:
             raise ValueError(f"data.long_history must be one of {LONG_HISTORY}, got {cfg.data.long_history!r}")
         if cfg.data.long_history == "windows" and cfg.data.target_start is not None:
@@ -450,6 +451,7 @@ class Pretrainer:
         secs = state.train_seconds
         result = {
             "model": self.cfg.model,
+            "protocol": self.protocol,  # data.protocol: which events trained, selected and tested
             "test": test,
             "best_valid_hr@10": state.best_metric,
             "best_epoch": state.best_epoch,

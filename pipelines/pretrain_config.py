@@ -2,8 +2,10 @@
 
     >>> from lumrec.pipelines.pretrain_config import PretrainConfig
     >>> cfg = PretrainConfig(model="lum")
-    >>> cfg.train.epochs, cfg.data.max_len, cfg.data.train_excludes_last
-    (100, 200, 2)
+    >>> cfg.train.epochs, cfg.data.max_len, cfg.data.train_excludes_last, split_protocol(cfg.data)
+    (100, 200, 2, 'strict')
+    >>> DataConfig(protocol="published-ml1m").train_excludes_last
+    1
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from lumrec.config import ConfigValueError, check_above, check_at_least, check_d
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.optim import RowwiseAdamW
 
-__all__ = ["DataConfig", "LONG_HISTORY", "PretrainConfig", "RESUMABLE_CHANGES", "TABLE_OPTIMIZERS", "TrainConfig"]
+__all__ = ["DataConfig", "LONG_HISTORY", "PROTOCOLS", "PretrainConfig", "RESUMABLE_CHANGES", "TABLE_OPTIMIZERS",
+           "TrainConfig", "protocol_mismatch", "split_protocol"]
+
+# data.protocol -> data.train_excludes_last: the events at the end of each history training never sees.
+# strict: validation and test held out, the best model on validation HR@10 is tested (SASRec/S3Rec-style
+# Amazon papers). published-ml1m: only the test event held out, the model at the end is tested (the
+# HSTU paper's ML-1M protocol; Meta's code has no validation split). all: nothing held out, no test
+# (continued daily pre-training: the next day tests it).
+PROTOCOLS: dict[str, int] = {"strict": 2, "published-ml1m": 1, "all": 0}
 
 
 @dataclass
@@ -40,12 +50,16 @@ class DataConfig:
     condition_dropout: float = 0.0
     item_features: list[str] = field(default_factory=lambda: ["item_id"])
     min_history: int = 1  # users need min_history + 2 events (train + valid + test targets)
+    # The split protocol by name (a key of PROTOCOLS); it sets train_excludes_last. None = named by
+    # train_excludes_last. Setting both is allowed only when they agree.
+    protocol: str | None = None
     # Events at the end of each history that training never sees. 2: validation and test are
     # held out and early stopping uses validation (strict). 1: only the test event is held out,
     # as in the published ML-1M protocol (Meta's code has no validation split); there is then no
     # validation metric, so the model at the end of the budget is the one tested. 0: nothing is
     # held out and there is no test (continued daily pre-training: the next day tests it).
-    train_excludes_last: int = 2
+    # None (not set) = data.protocol's value, else 2.
+    train_excludes_last: int | None = None
     # Streaming continuation: only items on or after this day (YYYY-MM-DD) are training targets;
     # earlier events are context. Users without events on or after it are skipped. None = all.
     target_start: str | None = None
@@ -54,6 +68,41 @@ class DataConfig:
         check_at_least(self, 1, "max_len", section="data")
         check_at_least(self, 0, "min_history", "condition_dropout", section="data")
         check_days(self, "start", "end", "target_start", section="data")
+        if self.protocol is not None:
+            if self.protocol not in PROTOCOLS:
+                raise ConfigValueError("protocol", f"must be one of {tuple(PROTOCOLS)}, got {self.protocol!r}", "data")
+            if self.train_excludes_last is None:
+                self.train_excludes_last = PROTOCOLS[self.protocol]
+        if self.train_excludes_last is None:
+            self.train_excludes_last = PROTOCOLS["strict"]
+        split_protocol(self)
+
+
+def split_protocol(data: DataConfig) -> str:
+    """The protocol name of `data`'s split; refuses a train_excludes_last outside 0-2 or one that contradicts data.protocol."""
+    names = {n: k for k, n in PROTOCOLS.items()}
+    if data.train_excludes_last not in names:
+        choices = ", ".join(f"{k} = {n}" for k, n in PROTOCOLS.items())
+        raise ConfigValueError("train_excludes_last", f"must be 0, 1 or 2 (data.protocol: {choices}), "
+                               f"got {data.train_excludes_last!r}", "data")
+    name = names[data.train_excludes_last]
+    if data.protocol is not None and data.protocol != name:
+        raise ConfigValueError("protocol", f"is {data.protocol!r} (data.train_excludes_last {PROTOCOLS[data.protocol]}), but "
+                               f"data.train_excludes_last is {data.train_excludes_last} ({name!r}); set one of the two keys only", "data")
+    return name
+
+
+def protocol_mismatch(ours: str, published: str, what: str) -> str | None:
+    """Why a result of protocol `ours` and a published figure (`what`) of protocol `published` do not compare; None when they agree.
+
+        >>> protocol_mismatch("published-ml1m", "published-ml1m", "HSTU paper") is None
+        True
+        >>> print(protocol_mismatch("strict", "published-ml1m", "HSTU paper, Table 2"))
+        this run uses split protocol 'strict' but HSTU paper, Table 2 uses 'published-ml1m': the numbers are not comparable
+    """
+    if ours == published:
+        return None
+    return f"this run uses split protocol {ours!r} but {what} uses {published!r}: the numbers are not comparable"
 
 
 # data.long_history choices: the most recent max_len tokens only, or the whole history in windows.

@@ -1,11 +1,12 @@
 """Leave-one-out retrieval evaluation: rank each user's held-out item against all items.
 
 Protocol (SASRec / HSTU papers on ML-1M): the last event of each user is the test target, the
-second last the validation target; training sees the events before them. A user's sequence is
-fed *with* its target, and the user state is the hidden vector of the token right before the
-target item token: the last history item for SASRec/HSTU, the target's condition token for
-LUM. Attention is causal, so the target item cannot leak into that state, and one code path
-serves every model.
+second last the validation target; which of them training also sees is `data.protocol`
+(pipelines/pretrain_config.py). Metrics: HR@K and NDCG@K at K = 5, 10, 20, 50, 200, and MRR
+(lumrec/metrics.py). A user's sequence is fed *with* its target, and the user state is the
+hidden vector of the token right before the target item token: the last history item for
+SASRec/HSTU, the target's condition token for LUM. Attention is causal, so the target item
+cannot leak into that state, and one code path serves every model.
 
 `exclude_seen` follows the published protocol's evaluation code (Meta's generative-recommenders
 filters the items of the visible history out of the candidates, as SASRec does): a user's own
