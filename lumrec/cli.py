@@ -87,7 +87,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from lumrec.data.importers import run_import
     from lumrec.data.stats import dataset_stats, format_stats
 
-    names = ("movies", "users", "attributes", "name", "base_day", "positive_threshold", "overwrite", "category")
+    names = ("movies", "users", "attributes", "name", "base_day", "positive_threshold", "overwrite", "category",
+             "user_col", "item_col", "time_col", "time_unit", "rating_col", "label_col", "category_col",
+             "categories_col", "list_sep", "delimiter")
     options = {n: getattr(args, n) for n in names if getattr(args, n) not in (None, False)}
     run_import(args.kind, args.src, args.out, **options)
     print(format_stats(dataset_stats(args.out)))
@@ -143,18 +145,29 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="import a public data set into lumrec's Parquet layout")
-    p.add_argument("kind", help="ml-1m | ml-1m-ratings | ml-100k | amazon")
-    p.add_argument("src", help="folder holding the files (or the file itself for ml-1m-ratings and amazon)")
+    p = sub.add_parser("import", help="import your own event table or a public data set into lumrec's Parquet layout")
+    p.add_argument("kind", help="table (your CSV/Parquet events) | sasrec | amazon | ml-1m | ml-1m-ratings | ml-100k")
+    p.add_argument("src", help="the source file (folder for ml-1m and ml-100k)")
     p.add_argument("out", help="output dataset folder")
     p.add_argument("--movies", help="ml-1m movies.dat for genres (ml-1m, ml-1m-ratings, ml-100k)")
     p.add_argument("--users", help="users.dat for user features (ml-1m, ml-1m-ratings)")
-    p.add_argument("--attributes", help="Name_item2attributes.json (amazon; default: beside SRC)")
-    p.add_argument("--name", help="dataset name recorded in the manifest")
-    p.add_argument("--base-day", help="first day of synthesised timestamps (ml-1m, amazon)")
+    p.add_argument("--attributes", help="Name_item2attributes.json (amazon; default: beside SRC; without one, no categories)")
+    p.add_argument("--name", help="dataset name recorded in the manifest (default: the source file's name without suffixes)")
+    p.add_argument("--user-col", help="table: user id column (default user_id; integers or strings)")
+    p.add_argument("--item-col", help="table: item id column (default item_id; integers or strings)")
+    p.add_argument("--time-col", help="table: event time column (default timestamp)")
+    p.add_argument("--time-unit", choices=["s", "ms", "date"],
+                   help="table: time column holds unix seconds (default), milliseconds, or dates / date-times (UTC unless zoned)")
+    p.add_argument("--rating-col", help="table: rating column (kept; impressions labelled rating >= --positive-threshold)")
+    p.add_argument("--label-col", help="table: 0/1 label column (writes labelled impressions)")
+    p.add_argument("--category-col", help="table: item category column")
+    p.add_argument("--categories-col", help="table: column listing an item's categories (list column, or text split by --list-sep)")
+    p.add_argument("--list-sep", help="table: separator of --categories-col text values (default |)")
+    p.add_argument("--delimiter", help="table: CSV field separator (default , or tab for .tsv)")
+    p.add_argument("--base-day", help="first day of synthesised timestamps (ml-1m, amazon, sasrec)")
     p.add_argument("--category", choices=["first", "most_frequent"],
                    help="amazon: category_id = each item's first attribute (default) or the one most items share")
-    p.add_argument("--positive-threshold", type=float, help="rating >= this is a positive label (default 4)")
+    p.add_argument("--positive-threshold", type=float, help="rating >= this is a positive label (default 4; ml-1m-ratings, ml-100k, table)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(func=_cmd_import)
 

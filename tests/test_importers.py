@@ -285,7 +285,7 @@ def test_amazon_sequences_attributes_and_time(tmp_path):
     src = _amazon(tmp_path, ["5 30 4 30", "12 4", "3 100 4"], {"4": [70, 9], "30": [9], "100": []})
     out = tmp_path / "out"
     meta = run_import("amazon", src, out)
-    assert meta.name == "amazon-toys" and meta.synthetic_timestamps
+    assert meta.name == "Toys" and meta.synthetic_timestamps
     assert meta.vocab_sizes == {"user_id": 4, "item_id": 4, "category_id": 3}
     assert _vocab(out, "item_id") == {"4": 1, "30": 2, "100": 3}
     assert _vocab(out, "category_id") == {"9": 1, "70": 2}
@@ -328,8 +328,108 @@ def test_amazon_bad_input(tmp_path):
     with pytest.raises(DataValidationError, match=r"Toys_item2attributes\.json: line 2: invalid JSON"):
         run_import("amazon", src, tmp_path / "out")
     (tmp_path / "am" / "Toys_item2attributes.json").unlink()
-    with pytest.raises(FileNotFoundError, match="Toys_item2attributes.json"):
-        run_import("amazon", src, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="Other_item2attributes.json"):
+        run_import("amazon", src, tmp_path / "out", attributes=tmp_path / "am" / "Other_item2attributes.json")
+
+
+def _categories_agree(out: Path) -> dict[int, int]:
+    """Assert every event's category is its item's category in the items table; return item -> category."""
+    items = Dataset(out).read_table("items")
+    by_item = dict(zip(items.column("item_id").to_pylist(), items.column("category_id").to_pylist()))
+    beh = _behaviours(out)
+    for item, cat in zip(beh.column("item_id").to_pylist(), beh.column("category_id").to_pylist()):
+        assert by_item[item] == cat, f"item {item}: behaviours say {cat}, items table {by_item[item]}"
+    return by_item
+
+
+@pytest.mark.parametrize("rule", ["first", "most_frequent"])
+def test_amazon_items_and_behaviours_agree_on_category(tmp_path, rule):
+    src = _amazon(tmp_path, ["1 4 30 7 8", "2 8 4"], {"4": [70, 9], "30": [9], "7": [5, 9], "8": [6, 5]})
+    run_import("amazon", src, tmp_path / "out", category=rule)
+    by_item = _categories_agree(tmp_path / "out")
+    code, items = _vocab(tmp_path / "out", "category_id"), _vocab(tmp_path / "out", "item_id")
+    want = {"4": "9", "30": "9", "7": "9", "8": "5"} if rule == "most_frequent" else {"4": "70", "30": "9", "7": "5", "8": "6"}
+    assert by_item == {items[i]: code[c] for i, c in want.items()}
+
+
+def test_amazon_most_frequent_skips_a_root_attribute_on_every_item(tmp_path):
+    # 1 is the catalogue's root (every item lists it, first); 9 and 5 are the groups below it.
+    attrs = {"4": [1, 70, 9], "30": [1, 9], "7": [1, 5, 9], "8": [1, 6, 5], "11": [1]}
+    src = _amazon(tmp_path, ["1 4 30 7 8 11"], attrs)
+    run_import("amazon", src, tmp_path / "out", category="most_frequent")
+    by_item = _categories_agree(tmp_path / "out")
+    code, items = _vocab(tmp_path / "out", "category_id"), _vocab(tmp_path / "out", "item_id")
+    # Item 11 has nothing but the root, so it keeps it.
+    assert by_item == {items["4"]: code["9"], items["30"]: code["9"], items["7"]: code["9"], items["8"]: code["5"], items["11"]: code["1"]}
+    assert len(set(by_item.values())) == 3
+
+
+def test_amazon_without_attributes_imports_without_categories(tmp_path, caplog):
+    src = _write_lines(tmp_path / "am" / "Games.txt", ["1 2 3", "2 3"], "utf-8")
+    with caplog.at_level("INFO"):
+        meta = run_import("amazon", src, tmp_path / "out")
+    assert "no attributes file Games_item2attributes.json" in caplog.text and "without categories" in caplog.text
+    assert meta.name == "Games" and meta.vocab_sizes["category_id"] == 1 and "no attributes file" in meta.notes
+    assert set(_behaviours(tmp_path / "out").column("category_id").to_pylist()) == {0}
+    assert meta.extra["source_files"] == [str(src.resolve())]
+
+
+# -- sasrec -----------------------------------------------------------------------------------
+
+
+def test_sasrec_one_interaction_per_line(tmp_path):
+    src = _write_lines(tmp_path / "Steam.txt", ["1 10", "2 30", "1 20", "1 10", "2 10"], "utf-8")
+    meta = run_import("sasrec", src, tmp_path / "out", name="steam")
+    assert meta.name == "steam" and meta.synthetic_timestamps and meta.extra["source_files"] == [str(src.resolve())]
+    assert meta.vocab_sizes == {"user_id": 3, "item_id": 4, "category_id": 1}
+    beh = _behaviours(tmp_path / "out")
+    got = list(zip(*(beh.column(c).to_pylist() for c in ("user_id", "item_id", "ts"))))
+    items = _vocab(tmp_path / "out", "item_id")
+    assert got == [(1, items["10"], BASE), (1, items["20"], BASE + 1), (1, items["10"], BASE + 2),
+                   (2, items["30"], BASE), (2, items["10"], BASE + 1)]  # fmt: skip
+    assert run_import("sasrec", src, tmp_path / "default").name == "Steam"
+
+
+def test_sasrec_bad_input(tmp_path):
+    with pytest.raises(DataValidationError, match=r"Steam\.txt: line 2: expected 2 fields `user item`, got '1 2 3'"):
+        run_import("sasrec", _write_lines(tmp_path / "Steam.txt", ["1 2", "1 2 3"]), tmp_path / "out")
+    with pytest.raises(DataValidationError, match=r"line 1: ids must be integers"):
+        run_import("sasrec", _write_lines(tmp_path / "Steam.txt", ["u1 2"]), tmp_path / "out")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataValidationError, match=r"empty\.txt: no interactions in file"):
+        run_import("sasrec", tmp_path / "empty.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- wrong formats ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ml-1m-ratings", "amazon", "sasrec"])
+def test_line_importers_name_a_parquet_or_zip_file(tmp_path, kind):
+    parquet = tmp_path / "events.dat"
+    pq.write_table(pa.table({"user_id": [1], "item_id": [2]}), parquet)
+    with pytest.raises(DataValidationError, match=r"events\.dat: is a Parquet file, not `.*` lines; use `lumrec import table`"):
+        run_import(kind, parquet, tmp_path / "out")
+    gz = tmp_path / "events.parquet.gz"
+    gz.write_bytes(gzip.compress(parquet.read_bytes()))
+    with pytest.raises(DataValidationError, match=r"events\.parquet\.gz: is a gzipped Parquet file.*`lumrec import table`"):
+        run_import(kind, gz, tmp_path / "out")
+    zipped = tmp_path / "events.zip"
+    zipped.write_bytes(b"PK\x03\x04" + b"\0" * 30)
+    with pytest.raises(DataValidationError, match=r"events\.zip: is a zip archive.*unzip it"):
+        run_import(kind, zipped, tmp_path / "out")
+
+
+def test_a_gzipped_file_without_gz_suffix_is_read(tmp_path):
+    src = tmp_path / "Steam.txt"
+    src.write_bytes(gzip.compress(b"1 10\n1 20\n"))
+    assert run_import("sasrec", src, tmp_path / "out").vocab_sizes["item_id"] == 3
+
+
+def test_dataset_name_is_the_option_or_the_source_stem(tmp_path):
+    src = _write_lines(tmp_path / "my_ratings.dat.gz", ["1::1::5::978300760"])
+    assert run_import("ml-1m-ratings", src, tmp_path / "a").name == "my_ratings"
+    assert run_import("ml-1m-ratings", src, tmp_path / "b", name="shop-2024").name == "shop-2024"
 
 
 # -- dispatch and output folder ---------------------------------------------------------------
@@ -340,7 +440,7 @@ def test_run_import_dispatch_errors(tmp_path):
         run_import("ml-20m", tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\].*accepted"):
         run_import("amazon", tmp_path, tmp_path / "out", colour="red")
-    assert set(IMPORTERS) == {"ml-1m", "ml-1m-ratings", "ml-100k", "amazon"}
+    assert set(IMPORTERS) == {"ml-1m", "ml-1m-ratings", "ml-100k", "amazon", "sasrec", "table"}
     assert "overwrite" in importer_options("ml-100k") and "movies" in importer_options("ml-1m-ratings")
 
 

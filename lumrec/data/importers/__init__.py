@@ -15,6 +15,8 @@ from lumrec.data.importers.amazon import import_amazon
 from lumrec.data.importers.ml_100k import import_ml_100k
 from lumrec.data.importers.ml_1m import import_ml_1m
 from lumrec.data.importers.ml_1m_ratings import import_ml_1m_ratings
+from lumrec.data.importers.sasrec import import_sasrec
+from lumrec.data.importers.table import import_table
 from lumrec.locks import LOCK_FILE, RunLock
 
 Importer = Callable[..., DatasetMeta]
@@ -24,6 +26,8 @@ IMPORTERS: dict[str, Importer] = {
     "ml-1m-ratings": import_ml_1m_ratings,
     "ml-100k": import_ml_100k,
     "amazon": import_amazon,
+    "sasrec": import_sasrec,
+    "table": import_table,
 }
 
 

@@ -88,15 +88,71 @@ def read_source_parquet(path: Path) -> pa.Table:
         raise DataValidationError(str(path), f"unreadable Parquet file: {one_line(str(err))}") from None
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def file_format(path: Path) -> str:
+    """What a source file holds, by its first bytes: "parquet", "zip", "gzip-parquet" or "text" (plain or gzipped)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            if head[:2] == _GZIP_MAGIC:
+                with gzip.open(path, "rb") as gz:
+                    inner = gz.read(4)
+                return "gzip-parquet" if inner == _PARQUET_MAGIC else "text"
+    except (OSError, EOFError):
+        return "text"  # the reader that follows names the file and the failure
+    if head == _PARQUET_MAGIC:
+        return "parquet"
+    if head == _ZIP_MAGIC:
+        return "zip"
+    return "text"
+
+
+def require_text(path: Path, layout: str) -> None:
+    """Raise DataValidationError naming what a binary file given to a line-format importer really is."""
+    fmt = file_format(path)
+    if fmt == "parquet":
+        raise DataValidationError(str(path), f"is a Parquet file, not `{layout}` lines; use `lumrec import table`")
+    if fmt == "gzip-parquet":
+        raise DataValidationError(str(path), f"is a gzipped Parquet file, not `{layout}` lines; gunzip it and use `lumrec import table`")
+    if fmt == "zip":
+        raise DataValidationError(str(path), f"is a zip archive, not `{layout}` lines; unzip it and give the file inside")
+
+
+def source_name(path: Path) -> str:
+    """A dataset name from a source path: a folder's name, or a file's name without compression and format suffixes."""
+    name = path.resolve().name
+    for suffix in (".gz", ".bz2", ".zst", ".parquet", ".csv", ".tsv", ".txt", ".dat", ".inter"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
 def open_text(path: Path, encoding: str = "latin-1") -> Any:
-    """Open a text file, transparently gunzipping `.gz` files."""
-    if path.suffix == ".gz":
+    """Open a text file, transparently gunzipping `.gz` files (and gzip data under any other name)."""
+    if path.suffix == ".gz" or is_gzip(path):
         return gzip.open(path, "rt", encoding=encoding, newline="")
     return open(path, "rt", encoding=encoding, newline="")
 
 
-def iter_lines(path: Path, encoding: str = "latin-1") -> Iterator[tuple[int, str]]:
-    """Yield `(line_number, line)` of a text file (1-based, newline stripped), skipping blank lines."""
+def is_gzip(path: Path) -> bool:
+    """Whether the file starts with gzip's magic bytes."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == _GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def iter_lines(path: Path, encoding: str = "latin-1", layout: str = "text") -> Iterator[tuple[int, str]]:
+    """Yield `(line_number, line)` of a text file (1-based, newline stripped), skipping blank lines.
+
+    A Parquet file or zip archive is refused up front, named for what it is (`layout` says what was expected).
+    """
+    require_text(path, layout)
     try:
         with open_text(path, encoding) as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -224,11 +280,19 @@ def _impression_table(ev: Events, sel: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
-def items_table(item_ids: np.ndarray, categories: list[list[int]], titles: list[str] | None = None) -> pa.Table:
-    """The items table: dense id, primary category (first of its list, 0 if none), all categories."""
+def items_table(
+    item_ids: np.ndarray,
+    categories: list[list[int]],
+    titles: list[str] | None = None,
+    primary: Sequence[int] | None = None,
+) -> pa.Table:
+    """The items table: dense id, primary category (`primary`, else first of its list, 0 if none), all categories.
+
+    Importers pass the same `primary` they give the events, so every table agrees on an item's category.
+    """
     cols: dict[str, pa.Array] = {
         "item_id": pa.array(item_ids, pa.int64()),
-        "category_id": pa.array([c[0] if c else 0 for c in categories], pa.int64()),
+        "category_id": pa.array(list(primary) if primary is not None else [c[0] if c else 0 for c in categories], pa.int64()),
         "category_ids": pa.array(categories, pa.list_(pa.int64())),
     }
     if titles is not None:

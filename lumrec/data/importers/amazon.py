@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from lumrec.data.dataset import DatasetMeta, day_bounds
+from lumrec.data.dataset import Dataset, DatasetMeta, day_bounds
 from lumrec.data.importers._common import (
     DEFAULT_BASE_DAY,
     Events,
@@ -18,12 +19,17 @@ from lumrec.data.importers._common import (
     iter_lines,
     prepare_output,
     require_file,
+    source_name,
     synthetic_ts,
     write_events,
     write_vocab,
 )
 from lumrec.data.schema import ACTION_REVIEW, SCENARIO_FEED
 from lumrec.data.validate import DataValidationError
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "user item item ..."
 
 
 def read_sequences(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -33,7 +39,7 @@ def read_sequences(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
     pos: list[int] = []
     seen: dict[int, int] = {}
     empty = 0
-    for lineno, line in iter_lines(path, encoding="utf-8"):
+    for lineno, line in iter_lines(path, encoding="utf-8", layout=LAYOUT):
         try:
             tokens = [int(t) for t in line.split()]
         except ValueError:
@@ -76,19 +82,75 @@ def read_attributes(path: Path) -> dict[int, list[int]]:
     return attrs
 
 
+# An attribute listed by at least this share of the items that have attributes is a root (e.g. "Beauty"
+# on every Beauty item): `most_frequent` skips it, or every item would fall into that one group.
+ROOT_SHARE = 0.9
+
 CATEGORY_RULES = {
     "first": "the item's first attribute",
-    "most_frequent": "the item's attribute shared by most items (coarsest)",
+    "most_frequent": (
+        f"the item's attribute shared by most items (coarsest), skipping root attributes listed by >= {ROOT_SHARE:.0%} "
+        "of the items with attributes (a root is kept only when the item has nothing else)"
+    ),
 }
 
 
 def primary_categories(cats: list[list[int]], rule: str) -> list[int]:
-    """One category per item from its attribute codes (0 without attributes), by `rule` (see CATEGORY_RULES)."""
+    """One category per item from its attribute codes (0 without attributes), by `rule` (see CATEGORY_RULES).
+
+    >>> primary_categories([[1, 7], [1, 7], [1, 8], [1]], "most_frequent")  # 1 is a root: on every item
+    [7, 7, 8, 1]
+    """
     if rule == "first":
         return [c[0] if c else 0 for c in cats]
-    counts = Counter(a for lst in cats for a in lst)
-    # Ties go to the smaller code, so the choice does not depend on the order attributes are listed in.
-    return [min(c, key=lambda a: (-counts[a], a)) if c else 0 for c in cats]
+    counts = Counter(a for lst in cats for a in set(lst))
+    listed = sum(1 for lst in cats if lst)
+    roots = {a for a, n in counts.items() if n >= ROOT_SHARE * listed}
+
+    def pick(lst: list[int]) -> int:
+        candidates = [a for a in lst if a not in roots] or lst
+        # Ties go to the smaller code, so the choice does not depend on the order attributes are listed in.
+        return min(candidates, key=lambda a: (-counts[a], a))
+
+    return [pick(c) if c else 0 for c in cats]
+
+
+def write_sequences(
+    ds: Dataset,
+    user_raw: np.ndarray,
+    item_raw: np.ndarray,
+    pos: np.ndarray,
+    attrs: dict[int, list[int]],
+    category: str,
+    base_day: str,
+) -> tuple[dict[str, int], list[str], int, int]:
+    """Write vocabularies, items and behaviours of events given as per-user positions (ts synthesised from `pos`).
+
+    Returns (vocab sizes, day partitions, item count, items with attributes). Each item's category is
+    chosen once (`category` rule over `attrs`) and written to the items table and the behaviours alike.
+    """
+    user_uniq, user_id = dense_ids(user_raw)
+    item_uniq, item_id = dense_ids(item_raw)
+    sizes = {"user_id": write_vocab(ds, "user_id", user_uniq), "item_id": write_vocab(ds, "item_id", item_uniq)}
+    item_attrs = [attrs.get(raw, []) for raw in item_uniq.tolist()]
+    cat_uniq = sorted({a for lst in item_attrs for a in lst})
+    code = {a: i + 1 for i, a in enumerate(cat_uniq)}
+    sizes["category_id"] = write_vocab(ds, "category_id", cat_uniq) if cat_uniq else 1
+    cats = [[code[a] for a in lst] for lst in item_attrs]
+    primary = np.zeros(len(item_uniq) + 1, np.int64)
+    primary[1:] = primary_categories(cats, category)
+    ds.write_table("items", items_table(np.arange(1, len(item_uniq) + 1), cats, primary=primary[1:].tolist()))
+    events = Events(
+        user_id=user_id,
+        ts=synthetic_ts(pos, base_day),
+        item_id=item_id,
+        category_id=primary[item_id],
+        action=ACTION_REVIEW,
+        scenario=SCENARIO_FEED,
+        order=np.arange(len(pos), dtype=np.int64),
+    )
+    days = write_events(ds, events)
+    return sizes, days, len(item_uniq), sum(1 for lst in item_attrs if lst)
 
 
 def import_amazon(
@@ -104,59 +166,48 @@ def import_amazon(
     """Import an Amazon sequence file; timestamps are synthesised (base_day 00:00 UTC + position seconds).
 
     `category` picks each item's `category_id` among its attributes: "first" (as listed) or
-    "most_frequent" (the one most items share: the coarsest, on Beauty 7 top-level groups).
+    "most_frequent" (the one most items share: the coarsest, on Beauty 7 top-level groups; root
+    attributes on (almost) every item are skipped). The items table, the behaviours and any other
+    table carry the same category for an item. Without an attributes file (none given, none named
+    `<stem>_item2attributes.json` beside `src`) every item has category 0 (missing).
     """
     if category not in CATEGORY_RULES:
         raise ValueError(f"amazon import: category must be one of {list(CATEGORY_RULES)}, got {category!r}")
-    path = require_file(src, "Amazon sequence file (`user item item ...`)")
-    attr_path = require_file(
-        attributes if attributes is not None else path.with_name(f"{path.stem}_item2attributes.json"),
-        "Amazon item attributes JSON",
-    )
+    path = require_file(src, f"Amazon sequence file (`{LAYOUT}`)")
+    beside = path.with_name(f"{path.stem}_item2attributes.json")
+    if attributes is not None:
+        attr_path: Path | None = require_file(attributes, "Amazon item attributes JSON")
+    elif beside.is_file():
+        attr_path = beside
+    else:
+        attr_path = None
+        log.info("%s: no attributes file %s beside it and no --attributes: importing without categories (category 0)", path, beside.name)
     day_bounds(base_day)
     user_raw, item_raw, pos, empty = read_sequences(path)
-    attrs = read_attributes(attr_path)
+    attrs = read_attributes(attr_path) if attr_path is not None else {}
     ds = prepare_output(out, overwrite)
 
-    user_uniq, user_id = dense_ids(user_raw)
-    item_uniq, item_id = dense_ids(item_raw)
-    sizes = {"user_id": write_vocab(ds, "user_id", user_uniq), "item_id": write_vocab(ds, "item_id", item_uniq)}
-    item_attrs = [attrs.get(raw, []) for raw in item_uniq.tolist()]
-    cat_uniq = sorted({a for lst in item_attrs for a in lst})
-    code = {a: i + 1 for i, a in enumerate(cat_uniq)}
-    sizes["category_id"] = write_vocab(ds, "category_id", cat_uniq) if cat_uniq else 1
-    cats = [[code[a] for a in lst] for lst in item_attrs]
-    ds.write_table("items", items_table(np.arange(1, len(item_uniq) + 1), cats))
-    primary = np.zeros(len(item_uniq) + 1, np.int64)
-    primary[1:] = primary_categories(cats, category)
-
-    events = Events(
-        user_id=user_id,
-        ts=synthetic_ts(pos, base_day),
-        item_id=item_id,
-        category_id=primary[item_id],
-        action=ACTION_REVIEW,
-        scenario=SCENARIO_FEED,
-        order=np.arange(len(pos), dtype=np.int64),
+    sizes, days, n_items, with_attr = write_sequences(ds, user_raw, item_raw, pos, attrs, category, base_day)
+    categories = (
+        f"categories from {attr_path.name}: category_id = {CATEGORY_RULES[category]} (the same in every table), "
+        f"category_ids = all (attributes mix categories and brand); {with_attr} of {n_items} items have attributes."
+        if attr_path is not None
+        else "no attributes file: category_id is 0 (missing) everywhere."
     )
-    days = write_events(ds, events)
-    with_attr = sum(1 for lst in item_attrs if lst)
     notes = (
         f"Amazon reviews as item sequences, no timestamps in the source: ts = {base_day} 00:00 UTC + position "
         f"in the user's line, in seconds (keeps each user's order; {len(days)} day partition(s)). action=review, "
-        f"no ratings, no impressions, no users table. categories from {attr_path.name}: category_id = "
-        f"{CATEGORY_RULES[category]}, category_ids = all (attributes mix categories and brand); {with_attr} of {len(item_uniq)} "
-        f"items have attributes. {empty} user line(s) without items skipped."
+        f"no ratings, no impressions, no users table. {categories} {empty} user line(s) without items skipped."
     )
     meta = DatasetMeta(
-        name=name or f"amazon-{path.stem.lower()}",
+        name=name or source_name(path),
         source=str(path.resolve()),
         vocab_sizes=sizes,
         synthetic_timestamps=True,
         notes=notes,
         extra={
             "kind": "amazon",
-            "source_files": [str(path.resolve()), str(attr_path.resolve())],
+            "source_files": [str(p.resolve()) for p in (path, attr_path) if p is not None],
             "base_day": base_day,
             "category_ids_vocab": "category_id",
             "category": category,

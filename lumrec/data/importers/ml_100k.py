@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from lumrec.data.dataset import DatasetMeta
-from lumrec.data.importers._common import check_columns, finish, int_column, prepare_output, read_source_parquet, require_file
+from lumrec.data.importers._common import check_columns, finish, int_column, prepare_output, read_source_parquet, require_file, source_name
 from lumrec.data.importers._movielens import (
     RatingColumns,
     age_group,
@@ -123,7 +123,7 @@ def import_ml_100k(
     movies: str | Path | None = None,
     own_genres: bool = True,
     positive_threshold: float = 4.0,
-    name: str = "ml-100k",
+    name: str | None = None,
     overwrite: bool = False,
 ) -> DatasetMeta:
     """Import ML-100K: ratings -> behaviours + labelled impressions (daily UTC partitions), items with genres, users."""
@@ -156,7 +156,7 @@ def import_ml_100k(
         f"occupation, zip3."
     )
     meta = DatasetMeta(
-        name=name,
+        name=name or source_name(folder),
         source=str(folder.resolve()),
         vocab_sizes=sizes,
         synthetic_timestamps=False,

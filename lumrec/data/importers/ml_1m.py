@@ -15,6 +15,7 @@ from lumrec.data.importers._common import (
     prepare_output,
     read_source_parquet,
     require_file,
+    source_name,
     synthetic_ts,
 )
 from lumrec.data.importers._movielens import RatingColumns, read_movies_dat, read_users_dat, write_movielens
@@ -47,7 +48,7 @@ def import_ml_1m(
     movies: str | Path | None = None,
     users: str | Path | None = None,
     base_day: str = DEFAULT_BASE_DAY,
-    name: str = "ml-1m",
+    name: str | None = None,
     overwrite: bool = False,
 ) -> DatasetMeta:
     """Import ML-1M implicit interactions; timestamps are synthesised from `pos` (base_day 00:00 UTC + pos seconds)."""
@@ -76,7 +77,7 @@ def import_ml_1m(
         f"movies without interactions left out. users table from users.dat (gender, age group, occupation, zip3)."
     )
     meta = DatasetMeta(
-        name=name,
+        name=name or source_name(folder),
         source=str(folder.resolve()),
         vocab_sizes=sizes,
         synthetic_timestamps=True,

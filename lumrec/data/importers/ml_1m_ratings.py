@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from lumrec.data.dataset import DatasetMeta
-from lumrec.data.importers._common import finish, iter_lines, prepare_output, require_file
+from lumrec.data.importers._common import finish, iter_lines, prepare_output, require_file, source_name
 from lumrec.data.importers._movielens import RatingColumns, read_movies_dat, read_users_dat, write_movielens
 from lumrec.data.validate import DataValidationError
 
@@ -63,7 +63,7 @@ def _read_slow(path: Path) -> RatingColumns:
     items: list[int] = []
     ratings: list[float] = []
     stamps: list[int] = []
-    for lineno, line in iter_lines(path):
+    for lineno, line in iter_lines(path, layout=LAYOUT):
         parts = line.split("::")
         try:
             if len(parts) != 4:
@@ -103,7 +103,7 @@ def import_ml_1m_ratings(
     movies: str | Path | None = None,
     users: str | Path | None = None,
     positive_threshold: float = 4.0,
-    name: str = "ml-1m-ratings",
+    name: str | None = None,
     overwrite: bool = False,
 ) -> DatasetMeta:
     """Import ratings.dat: every rating is a behaviour and an impression (label = rating >= threshold), daily partitions (UTC)."""
@@ -133,7 +133,7 @@ def import_ml_1m_ratings(
         notes.append("no movies.dat beside the ratings and no movies= option: category_id is 0 (missing) everywhere.")
     notes.append("users table from users.dat." if users_path else "no users.dat: no users table.")
     meta = DatasetMeta(
-        name=name,
+        name=name or source_name(path),
         source=str(path.resolve()),
         vocab_sizes=sizes,
         synthetic_timestamps=False,
