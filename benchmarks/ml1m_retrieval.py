@@ -1,12 +1,16 @@
-"""ML-1M leave-one-out retrieval: our SASRec / HSTU / HSTU-large / LUM beside the published numbers.
+"""Leave-one-out retrieval on ML-1M (default) or any data set: SASRec / HSTU / HSTU-large / LUM, on ML-1M beside the published numbers.
 
-One model per invocation (`--model NAME`); its row is merged into
-benchmarks/results/ml1m_retrieval.json and the whole table is printed. MFU = achieved training
+One model per invocation (`--model NAME`, its ML-1M config from configs/, or `--config FILE`, any
+pretrain config path); its row is merged into benchmarks/results/ml1m_retrieval.json (ML-1M with
+the configs of RUNS) or, for `--data-dir` (a lumrec data set folder) or `--config`, into
+OUT/results/retrieval.json outside the tracked tree, and the whole table is printed. A row records
+its data set and config; published figures are compared on ML-1M only. MFU = achieved training
 FLOP/s (FLOPs per step counted by torch's FlopCounterMode) over the fp32 matmul peak measured
 here, on the same machine, in the same run.
 
     .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45] [--seed 1]
     .venv/bin/python benchmarks/ml1m_retrieval.py --model hstu --variant decay-0.5 train.lr_decay_fraction=0.5
+    .venv/bin/python benchmarks/ml1m_retrieval.py --model hstu --data-dir out/my-import --config my_hstu.yaml --epochs 20
 
 Config overrides change the recipe, so they need `--variant NAME`: the row is `MODEL@NAME`.
 
@@ -82,22 +86,27 @@ def flops_per_token(trainer, steps: int = 3) -> float:
     return flops / max(tokens, 1)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path, results: Path) -> None:
-    """The options every ML-1M training benchmark takes: data, budget, threads, seed, folders."""
+def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path, results: Path | None) -> None:
+    """The options every ML-1M training benchmark takes: data, budget, threads, seed, folders (`results` None: chosen later)."""
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
-    parser.add_argument("--minutes", type=float, default=minutes, help="training-time budget")
+    parser.add_argument("--minutes", type=float, default=minutes,
+                        help=f"training budget in wall-clock minutes, the default ({minutes:g}): the recorded rows used it, so further "
+                             "seeds of a row stay comparable; what it buys depends on the machine and its load (see --epochs)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training budget in epochs instead of --minutes (no time limit; the same on any machine)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
     parser.add_argument("--out", default=str(out), help="working folder for data cache and runs")
-    parser.add_argument("--results", default=str(results), help="JSON file the row is merged into")
+    parser.add_argument("--results", default=None if results is None else str(results),
+                        help=f"JSON file the row is merged into (default {results or 'see above'})")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
 
 
 def run_overrides(args: argparse.Namespace, key: str, data_path: Path) -> list[str]:
     """The overrides every run gets: data, its run folder (row `key` at `args.seed`), time budget, threads and seed."""
     run_dir = Path(args.out) / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
-    return [f"data.path={data_path}", f"out={run_dir}", f"train.max_minutes={args.minutes}",
-                     f"train.threads={args.threads}", f"train.seed={args.seed}"]
+    budget = [f"train.epochs={args.epochs}", "train.max_minutes=0"] if args.epochs else [f"train.max_minutes={args.minutes}"]
+    return [f"data.path={data_path}", f"out={run_dir}", *budget, f"train.threads={args.threads}", f"train.seed={args.seed}"]
 
 
 def start_run(args: argparse.Namespace, cfg, results: Path, key: str) -> dict:
@@ -255,16 +264,30 @@ def published_protocol_warning(model: str, cfg) -> str | None:
     return protocol_mismatch(split_protocol(cfg.data), PUBLISHED_PROTOCOL, f"the published {model} figure (HSTU paper, Table 2)")
 
 
+def data_set_name(data_dir: str | None) -> str:
+    """"ml-1m" for the default data or a --data-dir imported from ML-1M (published figures apply), else the folder's name."""
+    from lumrec.data.dataset import Dataset
+
+    if data_dir is None:
+        return "ml-1m"
+    data = Dataset(data_dir)
+    if not data.manifest_path.exists():
+        raise SystemExit(f"--data-dir {data_dir}: not a lumrec data set (no {data.manifest_path.name}); import one with `lumrec import`")
+    return "ml-1m" if data.read_meta().extra.get("kind") == "ml-1m" else Path(data_dir).resolve().name
+
+
 def format_table(rows: dict) -> str:
     """The comparison table over every row measured so far."""
     head = f"{'model':<44} {'seeds':>5} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'HR@200':>7} {'NDCG@200':>8} {'pub HR@10':>9} {'pub NDCG@10':>11} {'minutes':>8} {'tok/s':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     # Each model's row, then its recipe variants ("hstu@lr-decay-0.5"), in RUNS order.
     order = [name for model in RUNS for name in sorted(rows) if name.split("@")[0] == model]
+    order += sorted(set(rows) - set(order))  # other configs and data sets (--config, --data-dir)
     for name in order:
         r = rows[name]
         t = r["test"]
-        pub = PUBLISHED.get(name.split("@")[0])
+        # Published figures are ML-1M's: rows of another data set or config show none.
+        pub = PUBLISHED.get(name.split("@")[0]) if r.get("dataset", "ml-1m") == "ml-1m" else None
         pub_s = f"{pub[0]:>9.4f} {pub[1]:>11.4f}" if pub else f"{'-':>9} {'-':>11}"
         lines.append(
             f"{r['label']:<44} {len(r.get('seeds', [0])):>5} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['hr@50']:>7.4f} {t['hr@200']:>7.4f} "
@@ -275,14 +298,23 @@ def format_table(rows: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=sorted(RUNS))
-    add_run_arguments(parser, minutes=45.0, out=REPO / "out" / "bench", results=RESULTS)
+    parser.add_argument("--model", required=True, choices=sorted(RUNS), help="the model (and, without --config, its ML-1M config)")
+    parser.add_argument("--data-dir", default=None, help="a lumrec data set folder to train and test on (default: ML-1M, imported under --out)")
+    parser.add_argument("--config", default=None, help="a pretrain config file, any path (default the model's ML-1M config of configs/)")
+    add_run_arguments(parser, minutes=45.0, out=REPO / "out" / "bench", results=None)
     parser.add_argument("--variant", default="", help="name of a recipe variant (with overrides): its row is MODEL@VARIANT, its run folder apart")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     if args.overrides and not args.variant:
         parser.error("overrides change the recipe: name the variant (--variant NAME) so its row does not mix with the config's seeds")
-    key = f"{args.model}@{args.variant}" if args.variant else args.model
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    dataset = data_set_name(args.data_dir)
+    key = args.model + (f"+{Path(args.config).stem}" if args.config else "") + (f"@{args.variant}" if args.variant else "")
+    if dataset != "ml-1m":
+        key = f"{dataset}/{key}"
+    if args.results is None:  # the recorded table holds ML-1M rows of the RUNS configs; every other run stays under --out
+        args.results = str(RESULTS if not (args.data_dir or args.config) else Path(args.out) / "results" / "retrieval.json")
     from lumrec.cli import setup_logging
 
     setup_logging()
@@ -292,18 +324,26 @@ def main(argv: list[str] | None = None) -> int:
     from lumrec.pipelines.pretrain import PretrainConfig
 
     factory_name, config_file, label = RUNS[args.model]
-    data_path = Path(args.out) / "ml-1m"
-    overrides = [*run_overrides(args, key, data_path), f"model={factory_name}", *args.overrides]
-    cfg = load_config(PretrainConfig, REPO / config_file, overrides=overrides)
-    warning = published_protocol_warning(args.model, cfg)
+    config_path = Path(args.config) if args.config else REPO / config_file
+    if args.config:
+        label = f"{label}, {config_path.stem}"
+    if dataset != "ml-1m":
+        label = f"{label} on {dataset}"
+    data_path = Path(args.data_dir) if args.data_dir else Path(args.out) / "ml-1m"
+    overrides = [*run_overrides(args, key.replace("/", "-"), data_path), f"model={factory_name}", *args.overrides]
+    cfg = load_config(PretrainConfig, config_path, overrides=overrides)
+    warning = published_protocol_warning(args.model, cfg) if dataset == "ml-1m" else None
     if warning:
         print(f"WARNING: {key}: {warning}", file=sys.stderr, flush=True)
     recipe = start_run(args, cfg, Path(args.results), key)
-    ensure_ml1m(Path(args.data), data_path)
+    if not args.data_dir:
+        ensure_ml1m(Path(args.data), data_path)
     row = {
         "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None,
-        **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes, "overrides": args.overrides,
-        "published_hr@10_ndcg@10": PUBLISHED.get(args.model), "recipe": recipe,
+        **measured_run(cfg), "threads": args.threads, "budget_minutes": None if args.epochs else args.minutes,
+        "budget_epochs": args.epochs, "overrides": args.overrides, "dataset": dataset, "data_dir": str(data_path),
+        "config": str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path),
+        "published_hr@10_ndcg@10": PUBLISHED.get(args.model) if dataset == "ml-1m" else None, "recipe": recipe,
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},
     }
     publish_row(Path(args.results), key, row, args.seed, format_table, Path(cfg.out))

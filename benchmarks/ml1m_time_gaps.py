@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = start_run(args, cfg, Path(args.results), args.arm)
     ensure_datasets(Path(args.data), cache)
     row = {
-        "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": args.minutes,
+        "label": label, "arm": args.arm, **measured_run(cfg), "threads": args.threads, "budget_minutes": None if args.epochs else args.minutes,
+        "budget_epochs": args.epochs,
         "overrides": arm_overrides, "users": "ML-1M users 1-2999 (those in " + RATINGS_FILE + ")", "recipe": recipe,
     }
     publish_row(Path(args.results), args.arm, row, args.seed, format_table, Path(cfg.out))

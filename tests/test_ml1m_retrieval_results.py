@@ -95,3 +95,46 @@ def test_a_row_is_saved_beside_its_run_before_it_is_merged(tmp_path):
         bench.publish_row(results, "hstu", other, 1, bench.format_table, tmp_path / "run2")
     assert json.loads((tmp_path / "run2" / "benchmark_row.json").read_text())["row"]["recipe"] == _recipe(lr=0.001)
     assert json.loads(results.read_text())["hstu"]["seeds"] == [0]
+
+
+def _tiny_logs_and_config(tmp_path):
+    """Tiny synthetic logs (a lumrec data set that is not ML-1M) and a small SASRec config outside configs/."""
+    import yaml
+
+    from lumrec.data.synthetic import SynthConfig, ensure_generated
+
+    ensure_generated(tmp_path / "logs", SynthConfig(seed=0, num_users=60, num_items=40, num_categories=4, num_queries=5, num_days=3,
+                                                     impressions_per_user_day=4))
+    config = tmp_path / "elsewhere" / "small_sasrec.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({
+        "model": "sasrec", "out": "unused",
+        "data": {"path": "unused", "train_excludes_last": 1, "max_len": 16, "item_features": ["item_id"]},
+        "train": {"epochs": 50, "rows_per_batch": 32, "lr": 0.003, "num_negatives": -1, "eval_every_epochs": 1, "patience": 5,
+                  "max_minutes": 45, "checkpoint_every_steps": 1000},
+        "model_config": {"d_model": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}}))
+    return tmp_path / "logs", config
+
+
+def test_any_data_set_and_config_run_with_an_epoch_budget_and_write_outside_the_repository(tmp_path):
+    bench = _bench()
+    data, config = _tiny_logs_and_config(tmp_path)
+    recorded = bench.RESULTS.read_bytes()
+    out = tmp_path / "out"
+    assert bench.main(["--model", "sasrec", "--data-dir", str(data), "--config", str(config), "--epochs", "1", "--threads", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads((out / "results" / "retrieval.json").read_text())
+    row = rows["logs/sasrec+small_sasrec"]
+    assert row["dataset"] == "logs" and row["config"] == str(config) and row["data_dir"] == str(data)
+    assert row["epochs_run"] == 1 and row["budget_epochs"] == 1 and row["budget_minutes"] is None
+    assert row["recipe"]["train"]["max_minutes"] == 0 and row["published_hr@10_ndcg@10"] is None  # no published figure off ML-1M
+    assert row["label"] == "SASRec, small_sasrec on logs"
+    line = [line for line in bench.format_table(rows).splitlines() if line.startswith("SASRec, small_sasrec")][0]
+    assert " - " in line  # no published column
+    assert bench.RESULTS.read_bytes() == recorded  # the recorded ML-1M table is untouched
+
+
+def test_a_data_dir_that_is_not_a_data_set_is_named(tmp_path):
+    bench = _bench()
+    with pytest.raises(SystemExit, match=r"--data-dir .*nothing: not a lumrec data set"):
+        bench.main(["--model", "sasrec", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
