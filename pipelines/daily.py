@@ -248,7 +248,9 @@ class DailyJob(DriftChecks):
         cfg.out = str(self.day_dir(ds) / "lum")
         cfg.data.path = str(self.data.root)
         cfg.data.end = ds
-        cfg.data.train_excludes_last = 0  # the next day tests it (stage d)
+        # Every event of the day trains: the next day tests it (stage d). A `data.protocol` the template
+        # may name is replaced by this split, not refused as a contradiction.
+        cfg.data.train_excludes_last, cfg.data.protocol = 0, None
         cfg.data.target_start = ds if source is not None else None
         cfg.train.init_from = source
         cfg.train.epochs = self.cfg.epochs_per_day if source is not None else self.cfg.bootstrap_epochs
