@@ -92,16 +92,19 @@ def time_column(path: Path, table: pa.Table, name: str, unit: str) -> np.ndarray
         raise ValueError(f"table import: time_unit must be one of {list(TIME_UNITS)}, got {unit!r}")
     col = _column(path, table, name, "--time-col")
     if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        seconds = pc.cast(pc.cast(col, pa.timestamp("s", col.type.tz if pa.types.is_timestamp(col.type) else None)), pa.int64())
+        # Sub-second parts are dropped (safe=False), as integer milliseconds are floored below.
+        tz = col.type.tz if pa.types.is_timestamp(col.type) else None
+        ts = pc.cast(pc.cast(col, pa.timestamp("s", tz), safe=False), pa.int64()).to_numpy()
     elif pa.types.is_integer(col.type) and unit in ("s", "ms"):
-        seconds = col if unit == "s" else pc.floor_divide(col, 1000)
+        ts = col.to_numpy().astype(np.int64)
+        ts = ts if unit == "s" else ts // 1000
     elif (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) and unit == "date":
-        seconds = pc.cast(_parse_dates(path, name, col), pa.int64())
+        ts = pc.cast(_parse_dates(path, name, col), pa.int64()).to_numpy()
     else:
         want = "dates or date-times" if unit == "date" else f"integer {'seconds' if unit == 's' else 'milliseconds'} since 1970"
         hint = "; pass --time-unit date for date strings" if unit != "date" else "; pass --time-unit s or ms for numbers"
         raise DataValidationError(str(path), f"expected {want} (--time-unit {unit}), got {col.type}{hint}", column=name)
-    ts = np.asarray(seconds.to_numpy(), dtype=np.int64)
+    ts = np.asarray(ts, dtype=np.int64)
     if (ts < 0).any():
         raise DataValidationError(str(path), "times before 1970-01-01 (check --time-unit)", column=name, rows=int((ts < 0).sum()))
     return ts
@@ -109,12 +112,25 @@ def time_column(path: Path, table: pa.Table, name: str, unit: str) -> np.ndarray
 
 def _parse_dates(path: Path, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
     """Date strings as timestamps: naive ones read as UTC, ones with a zone offset converted to UTC."""
-    for target in (pa.timestamp("s"), pa.timestamp("s", "UTC")):
+    naive, zoned = pa.timestamp("s"), pa.timestamp("s", "UTC")
+    for target in (naive, zoned):
         try:
             return pc.cast(col, target)
-        except pa.ArrowInvalid as err:
-            problem = one_line(str(err))
-    raise DataValidationError(str(path), f"not a date or date-time: {problem}", column=name)
+        except pa.ArrowInvalid:
+            pass
+    # A column mixing naive and zoned values (or holding a bad one): value by value, naming the first bad row.
+    out: list[int] = []
+    for row, text in enumerate(col.to_pylist(), start=1):
+        for target in (naive, zoned):
+            try:
+                out.append(pc.cast(pa.array([text]), target).cast(pa.int64())[0].as_py())
+                break
+            except pa.ArrowInvalid:
+                continue
+        else:
+            raise DataValidationError(str(path), f"row {row}: {text!r} is not a date or date-time (e.g. 2024-05-01, "
+                                      "2024-05-01 10:00:00, 2024-05-01T10:00:00+02:00)", column=name)
+    return pa.chunked_array([pa.array(out, pa.int64())])
 
 
 def numeric_column(path: Path, table: pa.Table, name: str, option: str) -> np.ndarray:
