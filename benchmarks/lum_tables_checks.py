@@ -4,7 +4,8 @@ Every condition feature and value the config names (``pretrain.data.condition_fe
 ``knowledge.conditions``, ``lum`` / ``single_condition`` / ``extra_rows`` conditions and
 ``candidate_condition_feature``) must exist in the data: a column of its behaviours (or, for a
 candidate's feature, of its items table) and, for a value, an id below the manifest's vocabulary
-size. A missing one is a ``ConfigMismatch`` naming the config file, the key, the value and what the
+size that occurs in the behaviours (a config listing a data set's attribute codes, as the Beauty
+configs list category ids, is checked against the codes that import wrote). A missing one is a ``ConfigMismatch`` naming the config file, the key, the value and what the
 data has. ``none`` (the unconditioned question) and ``const`` (the constant condition token) are
 condition tokens, not columns.
 
@@ -38,6 +39,9 @@ class DataFacts:
     columns: set[str]
     item_columns: set[str]
     vocab: dict[str, int] = field(default_factory=dict)
+    path: Path | None = None  # the data set folder: values are looked up in its behaviours (None: vocabulary sizes only)
+    coding: str = ""  # how the import coded category ids (its `category` rule), shown beside a missing code
+    _seen: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, path: Path) -> "DataFacts":
@@ -51,7 +55,22 @@ class DataFacts:
         days = data.days("behaviours")
         columns = set(data.read_days("behaviours", days[-1], days[-1]).schema.names) if days else set()
         items = set(data.read_table("items", validate=False).schema.names) if data.has_table("items") else set()
-        return cls(f"{meta.name} ({path})", columns, items, dict(meta.vocab_sizes))
+        coding = f", category ids coded by the import's `category: {meta.extra['category']}` rule" if "category" in meta.extra else ""
+        return cls(f"{meta.name} ({path})", columns, items, dict(meta.vocab_sizes), Path(path), coding)
+
+    def counts(self, feature: str) -> dict[int, int] | None:
+        """How often each id of behaviours column `feature` occurs (read once); None without a data folder."""
+        if self.path is None or feature not in self.columns:
+            return None
+        if feature not in self._seen:
+            import numpy as np
+
+            from lumrec.data.dataset import Dataset
+
+            values = Dataset(self.path).read_days("behaviours", columns=[feature]).column(feature).to_numpy()
+            ids, counts = np.unique(values, return_counts=True)
+            self._seen[feature] = dict(zip(ids.tolist(), counts.tolist()))
+        return self._seen[feature]
 
     def describe(self) -> str:
         return f"behaviours columns {sorted(self.columns)}" + (f", items columns {sorted(self.item_columns)}" if self.item_columns else "")
@@ -80,6 +99,11 @@ def check_value(feature: str, value: Any, key: str, facts: DataFacts, config: st
     if size is not None and not 0 < value < size:
         raise ConfigMismatch(f"{config}: {key}: condition {shown!r}: data set {facts.name} has {feature} ids 1..{size - 1} "
                              f"(vocabulary size {size}); the value is an id of the data set's own coding (see its import), not a name")
+    counts = facts.counts(feature)
+    if counts is not None and not counts.get(value):
+        common = sorted((v for v in counts if v > 0), key=lambda v: -counts[v])[:10]
+        raise ConfigMismatch(f"{config}: {key}: condition {shown!r}: no behaviour of data set {facts.name} has {feature} {value}"
+                             f"{facts.coding}; its most frequent {feature} ids are {common}")
 
 
 def check_condition_text(text: str, key: str, facts: DataFacts, config: str) -> None:

@@ -232,3 +232,15 @@ def test_every_named_condition_of_the_recorded_configs_is_one_the_lum_is_asked()
         for spec in [cfg.lum, cfg.single_condition, *cfg.extra_rows.values()]:
             assert {c.split("=")[0] for c in spec.conditions} <= features, dataset
             assert spec.candidate_condition_feature in features | {None}, dataset
+
+
+def test_a_code_the_data_never_uses_is_named_with_the_codes_it_does(tmp_path):
+    """An id inside the vocabulary that no behaviour carries (a hard-coded attribute code of another import) is refused."""
+    _, data, _ = _tiny_data_and_config(tmp_path)
+    checks = load_benchmark("lum_tables_checks")
+    facts = checks.DataFacts.of(data)
+    checks.check_condition_text("scenario=2", "lum.conditions", facts, "my.yaml")
+    facts.vocab["scenario"] = 10  # as if the vocabulary reserved codes this data set does not use
+    with pytest.raises(checks.ConfigMismatch, match=r"my.yaml: lum.conditions: condition 'scenario=7': no behaviour of data set "
+                                                    r".* has scenario 7; its most frequent scenario ids are \[[12], [12]\]"):
+        checks.check_condition_text("scenario=7", "lum.conditions", facts, "my.yaml")
