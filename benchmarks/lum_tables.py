@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds FIRST..FIRST+SEEDS-1; > 0 adds seeds to the rows --rows names (their earlier seeds kept)")
     parser.add_argument("--ablations", action="store_true", help="also the LUM paper's ablation rows")
     parser.add_argument("--rows", default="", help="comma-separated subset of the rows to rank (base is always run), e.g. lum,no-condition")
-    parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: tiny synthetic logs, few steps")
+    parser.add_argument("--tiny", action="store_true", help="< 60 s smoke run: the config's tiny overrides on tiny synthetic logs (or on --data-dir with --config), few steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --tiny)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="working folder: data cache, runs, stores (default out/bench, ignored by git)")
     parser.add_argument("--results", default=None,

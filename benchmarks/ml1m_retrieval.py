@@ -97,8 +97,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
     parser.add_argument("--out", default=str(out), help="working folder for data cache and runs")
-    parser.add_argument("--results", default=None if results is None else str(results),
-                        help=f"JSON file the row is merged into (default {results or 'see above'})")
+    where = results or "benchmarks/results/ml1m_retrieval.json for ML-1M with the model's config, else OUT/results/retrieval.json"
+    parser.add_argument("--results", default=None if results is None else str(results), help=f"JSON file the row is merged into (default {where})")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
 
 
