@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ from lumrec.data.dataset import Dataset
 from lumrec.data.importers import run_import
 from lumrec.data.schema import ACTION_CLICK, ACTION_RATE
 from lumrec.data.validate import DataValidationError
+from lumrec.errors import EXIT_DATA
+from lumrec.faults import ENV as FAILPOINTS
 
 DAY = 86_400
 T0 = 1_714_521_600  # 2024-05-01 00:00:00 UTC
@@ -138,8 +142,24 @@ def test_bad_options_and_files(tmp_path):
     assert run_import("table", tmp_path / "ok.csv", tmp_path / "out", overwrite=True).name == "ok"
 
 
-def _lumrec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lumrec.cli", *args], capture_output=True, text=True, timeout=400)
+def _lumrec(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lumrec.cli", *args], capture_output=True, text=True, timeout=400, env=full_env)
+
+
+def test_cli_errors_and_a_killed_table_import(tmp_path):
+    src = _csv(tmp_path / "events.csv", f"user,item_id,ts\n1,2,{T0}\n2,2,{T0 + 1}")
+    out = tmp_path / "out"
+    missing = _lumrec("import", "table", str(src), str(out), "--user-col", "user")
+    assert missing.returncode == EXIT_DATA and "Traceback" not in missing.stderr
+    assert "events.csv: column 'timestamp': missing column (set by --time-col)" in missing.stderr
+    killed = _lumrec("import", "table", str(src), str(out), "--user-col", "user", "--time-col", "ts",
+                     env={FAILPOINTS: "import.before_manifest"})
+    assert killed.returncode == -signal.SIGKILL and (out / "behaviours").is_dir()
+    again = _lumrec("import", "table", str(src), str(out), "--user-col", "user", "--time-col", "ts")
+    assert again.returncode == 0, again.stderr
+    complete = _lumrec("import", "table", str(src), str(out), "--user-col", "user", "--time-col", "ts")
+    assert complete.returncode != 0 and "pass --overwrite" in complete.stderr
 
 
 def test_a_csv_goes_through_the_cli_import_and_pretrain(tmp_path):
