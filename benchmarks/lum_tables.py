@@ -1,8 +1,8 @@
 """LUM's three steps on one data set: Base vs Base+LUM ranking AUC over seeds, and the LUM paper's ablations.
 
 One data set per invocation: a named one (``--dataset``, config ``configs/lum_tables/<dataset>.yaml``),
-or any lumrec data set folder (``--data-dir``) or import spec (the ``source`` section of a config)
-with any config file (``--config``). Each invocation:
+or any lumrec data set folder (``--data-dir``) or import spec (``--import KIND SRC``, else the
+``source`` section of the config) with any config file (``--config``). Each invocation:
 
 1. imports the data set once (cached under ``--out``; synthetic logs are generated; ``--data-dir``
    is read as it is), then checks every condition feature and value of the config against the data
@@ -369,6 +369,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     dataset = run_name(args)
     key = f"{dataset}{'-tiny' if args.tiny else ''}/{args.model}"
     work = Path(args.out) / "lum_tables" / key.replace("/", "-")
+    if args.import_spec:  # `--import KIND SRC`: the config's source with another importer and file (its options kept for the same kind)
+        kind, src = args.import_spec
+        cfg.source = SourceSpec(kind=kind, src=src, options=cfg.source.options if kind == cfg.source.kind else {})
     if args.data_dir:  # a lumrec data set as it is: the config's source section is not imported
         if cfg.knowledge.lum_source_options:
             raise ValueError(f"{cfg_file}: knowledge.lum_source_options re-imports the source, which --data-dir {args.data_dir} "
@@ -507,7 +510,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_name(args: argparse.Namespace) -> str:
     """The row's data set name: the named data set, else the --data-dir folder's and/or the --config file's name."""
-    parts = [Path(args.data_dir).name] if args.data_dir else []
+    parts = [Path(args.data_dir).name] if args.data_dir else [Path(args.import_spec[1]).stem] if args.import_spec else []
     if args.config:
         parts.append(Path(args.config).stem)
     return "+".join(parts) or args.dataset
@@ -520,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
                         help="a named data set and its config (default synthetic); --data-dir / --config replace either")
     parser.add_argument("--data-dir", default=None, help="a lumrec data set folder to run on as it is (no import)")
+    parser.add_argument("--import", dest="import_spec", nargs=2, metavar=("KIND", "SRC"), default=None,
+                        help="import SRC (relative to --data, or absolute) with `lumrec import KIND` instead of the config's source")
     parser.add_argument("--config", default=None,
                         help="a lum_tables config file, any path (default configs/lum_tables/<dataset>.yaml); its source section is "
                              "the import spec when --data-dir is not given")
@@ -545,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny and args.dataset != "synthetic":
         parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic), or on --data-dir with --config")
+    if args.data_dir and args.import_spec:
+        parser.error("--data-dir and --import are two data sets: give one")
     if args.epochs is not None and args.steps is not None:
         parser.error("--epochs and --steps are two budgets: give one")
     if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1):

@@ -244,3 +244,17 @@ def test_a_code_the_data_never_uses_is_named_with_the_codes_it_does(tmp_path):
     with pytest.raises(checks.ConfigMismatch, match=r"my.yaml: lum.conditions: condition 'scenario=7': no behaviour of data set "
                                                     r".* has scenario 7; its most frequent scenario ids are \[[12], [12]\]"):
         checks.check_condition_text("scenario=7", "lum.conditions", facts, "my.yaml")
+
+
+def test_an_import_spec_is_imported_then_checked_against_the_config_before_training(tmp_path):
+    """`--import amazon FILE` imports the file under --out; the synthetic config's conditions do not fit reviews and stop the run."""
+    bench, _, config = _tiny_data_and_config(tmp_path)
+    reviews = tmp_path / "src" / "Toys.txt"
+    reviews.parent.mkdir()
+    reviews.write_text("".join(f"{u} " + " ".join(str(1 + (u + k) % 12) for k in range(8)) + "\n" for u in range(1, 21)))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"my_lum.yaml: pretrain.data.condition_features: feature 'query_id' is not in data set Toys .*"
+                                         r"behaviours columns \['action', 'category_id'"):
+        bench.main(["--tiny", "--seeds", "1", "--import", "amazon", str(reviews), "--config", str(config), "--out", str(out)])
+    assert (out / "Toys+my_lum-tiny" / "_lumrec.json").exists()  # imported under --out
+    assert not (out / "lum_tables" / "Toys+my_lum-tiny-sim" / "lum").exists()  # nothing trained
