@@ -31,42 +31,41 @@ def _run(module: str, function: str):
     return handler
 
 
+def _config_job(sub: argparse._SubParsersAction, job: str, help: str, config_help: str, overrides_help: str) -> None:
+    """Add `lumrec JOB CONFIG [key=value ...]`, handled by `lumrec.pipelines.JOB.main` (imported when it runs)."""
+    p = sub.add_parser(job, help=help)
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=_run(f"lumrec.pipelines.{job}", "main"))
+
+
 def register_pretrain(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec pretrain`."""
-    p = sub.add_parser("pretrain", help="step 1: pre-train SASRec, HSTU or LUM from a YAML config (resumes automatically)")
-    p.add_argument("config", help="YAML file with PretrainConfig keys (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3 out=runs/x")
-    p.set_defaults(func=_run("lumrec.pipelines.pretrain", "main"))
+    _config_job(sub, "pretrain", "step 1: pre-train SASRec, HSTU or LUM from a YAML config (resumes automatically)",
+                "YAML file with PretrainConfig keys (see configs/)", "key.sub=value overrides, e.g. train.epochs=3 out=runs/x")
 
 
 def register_daily(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec daily`."""
-    p = sub.add_parser("daily", help="the daily pipeline: continue pre-training, query, rank and evaluate day by day (resumable)")
-    p.add_argument("config", help="YAML file with DailyConfig keys (see configs/daily_synthetic.yaml)")
-    p.add_argument("overrides", nargs="*", help="ds=YYYY-MM-DD, or start=... end=...; key.sub=value overrides")
-    p.set_defaults(func=_run("lumrec.pipelines.daily", "main"))
+    _config_job(sub, "daily", "the daily pipeline: continue pre-training, query, rank and evaluate day by day (resumable)",
+                "YAML file with DailyConfig keys (see configs/daily_synthetic.yaml)",
+                "ds=YYYY-MM-DD, or start=... end=...; key.sub=value overrides")
 
 
 def register_query(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec query`."""
-    p = sub.add_parser("query", help="step 2: query a pre-trained LUM under many conditions and write the knowledge store of one day")
-    p.add_argument("config", help="YAML file with QueryConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. as_of_ds=2026-01-03 users=all")
-    p.set_defaults(func=_run("lumrec.pipelines.query", "main"))
+    _config_job(sub, "query", "step 2: query a pre-trained LUM under many conditions and write the knowledge store of one day",
+                "YAML file with QueryConfig keys", "key.sub=value overrides, e.g. as_of_ds=2026-01-03 users=all")
 
 
 def register_rank(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec rank`."""
-    p = sub.add_parser("rank", help="step 3: train a ranking model (mlp, din, sim, hstu or another registered backbone) "
-                                    "with or without LUM features (resumes automatically)")
-    p.add_argument("config", help="YAML file with RankConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
-    p.set_defaults(func=_run("lumrec.pipelines.rank", "main"))
+    _config_job(sub, "rank", "step 3: train a ranking model (mlp, din, sim, hstu or another registered backbone) "
+                             "with or without LUM features (resumes automatically)",
+                "YAML file with RankConfig keys", "key.sub=value overrides, e.g. model=din lum=null train.epochs=2")
 
 
 def register_retrieve(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec retrieve`."""
-    p = sub.add_parser("retrieve", help="step 3: train a two-tower retrieval model with or without LUM features (resumes automatically)")
-    p.add_argument("config", help="YAML file with RetrieveConfig keys")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lum=null train.epochs=2")
-    p.set_defaults(func=_run("lumrec.pipelines.retrieve", "main"))
+    _config_job(sub, "retrieve", "step 3: train a two-tower retrieval model with or without LUM features (resumes automatically)",
+                "YAML file with RetrieveConfig keys", "key.sub=value overrides, e.g. lum=null train.epochs=2")
