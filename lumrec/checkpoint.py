@@ -450,6 +450,11 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module, prefix: 
     if not step_match:
         raise CheckpointError(f"{folder}: not a checkpoint folder (expected step-NNNNNNNN)")
     CheckpointManager(folder.parent).verify(int(step_match.group(1)))
+    load_verified_weights(folder, model, prefix)
+
+
+def load_verified_weights(folder: Path, model: torch.nn.Module, prefix: str = "model") -> None:
+    """`load_model_weights` of a step folder the caller has just verified (e.g. `newest_valid`): no second hash pass."""
     state = {prefix: model.state_dict()}
     # A plain (unsharded) model is loaded by this process alone, even inside a process group: the
     # other ranks may be doing something else (e.g. rank 0 querying a LUM while the others wait).

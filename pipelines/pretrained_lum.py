@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lumrec.checkpoint import CheckpointManager, load_model_weights, tensor_digest
+from lumrec.checkpoint import CheckpointManager, load_verified_weights, tensor_digest
 from lumrec.config import from_dict
 from lumrec.data.dataset import Dataset, DatasetMeta
 from lumrec.data.tokens import TokenConfig
@@ -40,8 +40,10 @@ class LoadedLUM:
 
 
 def _pick_checkpoint(path: Path, kind: str) -> tuple[Path, Path]:
-    """(run folder, step folder) for a run folder + kind, or for a step folder given directly."""
-    if _STEP_RE.match(path.name):
+    """(run folder, verified step folder) for a run folder + kind, or for a step folder given directly."""
+    step = _STEP_RE.match(path.name)
+    if step:
+        CheckpointManager(path.parent, keep=0).verify(int(step.group(1)))
         return path.parent.parent, path
     if kind not in ("auto", "best", "latest"):
         raise ValueError(f"query: checkpoint_kind must be 'auto', 'best' or 'latest', got {kind!r}")
@@ -70,7 +72,7 @@ def load_pretrained_lum(checkpoint: str | Path, kind: str = "auto", data_path: s
     model = build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)
     if not isinstance(model, LUM):
         raise ValueError(f"{config_path}: knowledge querying needs a LUM, but this run trained model {cfg.model!r}")
-    load_model_weights(step_dir, model)
+    load_verified_weights(step_dir, model)  # _pick_checkpoint verified it (newest_valid)
     model.eval()
     # The digest is the weights' own: equal weights give equal versions (file digests are not:
     # DCP's .metadata records the save's temporary folder and a random save id).

@@ -292,3 +292,13 @@ def test_model_version_is_a_digest_of_the_weights(lum_run, tmp_path):
         (tmp_path / "b" / "run" / "checkpoints" / "step-00000004" / ".metadata").read_bytes()  # why files cannot be the digest
     other = load_pretrained_lum(root / "a" / "run" / "checkpoints" / "step-00000002")
     assert other.model_version.split("@")[1] != first.model_version.split("@")[1]
+
+
+def test_a_step_folder_given_to_the_query_is_verified_once_and_a_damaged_one_refused(lum_run, tmp_path):
+    root, _, config = lum_run
+    Pretrainer(config(tmp_path / "c" / "run")).run(max_steps=4)
+    step_dir = tmp_path / "c" / "run" / "checkpoints" / "step-00000004"
+    victim = next(step_dir.glob("*.distcp"))
+    victim.write_bytes(b"X" + victim.read_bytes()[1:])
+    with pytest.raises(CheckpointError, match=rf"{victim}: corrupt checkpoint file"):
+        load_pretrained_lum(step_dir)
