@@ -69,3 +69,27 @@ def register_retrieve(sub: argparse._SubParsersAction) -> None:
     """Add `lumrec retrieve`."""
     _config_job(sub, "retrieve", "step 3: train a two-tower retrieval model with or without LUM features (resumes automatically)",
                 "YAML file with RetrieveConfig keys", "key.sub=value overrides, e.g. lum=null train.epochs=2")
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec export`."""
+    p = sub.add_parser("export", help="export a trained ranking run (or a two-tower run's towers) to an AOTInductor "
+                                      "serving bundle")
+    p.add_argument("run", help="a `lumrec rank` (or `lumrec retrieve`) run folder")
+    p.add_argument("out", help="the bundle folder to write (written whole or not at all)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of the run (default best)")
+    p.set_defaults(func=_run("lumrec.pipelines.export", "main"))
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec serve`."""
+    p = sub.add_parser("serve", help="serve an exported ranker over HTTP (POST /rank), LUM knowledge read from Redis")
+    p.add_argument("bundle", help="a bundle folder written by `lumrec export`")
+    p.add_argument("--redis", default=None, help="Redis URL of the published knowledge, e.g. redis://127.0.0.1:6379/0 "
+                                                  "(default: none; LUM inputs are then the missing-knowledge default)")
+    p.add_argument("--prefix", default="lumrec", help="key prefix the knowledge was published under (default lumrec)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--on-redis-down", default="serve", choices=["serve", "fail"],
+                   help="serve: keep scoring with missing knowledge and report not ready; fail: answer 503")
+    p.set_defaults(func=_run("lumrec.pipelines.serve", "main"))
