@@ -7,8 +7,9 @@ or any lumrec data set folder (``--data-dir``) or import spec (``--import KIND S
 1. imports the data set once (cached under ``--out``; synthetic logs are generated; ``--data-dir``
    is read as it is), then checks every condition feature and value of the config against the data
    (``lum_tables_checks``: a missing one stops the run before any training, naming the config key),
-2. pre-trains a LUM (step 1, ``Pretrainer``) for ``--minutes`` (or ``--epochs`` / ``--steps``) on
-   events the ranking samples never see (point-in-time, below),
+2. pre-trains a LUM (step 1, ``Pretrainer``) for a step budget (the config's ``lum_budget.steps``,
+   or ``--steps`` / ``--epochs``; ``--minutes`` for a wall-clock budget) on events the ranking
+   samples never see (point-in-time, below),
 3. queries it under the configured conditions into a knowledge store (step 2, ``run_query``),
 4. trains the ranking backbone (``--model``, default SIM) without and with LUM features for each
    of ``--seeds`` seeds on the same samples, features and budget (step 3, ``run_rank``),
@@ -43,9 +44,9 @@ Seeds vary the ranker (init and batch order); the LUM and the samples are the sa
 train on the same source imported with other options (``knowledge.lum_source_options``, e.g.
 coarse categories as conditions while the ranker keeps the fine ones). ``lum_budget: {select_on:
 validation}`` trains each LUM for the number of epochs a validation probe picks (each user's last
-knowledge event held out, early stopping on next-item HR@10) instead of until ``--minutes`` run out.
+knowledge event held out, early stopping on next-item HR@10) instead of a fixed step budget.
 
-    .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--minutes 15] [--ablations] \
+    .venv/bin/python benchmarks/lum_tables.py --dataset ml1m-ratings [--seeds 3] [--steps 2315] [--ablations] \
         --results benchmarks/results/lum_tables.json
     .venv/bin/python benchmarks/lum_tables.py --data-dir out/my-import --config my_lum.yaml --epochs 20 --model din
     .venv/bin/python benchmarks/lum_tables.py --tiny     # < 60 s smoke run on tiny synthetic logs
@@ -129,21 +130,29 @@ class FeatureSpec:
 
 @dataclass
 class LumBudgetSpec:
-    """How long each LUM pre-trains: the time budget alone, or as many epochs as a validation probe picks."""
+    """How long each LUM pre-trains: a step budget, or as many epochs as a validation probe picks.
 
-    # time: train until --minutes or pretrain.train.epochs run out. validation: first a probe run that
+    `steps`: the step budget a run uses when the command line names none (--steps / --epochs /
+    --minutes). The configs of the recorded tables set it to the steps their LUM reached: the
+    same training on any machine, where a wall-clock budget buys whatever the machine's load allows.
+    """
+
+    # time: train until the budget (steps, epochs or --minutes) runs out. validation: first a probe run that
     # holds out each user's last knowledge event for validation (train_excludes_last 2) and stops early
     # on validation HR@10; then the LUM itself trains (on every knowledge event but the test one) for
     # the probe's best number of epochs. Small knowledge views overfit: on Beauty (~4 events per user)
     # the constant LUM's HR@200 fell 0.283 -> 0.264 -> 0.251 over 420, 2,115 and 4,200 steps and its
     # ranking gain with it (+0.0112, +0.0051, +0.0000), while HR@10, what the probe stops on, rose.
     select_on: str = "time"
+    steps: int | None = None  # the default step budget of each LUM (None: the config's pretrain epochs)
     eval_every_epochs: int = 5  # the probe's validation interval
     patience: int = 3  # evaluations without a better validation HR@10 before the probe stops
 
     def __post_init__(self) -> None:
         if self.select_on not in ("time", "validation"):
             raise ValueError(f"lum_budget.select_on must be 'time' or 'validation', got {self.select_on!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"lum_budget.steps must be >= 1 or null, got {self.steps}")
         if self.eval_every_epochs < 1 or self.patience < 1:
             raise ValueError("lum_budget.eval_every_epochs and lum_budget.patience must be >= 1")
 
@@ -204,33 +213,61 @@ def load_bench_config(dataset: str | Path, tiny: bool) -> LumTablesConfig:
 # -- steps 1 and 2: knowledge ----------------------------------------------------------------------
 
 
-def pretrain_lum(cfg: LumTablesConfig, data_path: Path, out: Path, end: str | None, minutes: float, threads: int,
-                 condition_features: list[str] | None = None, max_steps: int | None = None) -> dict[str, Any]:
-    """Step 1: pre-train the LUM of the config on `data_path` (days <= `end`) for `minutes`; resumes an earlier run."""
-    raw = deep_merge(cfg.pretrain, {"model": "lum", "out": str(out), "data": {"path": str(data_path), "end": end},
-                                    "train": {"max_minutes": minutes, "threads": threads}})
+@dataclass
+class LumBudget:
+    """The budget each LUM of one invocation trains for: steps, epochs or wall-clock minutes (0 / None: unset)."""
+
+    steps: int = 0
+    epochs: int | None = None
+    minutes: float = 0.0
+    source: str = ""  # where it came from: "--steps", "--epochs", "--minutes", "config lum_budget.steps", ...
+
+    def record(self) -> dict[str, Any]:
+        return {"steps": self.steps or None, "epochs": self.epochs, "minutes": self.minutes or None, "from": self.source}
+
+
+def resolve_budget(args: argparse.Namespace, cfg: LumTablesConfig) -> LumBudget:
+    """The LUM budget: the command line's (--steps, --epochs, --minutes), else the config's step budget, else its epochs."""
+    if args.steps:
+        return LumBudget(steps=args.steps, source="--steps")
+    if args.epochs:
+        return LumBudget(epochs=args.epochs, source="--epochs")
+    if args.minutes:
+        return LumBudget(minutes=args.minutes, source="--minutes")
+    if args.tiny and cfg.tiny.get("pretrain_steps"):
+        return LumBudget(steps=int(cfg.tiny["pretrain_steps"]), source="config tiny.pretrain_steps")
+    if cfg.lum_budget.steps:
+        return LumBudget(steps=cfg.lum_budget.steps, source="config lum_budget.steps")
+    return LumBudget(epochs=cfg.pretrain.get("train", {}).get("epochs"), source="config pretrain.train.epochs")
+
+
+def pretrain_lum(cfg: LumTablesConfig, data_path: Path, out: Path, end: str | None, budget: LumBudget, threads: int,
+                 condition_features: list[str] | None = None) -> dict[str, Any]:
+    """Step 1: pre-train the LUM of the config on `data_path` (days <= `end`) within `budget`; resumes an earlier run."""
+    train: dict[str, Any] = {"max_minutes": budget.minutes, "max_steps": budget.steps, "threads": threads}
+    if budget.epochs:
+        train["epochs"] = budget.epochs
+    raw = deep_merge(cfg.pretrain, {"model": "lum", "out": str(out), "data": {"path": str(data_path), "end": end}, "train": train})
     if condition_features is not None:
         raw["data"]["condition_features"] = list(condition_features)
     probe = None
     if cfg.lum_budget.select_on == "validation":
-        probe = budget_probe(raw, cfg.lum_budget, out / "budget-probe", max_steps)
+        probe = budget_probe(raw, cfg.lum_budget, out / "budget-probe")
         raw["train"]["epochs"] = probe["epochs"]
-    result = run_pretrain(raw, max_steps)
+    result = run_pretrain(raw)
     if probe is not None:
         result["budget_probe"] = probe
     return result
 
 
-def run_pretrain(raw: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
+def run_pretrain(raw: dict[str, Any]) -> dict[str, Any]:
     """One Pretrainer run of the PretrainConfig mapping `raw` (an earlier run in its `out` is resumed)."""
     from lumrec.config import from_dict
     from lumrec.pipelines.pretrain import PretrainConfig, Pretrainer
 
     pcfg = from_dict(PretrainConfig, raw, source="lum_tables pretrain")
     t0 = time.perf_counter()
-    result = Pretrainer(pcfg).run(max_steps=max_steps)
-    if "test" not in result:  # stopped at max_steps (tiny mode): the checkpoint is what step 2 reads
-        result = {"steps": result["step"], "test": {}}
+    result = Pretrainer(pcfg).run()
     # train_minutes: the run's own training time (a resumed, finished run reports it too; this call's wall time would be ~0).
     minutes = result.get("train_minutes", round((time.perf_counter() - t0) / 60, 2))
     return {"steps": result["steps"], "test": result["test"], "minutes": minutes, "epochs": result.get("epochs_run"),
@@ -238,12 +275,12 @@ def run_pretrain(raw: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
             "condition_features": pcfg.data.condition_features}
 
 
-def budget_probe(raw: dict[str, Any], spec: LumBudgetSpec, out: Path, max_steps: int | None) -> dict[str, Any]:
+def budget_probe(raw: dict[str, Any], spec: LumBudgetSpec, out: Path) -> dict[str, Any]:
     """The LUM's epoch budget chosen on validation: a run holding out each user's last training event, stopped early."""
     probe_raw = deep_merge(raw, {"out": str(out), "data": {"train_excludes_last": 2},
                                  "train": {"eval_every_epochs": spec.eval_every_epochs, "patience": spec.patience}})
-    result = run_pretrain(probe_raw, max_steps)
-    if result["best_epoch"] is None or result["best_epoch"] < 0:  # tiny runs stop at max_steps before any evaluation
+    result = run_pretrain(probe_raw)
+    if result["best_epoch"] is None or result["best_epoch"] < 0:  # no evaluation before the budget ran out
         epochs = int(raw["train"].get("epochs", 1))
     else:
         epochs = result["best_epoch"] + 1
@@ -408,20 +445,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     else:
         raise ValueError(f"knowledge.mode must be daily, fixed or user_cut, got {mode!r}")
 
-    max_steps = args.steps or (cfg.tiny.get("pretrain_steps") if args.tiny else None)
-    minutes = 0.0 if (args.steps or args.epochs) else args.minutes  # 0: no time budget (lumrec.train.hooks.Budget)
-    if args.epochs:
-        cfg.pretrain = deep_merge(cfg.pretrain, {"train": {"epochs": args.epochs}})
+    budget = resolve_budget(args, cfg)
+    log.info("LUM budget: %s", budget.record())
     pre: dict[str, Any] = {}
     stores = {"lum": work / "store"}
     # Rows without LUM features (base, hstu-e2e) need no LUM: `--rows hstu-e2e` pre-trains none.
     if not args.rows or set(args.rows.split(",")) - set(LUM_FREE_ROWS):
-        pre["lum"] = pretrain_lum(cfg, lum_data, redo(work / "lum", args.fresh), end, minutes, args.threads, max_steps=max_steps)
+        pre["lum"] = pretrain_lum(cfg, lum_data, redo(work / "lum", args.fresh), end, budget, args.threads)
         build_knowledge(work / "lum", stores["lum"], store_days, query_specs(cfg, lum_data, end, False), lum_data, args.fresh)
     # The constant-condition LUM only serves the no-condition row (skipped when --rows leaves that row out).
     if args.ablations and (not args.rows or "no-condition" in args.rows.split(",")):
-        pre["lum-const"] = pretrain_lum(cfg, lum_data, redo(work / "lum-const", args.fresh), end, minutes, args.threads, [],
-                                        max_steps=max_steps)
+        pre["lum-const"] = pretrain_lum(cfg, lum_data, redo(work / "lum-const", args.fresh), end, budget, args.threads, [])
         stores["lum-const"] = work / "store-const"
         build_knowledge(work / "lum-const", stores["lum-const"], store_days, query_specs(cfg, lum_data, end, True), lum_data, args.fresh)
 
@@ -475,13 +509,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               f"(valid {selected['valid_auc_mean']:.4f}, test {selected['auc_mean']:.4f}, Δ vs Base {selected['delta_auc_mean'] or 0:+.4f})")
     counts = samples.counts()
     row = {
-        "dataset": dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": minutes or None,
-        "budget": {"minutes": minutes or None, "epochs": args.epochs, "steps": args.steps}, "config": str(cfg_file),
+        "dataset": dataset, "model": args.model, "tiny": args.tiny, "seeds": args.seeds, "budget_minutes": budget.minutes or None,
+        "budget": budget.record(), "config": str(cfg_file),
         "data_dir": str(data_path),
         "first_seed": args.first_seed,
         "knowledge_mode": mode, "store_days": store_days, "pretrain": pre, "samples": counts,
         "rows": summary, "labels": {k: v.strip() for k, v in labels.items()},
-        "pretrain_steps_budget": cfg.tiny.get("pretrain_steps") if args.tiny else None,
         "lum_features": asdict(cfg.lum), "wall_minutes": round((time.perf_counter() - t_start) / 60, 2),
         "threads": args.threads, "selected_on_validation": selected,
     }
@@ -530,11 +563,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the import spec when --data-dir is not given")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/, amazon-beauty/ (default ../shared/data)")
     parser.add_argument("--model", default="sim", choices=ranker_names(), help="registered ranking backbone (default sim, as in the LUM paper)")
-    parser.add_argument("--minutes", type=float, default=15.0,
-                        help="LUM pre-training budget per LUM in wall-clock minutes, the default (15): the recorded rows used it, so "
-                             "--first-seed extensions stay comparable; what it buys depends on the machine and its load")
-    parser.add_argument("--epochs", type=int, default=None, help="LUM pre-training budget in epochs instead of --minutes (reproducible)")
-    parser.add_argument("--steps", type=int, default=None, help="LUM pre-training budget in steps instead of --minutes (reproducible)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="LUM pre-training budget in steps (default: the config's lum_budget.steps, the steps the recorded "
+                             "row's LUM trained; without one, the config's pretrain epochs)")
+    parser.add_argument("--epochs", type=int, default=None, help="LUM pre-training budget in epochs instead")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="LUM pre-training budget in wall-clock minutes instead (what it buys depends on the machine and its load)")
     parser.add_argument("--seeds", type=int, default=3, help="ranker seeds per row (default 3)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds FIRST..FIRST+SEEDS-1; > 0 adds seeds to the rows --rows names (their earlier seeds kept)")
@@ -552,10 +586,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tiny runs on tiny synthetic logs only (drop --dataset or use --dataset synthetic), or on --data-dir with --config")
     if args.data_dir and args.import_spec:
         parser.error("--data-dir and --import are two data sets: give one")
-    if args.epochs is not None and args.steps is not None:
-        parser.error("--epochs and --steps are two budgets: give one")
-    if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1):
-        parser.error("--epochs and --steps must be >= 1")
+    if sum(x is not None for x in (args.steps, args.epochs, args.minutes)) > 1:
+        parser.error("--steps, --epochs and --minutes are three budgets: give one")
+    if (args.epochs is not None and args.epochs < 1) or (args.steps is not None and args.steps < 1) or \
+            (args.minutes is not None and args.minutes <= 0):
+        parser.error("--steps and --epochs must be >= 1, --minutes > 0")
     if args.results is None:
         args.results = str(Path(args.out) / "results" / "lum_tables.json")
     if args.seeds < 1:

@@ -204,7 +204,8 @@ class Pretrainer:
             Evaluation("hr@10", self._validate, every_epochs=t.eval_every_epochs, enabled=self.validates),
             self.checkpoints, RunConfig(to_dict(cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig())),
             # Patience 0 stops at the first evaluation without a better HR@10, as patience 1 does.
-            Budget(t.epochs, max_minutes=t.max_minutes, patience=max(1, t.patience), checkpoint_every_steps=t.checkpoint_every_steps,
+            Budget(t.epochs, max_minutes=t.max_minutes, max_steps=t.max_steps, patience=max(1, t.patience),
+                   checkpoint_every_steps=t.checkpoint_every_steps,
                    log_every_steps=t.log_every_steps),
             self._results, clock=Rank0Clock(self.ctx), ctx=self.ctx,
             # Epoch ends are saved only where state beyond the step checkpoints changed (an evaluation, the end):
@@ -362,7 +363,8 @@ class Pretrainer:
         scalars: dict[str, float | None] = {}
         if t.lr_decay_fraction > 0:
             if self._total_steps is None:  # at the run's first step, as the loader's length then
-                self._total_steps = max(1, t.epochs * len(self.loader))
+                planned = t.epochs * len(self.loader)
+                self._total_steps = max(1, min(planned, t.max_steps) if t.max_steps else planned)
             budget = self.loop.budget.max_seconds
             progress = self.loop.train_seconds() / budget if budget < math.inf else self.state.step / self._total_steps
             scalars["lr_factor"] = self._set_lr(progress)

@@ -138,6 +138,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     patience: int = 5  # evaluations without a better validation HR@10 before stopping
     max_minutes: float = 0.0  # training-time budget (0 = none); evaluation time is not counted
+    # Step budget (0 = none): stop after this many steps as the time budget stops (evaluated, best kept);
+    # unlike max_minutes it buys the same training on every machine and under any load.
+    max_steps: int = 0
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
     threads: int = 0  # torch threads (0 = torch's default)
@@ -155,7 +158,7 @@ class TrainConfig:
     table_init: WarmStartConfig | None = None
     # Warmup-stable-decay: the lr stays constant, then falls linearly to lr * lr_final_ratio over
     # the last `lr_decay_fraction` of the run. The run's length is the time budget when one is set
-    # (progress = training seconds / budget), else epochs x batches. 0 = constant lr.
+    # (progress = training seconds / budget), else epochs x batches (at most max_steps). 0 = constant lr.
     lr_decay_fraction: float = 0.0
     lr_final_ratio: float = 0.0
 
@@ -163,7 +166,7 @@ class TrainConfig:
         # Sizes and counts that cannot be zero or negative (0 means "off" for the ones checked against 0).
         check_at_least(self, 1, "epochs", "rows_per_batch", "eval_rows_per_batch", "eval_every_epochs", section="train")
         check_at_least(self, 0, "patience", "checkpoint_every_steps", "keep_checkpoints", "threads", "log_every_steps",
-                       "max_minutes", "weight_decay", "embedding_weight_decay", "lr_decay_fraction", "lr_final_ratio",
+                       "max_minutes", "max_steps", "weight_decay", "embedding_weight_decay", "lr_decay_fraction", "lr_final_ratio",
                        section="train")
         check_above(self, 0, "lr", "embedding_lr", "temperature", section="train")
         if self.num_negatives == 0 or self.num_negatives < -1:
@@ -183,6 +186,6 @@ class PretrainConfig:
 
 # Keys a resumed run may change: they do not alter what its checkpoints mean (budget, logging,
 # threads; init_from and table_init only act on a fresh run). Any other change is refused.
-RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.patience", "train.eval_every_epochs",
+RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.max_steps", "train.patience", "train.eval_every_epochs",
                      "train.eval_rows_per_batch", "train.threads", "train.keep_freed_host_memory", "train.log_every_steps",
                      "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init")

@@ -123,13 +123,36 @@ def test_validation_probe_sets_the_lums_epochs(tmp_path):
     ensure_generated(data, SynthConfig(**cfg.source.synth))
     cfg.pretrain = bench.deep_merge(cfg.pretrain, {"train": {"epochs": 4, "rows_per_batch": 64, "checkpoint_every_steps": 1000}})
     cfg.lum_budget = bench.LumBudgetSpec(select_on="validation", eval_every_epochs=1, patience=1)
-    result = bench.pretrain_lum(cfg, data, tmp_path / "lum", cfg.knowledge.pretrain_end, minutes=5, threads=1)
+    result = bench.pretrain_lum(cfg, data, tmp_path / "lum", cfg.knowledge.pretrain_end, bench.LumBudget(), threads=1)
     probe = result["budget_probe"]
     assert 0 <= probe["best_epoch"] < 4 and probe["epochs"] == probe["best_epoch"] + 1
     assert result["epochs"] == probe["epochs"]  # the LUM itself trains the chosen number of epochs
     assert (tmp_path / "lum" / "budget-probe" / "results.json").exists()
     saved = (tmp_path / "lum" / "budget-probe" / "config.json").read_text()
     assert '"train_excludes_last": 2' in saved  # the probe held the validation event out
+
+
+def test_lum_budget_is_steps_by_default_and_the_command_line_overrides_it():
+    """Without --steps/--epochs/--minutes a recorded config's LUM trains its lum_budget.steps, the same on any machine."""
+    import argparse
+
+    bench = _bench()
+    args = lambda **kw: argparse.Namespace(**{"steps": None, "epochs": None, "minutes": None, "tiny": False, **kw})  # noqa: E731
+    ml1m = bench.load_bench_config("ml1m-ratings", False)
+    assert bench.resolve_budget(args(), ml1m) == bench.LumBudget(steps=2315, source="config lum_budget.steps")
+    assert bench.resolve_budget(args(steps=7), ml1m).steps == 7
+    assert bench.resolve_budget(args(epochs=3), ml1m) == bench.LumBudget(epochs=3, source="--epochs")
+    assert bench.resolve_budget(args(minutes=2.5), ml1m) == bench.LumBudget(minutes=2.5, source="--minutes")
+    tiny = bench.load_bench_config("synthetic", True)
+    assert bench.resolve_budget(args(tiny=True), tiny).steps == tiny.tiny["pretrain_steps"]
+    beauty = bench.load_bench_config("beauty-implicit", False)  # chosen on validation: the probe's epochs, no wall clock
+    budget = bench.resolve_budget(args(), beauty)
+    assert (budget.steps, budget.minutes, budget.epochs) == (0, 0.0, beauty.pretrain["train"]["epochs"])
+    for name in bench.DATASETS:  # every named config's default is a budget in steps or epochs
+        b = bench.resolve_budget(args(), bench.load_bench_config(name, False))
+        assert b.minutes == 0.0 and (b.steps or b.epochs), name
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "5", "--minutes", "3"])
 
 
 def test_selection_on_validation_ignores_rows_without_lum_and_test_auc():
@@ -201,7 +224,7 @@ def test_a_data_dir_with_a_config_anywhere_runs_tiny_and_writes_outside_the_repo
     rows = json.loads((out / "results" / "lum_tables.json").read_text())  # the default results file sits under --out
     row = rows["logs+my_lum-tiny/din"]
     assert row["config"] == str(config) and row["data_dir"] == str(data) and row["dataset"] == "logs+my_lum"
-    assert row["budget"] == {"minutes": None, "epochs": None, "steps": 5} and row["pretrain"]["lum"]["steps"] == 5
+    assert row["budget"] == {"minutes": None, "epochs": None, "steps": 5, "from": "--steps"} and row["pretrain"]["lum"]["steps"] == 5
     assert set(row["rows"]) == {"base", "lum"}
     assert (bench.RESULTS.read_bytes() if bench.RESULTS.exists() else None) == recorded  # recorded tables untouched
     assert not (out / "synthetic-tiny").exists()  # --data-dir is read as it is, not imported

@@ -203,6 +203,26 @@ def test_lr_decay_schedule_shape(synth_path, tmp_path):
     assert constant.lr_multiplier(0.99) == 1.0
 
 
+def test_step_budget_ends_with_a_tested_model_and_equals_a_run_cut_by_time_at_that_step(synth_path, tmp_path):
+    """train.max_steps ends a run as the time budget does (evaluated, best kept, tested), at the same step on any machine."""
+    epochs = _config(synth_path, tmp_path / "x").train.epochs
+    full = Pretrainer(_config(synth_path, tmp_path / "full")).run()
+    steps = full["steps"] // epochs + 3  # inside the second epoch
+    budget = Pretrainer(_config(synth_path, tmp_path / "steps", max_steps=steps))
+    result = budget.run()
+    assert result["steps"] == steps and set(result["test"]) >= {"hr@10", "ndcg@10"}
+    assert [h["step"] for h in result["history"]] == [full["history"][0]["step"], steps]  # the cut epoch is evaluated
+    # The same cut made by the time budget: a clock that runs out exactly at that step.
+    timed = Pretrainer(_config(synth_path, tmp_path / "timed", max_minutes=1.0))
+    timed.loop._local_seconds = lambda: 61.0 if timed.state.step >= steps else 0.0
+    assert {k: v for k, v in timed.run().items() if k not in ("train_minutes", "tokens_per_s", "mfu")} == \
+        {k: v for k, v in result.items() if k not in ("train_minutes", "tokens_per_s", "mfu")}
+    # The lr schedule's length is the step budget when it is the shorter one.
+    decayed = Pretrainer(_config(synth_path, tmp_path / "decay", max_steps=steps, lr_decay_fraction=0.5))
+    decayed.run()
+    assert decayed._total_steps == steps
+
+
 def test_lr_decay_run_resumes_identically(synth_path, tmp_path):
     """The decayed lr is a function of saved progress, so a resumed run replays it exactly."""
     cfg = dict(lr_decay_fraction=0.5)

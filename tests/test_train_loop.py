@@ -187,6 +187,25 @@ def test_time_budget_stops_every_clock_and_evaluates_where_it_stops(tmp_path):
     assert AnyRankClock().over(2.0, 1.0) and not Rank0Clock().over(1.0, 2.0)
 
 
+@pytest.mark.parametrize("budget", [1, 7, 10, 11])  # first step, mid-epoch, an epoch's last step, past it
+def test_step_budget_ends_the_run_where_it_stops_evaluated_and_a_kill_resumes_to_the_same(tmp_path, budget):
+    straight = ToyJob(tmp_path / "a", max_steps=budget, checkpoint_every_steps=budget)
+    result = straight.loop.run()
+    epoch_of_last_step = (budget - 1) // BATCHES
+    assert straight.loop.state.done and result["steps"] == budget
+    assert straight.evaluated == list(range(epoch_of_last_step + 1))  # ended epochs, and the one it stops in
+    assert json.loads((tmp_path / "a" / "results.json").read_text()) == result
+    # Killed right after the checkpoint at the budget's step, before the run's end was recorded: the
+    # resumed run takes no further step and ends as the uninterrupted one did.
+    first = ToyJob(tmp_path / "b", max_steps=budget, checkpoint_every_steps=budget)
+    first.loop.run(max_steps=budget)
+    resumed = ToyJob(tmp_path / "b", max_steps=budget, checkpoint_every_steps=budget)
+    assert resumed.loop.run() == result
+    _same_state(resumed.loop.state, straight.loop.state)
+    for name, tensor in _weights(straight).items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
 def test_epoch_end_saves_follow_the_save_policy(tmp_path):
     def saved_steps(out: Path, **kw: Any) -> list[int]:
         ToyJob(out, **kw).loop.run()

@@ -179,6 +179,9 @@ class Budget:
 
     epochs: int
     max_minutes: float = 0.0  # training-time budget (0 = none); evaluation time is not counted
+    # A step budget (0 = none): the run ends after that many optimizer steps as it ends when the time
+    # budget runs out (evaluated, best model kept, results written), but the same on every machine.
+    max_steps: int = 0
     patience: int = 0  # evaluations without a better score before stopping (0 = never stop early)
     checkpoint_every_steps: int = 0  # 0: checkpoints at epoch ends only
     log_every_steps: int = 50  # train/ scalars and the progress bar's postfix (0 = never)

@@ -161,6 +161,14 @@ class TrainLoop:
             if max_epochs is not None and loader.epoch >= max_epochs:
                 return self._stopped("max_epochs")
             epoch = loader.epoch
+            if b.max_steps and state.step >= b.max_steps:
+                # Resumed from a checkpoint taken at the step budget before the run's end was recorded:
+                # end it as it would have ended, without another step.
+                state.done = True
+                if self.evaluation.due(epoch, finished=False, done=True):
+                    self._evaluate(epoch)
+                self.save()
+                break
             if loader.batch == 0:
                 state.loss_sum, state.loss_count = 0.0, 0
             bar = progress_bar(total=len(loader), desc=f"{self.name} epoch {epoch}", main_process=self.is_main and self.progress,
@@ -183,6 +191,10 @@ class TrainLoop:
                     tokens0 = state.tokens
                     self.save()
                 if max_steps is not None and state.step >= max_steps:
+                    break
+                if b.max_steps and state.step >= b.max_steps:
+                    log.info("%s: step budget of %d steps reached", self.name, b.max_steps)
+                    state.done = True
                     break
                 if b.max_seconds < math.inf and self.clock.over(self._local_seconds(), b.max_seconds):
                     log.info("%s: time budget of %.1f min reached", self.name, b.max_minutes)
