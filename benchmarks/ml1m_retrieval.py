@@ -8,7 +8,7 @@ its data set and config; published figures are compared on ML-1M only. MFU = ach
 FLOP/s (FLOPs per step counted by torch's FlopCounterMode) over the fp32 matmul peak measured
 here, on the same machine, in the same run.
 
-    .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--minutes 45] [--seed 1]
+    .venv/bin/python benchmarks/ml1m_retrieval.py --model sasrec [--data ../shared/data] [--epochs 140 | --steps N | --minutes 45] [--seed 1]
     .venv/bin/python benchmarks/ml1m_retrieval.py --model hstu --variant decay-0.5 train.lr_decay_fraction=0.5
     .venv/bin/python benchmarks/ml1m_retrieval.py --model hstu --data-dir out/my-import --config my_hstu.yaml --epochs 20
 
@@ -54,6 +54,11 @@ RUNS = {
     "lum-const": ("lum", "configs/ml1m_lum_const.yaml", "LUM, constant condition (fair vs HSTU)"),
     "lum-genre": ("lum", "configs/ml1m_lum_genre.yaml", "LUM, condition = target's genre (extra information)"),
 }
+# The default budget of each model, in epochs: about what the recorded rows' 45-minute budget reached on the
+# 2-core benchmark machine (their epochs_run), so a default run costs about the same and repeats on any machine.
+# Config keys some recorded recipes predate, with the value that trains as those runs trained.
+PREDATED_KEYS = {"train.max_steps": 0}
+DEFAULT_EPOCHS = {"sasrec": 140, "hstu": 120, "hstu-large": 47, "lum-const": 64, "lum-genre": 62}
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 7) -> float:
@@ -86,14 +91,17 @@ def flops_per_token(trainer, steps: int = 3) -> float:
     return flops / max(tokens, 1)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path, results: Path | None) -> None:
-    """The options every ML-1M training benchmark takes: data, budget, threads, seed, folders (`results` None: chosen later)."""
+def add_run_arguments(parser: argparse.ArgumentParser, default_epochs: str, out: Path, results: Path | None) -> None:
+    """The options every ML-1M training benchmark takes: data, budget, threads, seed, folders (`results` None: chosen later).
+
+    The budget is in epochs by default (`default_epochs` says which), or in steps; `--minutes` is a wall-clock option.
+    """
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding ml-1m/ (default ../shared/data)")
-    parser.add_argument("--minutes", type=float, default=minutes,
-                        help=f"training budget in wall-clock minutes, the default ({minutes:g}): the recorded rows used it, so further "
-                             "seeds of a row stay comparable; what it buys depends on the machine and its load (see --epochs)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="training budget in epochs instead of --minutes (no time limit; the same on any machine)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"training budget in epochs (default {default_epochs})")
+    parser.add_argument("--steps", type=int, default=None, help="training budget in steps instead (the config's epochs stay a cap)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget in wall-clock minutes instead (the recorded rows of benchmarks/results used "
+                             "--minutes; what it buys depends on the machine and its load)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="train.seed of this run; the row averages over the seeds run")
     parser.add_argument("--out", default=str(out), help="working folder for data cache and runs")
@@ -102,10 +110,31 @@ def add_run_arguments(parser: argparse.ArgumentParser, minutes: float, out: Path
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier run's checkpoints")
 
 
+def check_budget(parser: argparse.ArgumentParser, args: argparse.Namespace, default_epochs: int) -> None:
+    """One budget at most on the command line; none given: `default_epochs` epochs (`args.epochs` is set)."""
+    given = [name for name in ("epochs", "steps", "minutes") if getattr(args, name) is not None]
+    if len(given) > 1:
+        parser.error(f"--{given[0]} and --{given[1]} are two budgets: give one")
+    if any(getattr(args, name) <= 0 for name in given):
+        parser.error(f"--{given[0]} must be > 0")
+    if not given:
+        args.epochs = default_epochs
+
+
+def budget_record(args: argparse.Namespace) -> dict:
+    """The row's budget fields: exactly one of them set."""
+    return {"budget_minutes": args.minutes, "budget_epochs": args.epochs, "budget_steps": args.steps}
+
+
 def run_overrides(args: argparse.Namespace, key: str, data_path: Path) -> list[str]:
-    """The overrides every run gets: data, its run folder (row `key` at `args.seed`), time budget, threads and seed."""
+    """The overrides every run gets: data, its run folder (row `key` at `args.seed`), budget, threads and seed."""
     run_dir = Path(args.out) / "runs" / (key if args.seed == 0 else f"{key}-seed{args.seed}")
-    budget = [f"train.epochs={args.epochs}", "train.max_minutes=0"] if args.epochs else [f"train.max_minutes={args.minutes}"]
+    if args.minutes:
+        budget = [f"train.max_minutes={args.minutes}", "train.max_steps=0"]
+    elif args.steps:
+        budget = [f"train.max_steps={args.steps}", "train.max_minutes=0"]
+    else:
+        budget = [f"train.epochs={args.epochs}", "train.max_minutes=0", "train.max_steps=0"]
     return [f"data.path={data_path}", f"out={run_dir}", *budget, f"train.threads={args.threads}", f"train.seed={args.seed}"]
 
 
@@ -147,13 +176,14 @@ def recipe_conflicts(earlier: dict | None, recipe: dict, seed: int) -> list[str]
     """
     if not earlier:
         return []
-    mine = flatten(recipe)
+    mine = {**PREDATED_KEYS, **flatten(recipe)}
     conflicts = []
     for other, run in sorted((earlier.get("per_seed") or {"0": earlier}).items()):
         if other == str(seed):
             continue  # a rerun of this seed replaces it
         if "recipe" in run:
-            theirs = flatten(run["recipe"])
+            # A key a recorded recipe predates had, then, the value that leaves runs as they were.
+            theirs = {**PREDATED_KEYS, **flatten(run["recipe"])}
             keys = set(theirs) | set(mine)
         else:
             theirs = {"train.threads": earlier.get("threads"), "train.max_minutes": earlier.get("budget_minutes")}
@@ -301,14 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, choices=sorted(RUNS), help="the model (and, without --config, its ML-1M config)")
     parser.add_argument("--data-dir", default=None, help="a lumrec data set folder to train and test on (default: ML-1M, imported under --out)")
     parser.add_argument("--config", default=None, help="a pretrain config file, any path (default the model's ML-1M config of configs/)")
-    add_run_arguments(parser, minutes=45.0, out=REPO / "out" / "bench", results=None)
+    add_run_arguments(parser, "the epochs the model's recorded 45-minute row reached, see DEFAULT_EPOCHS", out=REPO / "out" / "bench",
+                      results=None)
     parser.add_argument("--variant", default="", help="name of a recipe variant (with overrides): its row is MODEL@VARIANT, its run folder apart")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     if args.overrides and not args.variant:
         parser.error("overrides change the recipe: name the variant (--variant NAME) so its row does not mix with the config's seeds")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    check_budget(parser, args, DEFAULT_EPOCHS[args.model])
     dataset = data_set_name(args.data_dir)
     key = args.model + (f"+{Path(args.config).stem}" if args.config else "") + (f"@{args.variant}" if args.variant else "")
     if dataset != "ml-1m":
@@ -340,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_ml1m(Path(args.data), data_path)
     row = {
         "label": f"{label} [{args.variant}]" if args.variant else label, "model": args.model, "variant": args.variant or None,
-        **measured_run(cfg), "threads": args.threads, "budget_minutes": None if args.epochs else args.minutes,
-        "budget_epochs": args.epochs, "overrides": args.overrides, "dataset": dataset, "data_dir": str(data_path),
+        **measured_run(cfg), "threads": args.threads, **budget_record(args), "overrides": args.overrides, "dataset": dataset, "data_dir": str(data_path),
         "config": str(config_path.relative_to(REPO) if config_path.is_relative_to(REPO) else config_path),
         "published_hr@10_ndcg@10": PUBLISHED.get(args.model) if dataset == "ml-1m" else None, "recipe": recipe,
         "protocol": {"train_excludes_last": cfg.data.train_excludes_last, "exclude_seen": cfg.train.exclude_seen},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from benchmark_scripts import load_benchmark
@@ -138,3 +139,24 @@ def test_a_data_dir_that_is_not_a_data_set_is_named(tmp_path):
     bench = _bench()
     with pytest.raises(SystemExit, match=r"--data-dir .*nothing: not a lumrec data set"):
         bench.main(["--model", "sasrec", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+
+
+def test_the_budget_is_epochs_by_default_steps_or_minutes_on_request():
+    """No budget given: the model's default epochs, no wall clock; --steps and --minutes map to their config keys."""
+    import argparse
+
+    bench = _bench()
+    parser = argparse.ArgumentParser()
+    bench.add_run_arguments(parser, "DEFAULT_EPOCHS", Path("out"), None)
+
+    def budget(*argv: str) -> list[str]:
+        args = parser.parse_args(list(argv))
+        bench.check_budget(parser, args, bench.DEFAULT_EPOCHS["hstu"])
+        return [o for o in bench.run_overrides(args, "hstu", Path("d")) if o.startswith("train.max") or o.startswith("train.epochs")]
+
+    assert budget() == ["train.epochs=120", "train.max_minutes=0", "train.max_steps=0"]
+    assert budget("--steps", "500") == ["train.max_steps=500", "train.max_minutes=0"]
+    assert budget("--minutes", "45") == ["train.max_minutes=45.0", "train.max_steps=0"]
+    with pytest.raises(SystemExit):
+        budget("--steps", "5", "--epochs", "2")
+    assert set(bench.DEFAULT_EPOCHS) == set(bench.RUNS)
