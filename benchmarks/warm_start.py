@@ -18,16 +18,22 @@ The "existing DLRM" is the same backbone (SIM) trained without LUM on the days b
 daily day (``Setup.existing``). The first daily day is a warm-up (LUM rows have no knowledge before
 it); the table shows each day's next-day AUC and the mean over the days after the warm-up.
 
-Data sets: ``synthetic`` (lumrec's logs, conditions scenario and query, days 7-10) and
-``ml1m-ratings`` (``--data``/ml-1m/ratings_partial_first487650.dat.gz by real day: each rating is an
-impression labelled rating >= 4, conditions the genres, days 2000-11-24..30).
+Set-ups are YAML files of ``Setup`` keys: ``configs/warm_start/synthetic.yaml`` (lumrec's logs,
+conditions scenario and query, days 7-10) and ``configs/warm_start/ml1m_ratings.yaml`` (``--data``/
+ml-1m/ratings_partial_first487650.dat.gz by real day: each rating is an impression labelled rating
+>= 4, conditions the genres, days 2000-11-24..30). ``--config`` takes any such file and ``--data-dir``
+any lumrec data set folder (read as it is); every condition, column and day the set-up names is
+checked against the data before anything trains. Budgets are epochs (``bootstrap_epochs``,
+``epochs_per_day``, ``rank_epochs``), the same on any machine.
 
     .venv/bin/python benchmarks/warm_start.py --dataset synthetic [--row all] [--threads 2] [--fresh]
     .venv/bin/python benchmarks/warm_start.py --dataset ml1m-ratings [--data ../shared/data] [--seeds 3]
+    .venv/bin/python benchmarks/warm_start.py --data-dir out/my-import --config my_warm_start.yaml
     .venv/bin/python benchmarks/warm_start.py --tiny      # < 2 min smoke run on tiny synthetic logs
 
 One row or seed per invocation works too (``--row lum-param``, ``--first-seed 2``); runs merge into
-``benchmarks/results/warm_start.json`` under the data set's name.
+``OUT/results/warm_start.json`` under the data set's name (``--out`` defaults to out/bench/warm_start,
+ignored by git; the recorded tables take ``--results benchmarks/results/warm_start.json``).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lum_tables import SourceSpec, ensure_dataset  # noqa: E402  (sibling script modules)
+from lum_tables import SourceSpec, deep_merge, ensure_dataset  # noqa: E402  (sibling script modules)
+from lum_tables_checks import ConfigMismatch, DataFacts, check_condition_text, check_feature, check_value  # noqa: E402
 from results_file import merge_row  # noqa: E402
 
 from lumrec.library_noise import silence_known_library_noise  # noqa: E402
@@ -86,58 +93,74 @@ class Setup:
     context_keys: list[str] | None
     item_stats: list[str]
     max_history: int
-    name_map: dict[str, str]  # the DLRM's table names -> the LUM token encoder's ("feature" warm-up)
+    name_map: dict[str, str]  # the DLRM's table names (regex) -> the LUM token encoder's ("feature" warm-up)
 
 
-SIM_ITEM_TABLE = r"^sequence_arch\.embedding_collection\.embeddings\.t_item\.weight$"
-LUM_ITEM_TABLE = "encoder.embedding_bag_collection.embedding_bags.t_item_id.weight"
+CONFIGS = REPO / "configs" / "warm_start"
+DATASETS = {"synthetic": "synthetic.yaml", "ml1m-ratings": "ml1m_ratings.yaml"}
 
 
-def synthetic_setup(tiny: bool) -> Setup:
-    """The synthetic logs (the demo's settings): conditions scenario and query."""
-    common: dict[str, Any] = dict(
-        condition_features=["scenario", "query_id"], max_len=64,
-        pretrain_train={"rows_per_batch": 32, "lr": 0.002, "num_negatives": -1},
-        query_conditions=[{"feature": "scenario", "values": "all"}, {"feature": "query_id", "values": "all"}],
-        lum={"conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id", "features": ["sim", "missing"]},
-        context_keys=["scenario", "query_id"], item_stats=["f_ctr_7d", "f_log_impressions_7d", "f_popularity"], max_history=50,
-        # SIM's item table and its request tables -> LUM's item table and condition tables
-        name_map={SIM_ITEM_TABLE: LUM_ITEM_TABLE,
-                  r"^context_arch\.embedding_bag_collection\.embedding_bags\.t_(scenario|query_id)\.weight$":
-                      r"encoder.embedding_bag_collection.embedding_bags.t_\1.weight"},
-    )
+def load_setup(config: str | Path, tiny: bool = False) -> Setup:
+    """A data set's `Setup` from its YAML file (with its `tiny` overrides for --tiny), checked key by key."""
+    import yaml
+
+    from lumrec.config import from_dict
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file (or --dataset one of {sorted(DATASETS)})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    overrides = raw.pop("tiny", {}) or {}
     if tiny:
-        synth = dict(seed=0, num_users=150, num_items=60, num_categories=5, num_queries=10, num_days=7, impressions_per_user_day=10)
-        return Setup(source=SourceSpec(synth=synth), existing=("2026-01-02", "2026-01-03"), daily=("2026-01-04", "2026-01-06"), bootstrap_epochs=3,
-                     epochs_per_day=1, d_model=16, embedding_dim=8, rank_epochs=1, **common)
-    return Setup(source=SourceSpec(synth=dict(seed=0, num_days=11)), existing=("2026-01-04", "2026-01-06"), daily=("2026-01-07", "2026-01-10"),
-                 bootstrap_epochs=10, epochs_per_day=2, d_model=32, embedding_dim=16, rank_epochs=2, **common)
+        raw = deep_merge(raw, overrides)
+    raw["existing"], raw["daily"] = tuple(raw.get("existing", ())), tuple(raw.get("daily", ()))
+    return from_dict(Setup, raw, source=str(path))
 
 
-def ml1m_ratings_setup() -> Setup:
-    """ML-1M ratings by day (users 1-2999, real timestamps): each day's ratings are its impressions (label: rating >= 4).
+def check_setup(setup: Setup, data: Path, config: str) -> None:
+    """Every condition, column and day the setup names against the data set, before anything trains.
 
-    The existing DLRM trains on every day up to 2000-11-23 (256,794 ratings); the daily days are
-    2000-11-24..30 (5-12k ratings a day), each evaluated on the next day. Conditions: the 18 genres.
+    A missing one is a ``ConfigMismatch`` naming the config file and key (``lum_tables_checks``).
     """
-    return Setup(
-        source=SourceSpec(kind="ml-1m-ratings", src="ml-1m/ratings_partial_first487650.dat.gz",
-                          options={"movies": "ml-1m/movies.dat", "users": "ml-1m/users.dat"}),
-        existing=("2000-10-04", "2000-11-23"), daily=("2000-11-24", "2000-11-30"), bootstrap_epochs=10, epochs_per_day=2,
-        d_model=32, embedding_dim=16, rank_epochs=2, max_len=200, condition_features=["category_id"],
-        # ML-1M's LUM trains with in-batch + 128 sampled negatives (full softmax stalls at popularity early: issue 3)
-        pretrain_train={"rows_per_batch": 16, "lr": 0.001, "num_negatives": 128, "in_batch_negatives": True},
-        query_conditions=[{"feature": "category_id", "values": "all"}],
-        # four frequent genres (Action 1, Comedy 5, Drama 8, Thriller 16) and the candidate's own: as in lum_tables' ml1m-ratings
-        # LUM features: interest matching + missing flags, as on the synthetic logs. With all four groups
-        # (+ o_q and e_i, ~200 more inputs) a DLRM trained on one day of 5-12k ratings did worse (seed 0, docs/results/warm_start.md).
-        lum={"conditions": ["category_id=1", "category_id=5", "category_id=8", "category_id=16"],
-             "candidate_condition_feature": "category_id", "features": ["sim", "missing"]},
-        context_keys=None, item_stats=[], max_history=200,
-        name_map={SIM_ITEM_TABLE: LUM_ITEM_TABLE,
-                  r"^sequence_arch\.embedding_collection\.embeddings\.t_category\.weight$":
-                      "encoder.embedding_bag_collection.embedding_bags.t_category_id.weight"},
-    )
+    facts = DataFacts.of(data)
+    for feature in setup.condition_features:
+        check_feature(feature, "condition_features", facts, config)
+    for i, cond in enumerate(setup.query_conditions):
+        feature = cond.get("feature")
+        check_feature(feature, f"query_conditions[{i}]", facts, config)
+        if feature not in setup.condition_features:
+            raise ConfigMismatch(f"{config}: query_conditions[{i}]: feature {feature!r} is asked but the LUM is not trained on it "
+                                 f"(condition_features is {setup.condition_features})")
+        if cond.get("values", "all") != "all":
+            for value in cond["values"]:
+                check_value(feature, value, f"query_conditions[{i}]", facts, config, f"{feature}={value}")
+    for i, text in enumerate(setup.lum.get("conditions", [])):
+        check_condition_text(text, f"lum.conditions[{i}]", facts, config)
+    if setup.lum.get("candidate_condition_feature"):
+        check_feature(setup.lum["candidate_condition_feature"], "lum.candidate_condition_feature", facts, config, items_too=True)
+    for key in setup.context_keys or []:
+        if key not in facts.vocab:
+            raise ConfigMismatch(f"{config}: context_keys: {key!r} has no vocabulary in data set {facts.name}; it has {sorted(facts.vocab)}")
+    if setup.item_stats:
+        from lumrec.data.dataset import Dataset
+
+        dataset = Dataset(data)
+        days = dataset.days("item_stats") if dataset.has_table("item_stats") else []
+        have = set(dataset.read_days("item_stats", days[-1], days[-1]).schema.names) if days else set()
+        missing = [c for c in setup.item_stats if c not in have]
+        if missing:
+            raise ConfigMismatch(f"{config}: item_stats: column(s) {missing} are not in data set {facts.name}'s item_stats table"
+                                 f" ({sorted(have) if have else 'absent'})")
+    from lumrec.data.dataset import Dataset
+
+    days = Dataset(data).days("behaviours")
+    for key in ("existing", "daily"):
+        first, last = getattr(setup, key)
+        if not days or first < days[0] or last > days[-1] or first > last:
+            raise ConfigMismatch(f"{config}: {key}: days {first}..{last} are not inside data set {facts.name}'s behaviour days "
+                                 f"{days[0] + '..' + days[-1] if days else '(none)'}")
+    if setup.existing[1] >= setup.daily[0]:
+        raise ConfigMismatch(f"{config}: existing: the existing DLRM's days must end before the daily days start ({setup.daily[0]})")
 
 
 def rank_template(setup: Setup, threads: int, seed: int = 0) -> dict[str, Any]:
@@ -261,36 +284,49 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
           " Δ: paired by seed)")
 
 
-def main() -> int:
+def run_name(args: argparse.Namespace) -> str:
+    """The results' key: the named data set, else the --data-dir folder's and/or the --config file's name (+ -tiny)."""
+    parts = [Path(args.data_dir).name] if args.data_dir else []
+    if args.config:
+        parts.append(Path(args.config).stem)
+    return ("+".join(parts) or args.dataset) + ("-tiny" if args.tiny else "")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "ml1m-ratings"])
+    parser.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS), help="a named set-up (configs/warm_start/)")
+    parser.add_argument("--config", default=None, help="a set-up file, any path (default the named data set's)")
+    parser.add_argument("--data-dir", default=None, help="a lumrec data set folder to run on as it is (no import)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder (real data sets)")
     parser.add_argument("--row", default="all", help=f"all, or comma-separated rows of {list(ROWS)}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="out/bench/warm_start")
+    parser.add_argument("--out", default="out/bench/warm_start", help="working folder: data, runs (default out/bench/warm_start)")
+    parser.add_argument("--results", default=None,
+                        help=f"JSON file the rows are merged into (default OUT/results/warm_start.json; the recorded tables: "
+                             f"{RESULTS.relative_to(REPO)})")
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs of the chosen rows first")
     parser.add_argument("--seeds", type=int, default=1, help="seeds FIRST..FIRST+N-1 (LUM and DLRM init, batch order)")
     parser.add_argument("--first-seed", type=int, default=0, help="first seed: runs of other seeds in the results file are kept")
-    parser.add_argument("--tiny", action="store_true", help="tiny synthetic logs: a smoke run")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="the set-up's tiny overrides: a smoke run")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     silence_known_library_noise()
     log.setLevel(logging.INFO)
 
-    if args.tiny and args.dataset != "synthetic":
-        parser.error("--tiny is a synthetic smoke run")
-    setup = synthetic_setup(args.tiny) if args.dataset == "synthetic" else ml1m_ratings_setup()
-    name = args.dataset + ("-tiny" if args.tiny else "")
+    config = Path(args.config) if args.config else CONFIGS / DATASETS[args.dataset]
+    setup = load_setup(config, args.tiny)
+    name = run_name(args)
     work = Path(args.out) / name
-    data = work / "data"
-    ensure_dataset(setup.source, Path(args.data), data)
+    data = Path(args.data_dir) if args.data_dir else ensure_dataset(setup.source, Path(args.data), work / "data")
     rows = [r for r in ROWS if r not in NOT_RUN] if args.row == "all" else args.row.split(",")
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"--row: unknown row(s) {unknown}; choose from {list(ROWS)}")
+    check_setup(setup, data, str(config))  # before anything trains
+    results = Path(args.results) if args.results else Path(args.out) / "results" / "warm_start.json"
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs: dict[str, list[dict[str, Any]]] = {}
-    previous = json.loads(RESULTS.read_text()).get(name, {}) if RESULTS.exists() and not args.tiny else {}
+    previous = json.loads(results.read_text()).get(name, {}) if results.exists() else {}
     for row, entry in previous.get("rows", {}).items():
         # runs measured by earlier invocations (other rows, other seeds) stay in the table
         kept = [r for r in entry.get("per_seed", []) if row not in rows or r["seed"] not in seeds]
@@ -313,10 +349,11 @@ def main() -> int:
     for row, reason in NOT_RUN.items():
         summary[row] = {"label": ROWS[row], "status": "not run: " + reason}
     print_table(summary)
-    record = {"dataset": name, "existing_days": setup.existing, "daily_days": setup.daily, "threads": args.threads,
+    record = {"dataset": name, "config": str(config.relative_to(REPO) if config.resolve().is_relative_to(REPO) else config),
+              "data_dir": str(data), "existing_days": setup.existing, "daily_days": setup.daily, "threads": args.threads,
+              "budget": {"bootstrap_epochs": setup.bootstrap_epochs, "epochs_per_day": setup.epochs_per_day, "rank_epochs": setup.rank_epochs},
               "wall_minutes": round((time.perf_counter() - t0) / 60, 1), "rows": summary}
-    if not args.tiny:
-        merge_row(RESULTS, name, record)
+    merge_row(results, name, record)
     figures = {k: round(r["mean_auc_after_warmup"], 4) for k, r in summary.items() if "mean_auc_after_warmup" in r}
     print(json.dumps({"dataset": name, "seeds": seeds, **figures}))
     return 0
