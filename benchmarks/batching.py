@@ -10,7 +10,9 @@ event), then for max_len 200 and 256 measures
   sequence per row), padded to the longest sequence of each batch, and packed rows.
 
 Prints one table, then one JSON line of the key figures (also saved to
-``benchmarks/results/batching.json``).
+``benchmarks/results/batching.json``). ``--data-dir`` measures any lumrec data set's behaviours
+instead (its own timestamps, scenario, category and action columns); that result goes to
+``out/bench/results/batching-<folder>.json`` unless ``--out`` names another file.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def behaviours_from_ml1m(path: Path) -> pa.Table:
             "action": pa.array(np.ones(n, np.int32)),
         }
     )
+
+
+def behaviours_of(folder: Path) -> pa.Table:
+    """Every day of a lumrec data set's behaviours table (the columns the sequence builder reads)."""
+    from lumrec.data.dataset import Dataset
+
+    data = Dataset(folder)
+    if not data.manifest_path.exists():
+        raise SystemExit(f"--data-dir {folder}: not a lumrec data set (no {data.manifest_path.name}); import one with `lumrec import`")
+    return data.read_days("behaviours", columns=["user_id", "ts", "item_id", "scenario", "category_id", "action"])
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -110,20 +122,28 @@ def main() -> None:
     """Run the benchmark and print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder holding ml-1m/")
+    parser.add_argument("--data-dir", type=Path, default=None, help="a lumrec data set folder to measure instead of ML-1M")
     parser.add_argument("--max-lens", type=int, nargs="+", default=[200, 256])
     parser.add_argument("--rows-per-batch", type=int, default=64, help="packed rows (and padded sequences) per batch")
     parser.add_argument("--window", type=int, default=4096, help="sequences per packing window (0: whole epoch)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "batching.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file of the result (default benchmarks/results/batching.json for ML-1M, "
+                             "out/bench/results/batching-FOLDER.json for --data-dir)")
     args = parser.parse_args()
-    path = args.data / "ml-1m" / "interactions.parquet"
-    if not path.exists():
-        raise SystemExit(f"{path} not found: pass --data pointing at the folder that holds ml-1m/")
+    if args.data_dir is not None:
+        path, dataset = args.data_dir, args.data_dir.name
+        args.out = args.out or REPO / "out" / "bench" / "results" / f"batching-{dataset}.json"
+    else:
+        path, dataset = args.data / "ml-1m" / "interactions.parquet", "ml-1m"
+        args.out = args.out or REPO / "benchmarks" / "results" / "batching.json"
+        if not path.exists():
+            raise SystemExit(f"{path} not found: pass --data pointing at the folder that holds ml-1m/ (or --data-dir)")
     torch.set_num_threads(1)
 
     t0 = time.perf_counter()
-    events = behaviours_from_ml1m(path)
+    events = behaviours_of(path) if args.data_dir is not None else behaviours_from_ml1m(path)
     t_read = time.perf_counter() - t0
     t_seq, seqs = timed(lambda: build_user_sequences(events, source=str(path)), args.repeats)
     cfg = TokenConfig(condition_features=["scenario"], item_features=["item_id", "category_id"])
@@ -136,7 +156,7 @@ def main() -> None:
         for max_len in args.max_lens:
             rows.append({"layout": name, **measure(tokens, max_len, args.rows_per_batch, window, args.repeats, args.seed)})
 
-    print(f"ML-1M: {len(seqs)} users, {seqs.num_events} events; read {t_read:.2f}s, "
+    print(f"{dataset}: {len(seqs)} users, {seqs.num_events} events; read {t_read:.2f}s, "
           f"sequences {t_seq:.2f}s ({seqs.num_events / t_seq / 1e6:.1f} M events/s), "
           f"LUM tokens {t_lum:.2f}s ({lum.num_tokens} tokens), item tokens {t_items:.2f}s ({items.num_tokens} tokens)")
     print(f"batches: {args.rows_per_batch} rows per batch, packing window {window} sequences, median of {args.repeats}, "
@@ -152,7 +172,7 @@ def main() -> None:
 
     result = {
         "benchmark": "batching",
-        "dataset": "ml-1m",
+        "dataset": dataset,
         "users": len(seqs),
         "events": seqs.num_events,
         "rows_per_batch": args.rows_per_batch,
