@@ -315,7 +315,8 @@ class DailyJob(DriftChecks):
         return {"refresh": "incremental" if cfg.users == "active" else "full", "refreshed_users": refreshed,
                 "carried_over_users": result["carried_over"], "carry_over_from": cfg.carry_over_from,
                 "total_users": refreshed + result["carried_over"], "conditions": result["conditions"],
-                "model_version": result["model_version"], "seconds": result["seconds"]}
+                "model_version": result["model_version"], "seconds": result["seconds"],
+                **({"redis_version": result["redis_version"]} if "redis_version" in result else {})}
 
     # -- (c) ranking ------------------------------------------------------------------------
     def rank_config(self, ds: str, eval_day: str | None = None) -> RankConfig:

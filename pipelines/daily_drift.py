@@ -58,7 +58,7 @@ _TRAINING = ("out", "train.threads", "train.progress", "train.log_every_steps", 
              "train.keep_checkpoints")
 NEUTRAL_CHANGES: dict[str, tuple[str, ...]] = {
     "pretrain": _TRAINING + ("train.keep_freed_host_memory",),
-    "query": ("threads", "progress"),
+    "query": ("threads", "progress", "redis"),  # where the partition is also published does not change it
     "rank": _TRAINING,
     "eval": _TRAINING,
 }

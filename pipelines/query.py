@@ -34,6 +34,7 @@ from lumrec.data.sequences import UserSequences, sequences_from_dataset
 from lumrec.data.tokens import build_lum_tokens
 from lumrec.distributed import DistContext, gather_to_rank0, init_distributed
 from lumrec.knowledge import Condition, KnowledgeWriter, load_knowledge, parse_condition
+from lumrec.knowledge.redis_store import RedisKnowledgeConfig, publish_partition
 from lumrec.locks import RunLock, under_lock
 from lumrec.modules.retrieval.grouped_query import (
     CONSTANT_FEATURE,
@@ -92,6 +93,8 @@ class QueryConfig:
     # Incremental refresh: an earlier as_of_ds of the same store whose users that are not queried
     # now keep their vectors (a user without new behaviour has the same history). None = no carry-over.
     carry_over_from: str | None = None
+    # Set: the committed partition is also published to this Redis (lumrec.knowledge.redis_store), atomically.
+    redis: RedisKnowledgeConfig | None = None
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "rows_per_batch", "item_chunk", section="query")
@@ -273,6 +276,8 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
         "batches": n_batches,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if cfg.redis is not None:  # after the commit: the Parquet partition stays the source of truth
+        result["redis_version"] = publish_partition(cfg.store, cfg.as_of_ds, cfg.redis)
     log.info("knowledge for %s written to %s (%d users x %d conditions)", cfg.as_of_ds, writer.final, len(users), len(conditions))
     _write_scalars(cfg, result)
     return result
