@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 VENV=${LUMREC_VENV:-.venv}
 STAMP="$VENV/.lumrec-stack"
 # The stamp records what was installed; bump STACK when a pin changes.
-STACK="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 torchx==0.7.0 pins-v4"
+STACK="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 torchx==0.7.0 pins-v5"
 install_redis_server() {
   # The knowledge store's key-value tier and its tests need a real redis-server (Debian's package).
   command -v redis-server >/dev/null 2>&1 && return 0
@@ -39,6 +39,8 @@ $PIP install tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 tqdm
   pyarrow==26.0.1 numpy==2.4.6 pyyaml==6.0.3 tensorboard==2.21.0 pytest==9.2.0 matplotlib==3.11.2
 # Serving: the HTTP endpoint, its metrics, the Redis client (tests and the benchmark speak HTTP through httpx).
 $PIP install fastapi==0.165.0 uvicorn==0.55.0 redis==8.2.0 prometheus-client==0.26.0 httpx==0.29.0
+# Triton: the HSTU attention kernel's language; on CPU its tests run it in Triton's interpreter (TRITON_INTERPRET=1).
+$PIP install --no-deps triton==3.9.0
 $PIP install --no-deps -e .
 "$VENV/bin/python" -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, matplotlib, fastapi, uvicorn, redis, lumrec"
 echo "$STACK" > "$STAMP"
