@@ -92,4 +92,19 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--on-redis-down", default="serve", choices=["serve", "fail"],
                    help="serve: keep scoring with missing knowledge and report not ready; fail: answer 503")
+    p.add_argument("--max-candidates", type=int, default=None, help="most candidates per request (default 1000)")
+    p.add_argument("--refresh-seconds", type=float, default=None,
+                   help="how often the knowledge version is polled and a down Redis retried (default 5)")
+    p.add_argument("--watch", default=None, help="a pointer file holding a bundle path: swapped in when it changes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="most requests scored at once, in threads (default 16)")
     p.set_defaults(func=_run("lumrec.pipelines.serve", "main"))
+
+
+def register_plan(sub: argparse._SubParsersAction) -> None:
+    """Add `lumrec plan`."""
+    p = sub.add_parser("plan", help="run TorchRec's sharding planner on the meta device for a topology and table sizes "
+                                    "(no memory allocated): the plan, memory per rank and cost estimates")
+    p.add_argument("config", nargs="?", default=None, help="YAML file with PlanConfig keys (default: built-in example)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. world_size=64 tables.item.rows=1000000000")
+    p.set_defaults(func=_run("lumrec.pipelines.plan", "main"))
