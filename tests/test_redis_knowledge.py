@@ -33,6 +33,7 @@ from lumrec.knowledge import (
 )
 from lumrec.knowledge.redis_local import RedisServerError
 from lumrec.data.synthetic import SynthConfig, generate
+from lumrec.modules.lum_features import KnowledgeSource, LUMFeatureConfig, LUMFeatureModule, candidates_kjt
 from lumrec.pipelines.daily import DailyConfig
 from lumrec.pipelines.pretrain import Pretrainer
 from lumrec.pipelines.pretrain_config import DataConfig, PretrainConfig, TrainConfig
@@ -114,7 +115,7 @@ def test_round_trip_equals_knowledge_lookup(server, tmp_path, seed):
     source = RedisKnowledge(cfg)
     lookup = load_knowledge(tmp_path, DAY)
     assert (source.version, source.as_of_ds, source.model_version, source.dim) == (version, DAY, f"m{seed}", info["dim"])
-    assert source.conditions == lookup.conditions and source.ping()
+    assert source.conditions == lookup.conditions and source.ping() and isinstance(source, KnowledgeSource)
     _assert_same(source, lookup, info, np.random.default_rng(100 + seed))
 
 
@@ -270,3 +271,10 @@ def test_lumrec_query_publishes_to_redis(server, tmp_path):
     assert source.as_of_ds == DAY and source.model_version == lookup.model_version
     info = {"dim": lookup.dim, "users": lookup._user_ids.numpy(), "items": lookup._item_ids.numpy(), "conditions": lookup.conditions}
     _assert_same(source, lookup, info, np.random.default_rng(3))
+    # Step 3's features from either source are the same.
+    feature_config = LUMFeatureConfig(conditions=[("scenario", 1)], candidate_condition_feature="category_id")
+    users = torch.tensor([int(info["users"][0]), 10**6, int(info["users"][-1])])
+    kjt = candidates_kjt(torch.tensor([1, 2, 0, 5, 3, 4]), torch.tensor([2, 1, 3]), torch.tensor([1, 2, 3, 1, 9, 2]))
+    want = LUMFeatureModule(feature_config, lookup)(users, kjt)
+    got = LUMFeatureModule(feature_config, source)(users, kjt)
+    assert want.keys() == got.keys() and torch.equal(want.values(), got.values())

@@ -71,6 +71,7 @@ from lumrec.config import ConfigValueError, check_above, check_at_least
 from lumrec.errors import EXIT_IO, LockHeld, LumrecError
 from lumrec.faults import failpoint
 from lumrec.knowledge.conditions import parse_condition
+from lumrec.knowledge.lookup import KnowledgeLookup
 from lumrec.knowledge.partitions import KnowledgeManifest, read_manifest
 from lumrec.knowledge.reading import load_knowledge
 
@@ -216,9 +217,8 @@ def _is_complete(client: redis.Redis, keys: _Keys, version: str) -> bool:
 
 
 def _write_version(client: redis.Redis, keys: _Keys, version: str, store_path: str | os.PathLike, manifest: KnowledgeManifest,
-                   config: RedisKnowledgeConfig, renew: Any) -> None:
+                   lookup: KnowledgeLookup, config: RedisKnowledgeConfig, renew: Any) -> None:
     """Write users, items, then the meta of `version` (its keys are absent: cleaned first)."""
-    lookup = load_knowledge(store_path, manifest.as_of_ds)  # the checked reader: what KnowledgeLookup serves
     dim, conditions = lookup.dim, list(lookup.conditions)
     # The lookup's own index (same package): rows [U, C] into its table, -1 where a pair is absent.
     user_ids, rows, table = lookup._user_ids, lookup._rows, lookup._user_table
@@ -312,6 +312,8 @@ def publish_partition(store_path: str | os.PathLike, as_of_ds: str, config: Redi
     where = f"{_where(config.url)} prefix {config.prefix!r}"
     try:
         with _redis_errors(config, f"publishing {store_path} as_of_ds={as_of_ds} as {keys.prefix}:v:{version}"):
+            # Read (and check) the partition before taking the lock: a large one would outlast lock_ttl_s.
+            lookup = None if _is_complete(client, keys, version) else load_knowledge(store_path, as_of_ds)
             lock = client.lock(keys.lock, timeout=config.lock_ttl_s, blocking_timeout=config.lock_wait_s, thread_local=False)
             if not lock.acquire():
                 raise LockHeld(f"{where}: another publisher holds {keys.lock} for more than lock_wait_s={config.lock_wait_s:g} s "
@@ -326,7 +328,9 @@ def publish_partition(store_path: str | os.PathLike, as_of_ds: str, config: Redi
                 else:
                     client.hset(keys.publishing, version, str(time.time()))
                     client.unlink(*keys.of_version(version))  # leftovers of an expired copy of this version
-                    _write_version(client, keys, version, store_path, manifest, config, renew)
+                    if lookup is None:  # removed by an expiry since the check above
+                        lookup = load_knowledge(store_path, as_of_ds)
+                    _write_version(client, keys, version, store_path, manifest, lookup, config, renew)
                 record = json.dumps({"as_of_ds": as_of_ds, "model_version": manifest.model_version, "published_at": time.time()})
                 with client.pipeline(transaction=True) as pipe:
                     pipe.hset(keys.versions, version, record)
