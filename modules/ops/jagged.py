@@ -60,10 +60,10 @@ def offsets_to_ids(offsets: torch.Tensor, total: int | None = None) -> torch.Ten
     return torch.repeat_interleave(ids, lengths, output_size=total)
 
 
-def jagged_positions(offsets: torch.Tensor) -> torch.Tensor:
-    """Return, for each token, its 0-based position inside its own sequence."""
+def jagged_positions(offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Return, for each token, its 0-based position inside its own sequence (`total`: the number of tokens, if known)."""
     lengths = offsets_to_lengths(offsets)
-    total = int(offsets[-1])
+    total = int(offsets[-1]) if total is None else total
     starts = torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
     return torch.arange(total, device=offsets.device) - starts
 

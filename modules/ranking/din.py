@@ -185,12 +185,14 @@ class SequenceArch(nn.Module):
         batch = kjt.stride()
         lengths = kjt.lengths().view(len(self.keys), batch)
         row = {k: i for i, k in enumerate(self.keys)}
+        # The checks read the data, which torch.export cannot branch on; a serving wrapper builds valid lengths.
+        checking = not torch.compiler.is_compiling()
         for key in self.candidate_keys:
-            if bool((lengths[row[key]] != 1).any()):
+            if checking and bool((lengths[row[key]] != 1).any()):
                 raise ValueError(f"SequenceArch: candidate key {key!r} must have exactly one id per sample")
         hist_lengths = lengths[row[self.history_keys[0]]]
         for key in self.history_keys[1:]:
-            if not torch.equal(lengths[row[key]], hist_lengths):
+            if checking and not torch.equal(lengths[row[key]], hist_lengths):
                 raise ValueError(f"SequenceArch: history key {key!r} has different lengths from {self.history_keys[0]!r}")
         embedded = self.embedding_collection(kjt)
         candidate = torch.cat([embedded[k].values() for k in self.candidate_keys], dim=1)
@@ -198,18 +200,22 @@ class SequenceArch(nn.Module):
         return candidate, history, lengths_to_offsets(hist_lengths)
 
 
-def keep_most_recent(offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Bool [T]: the last `max_len` behaviours of each sequence (sequences are oldest first)."""
+def keep_most_recent(offsets: torch.Tensor, max_len: int, total: int | None = None) -> torch.Tensor:
+    """Bool [T]: the last `max_len` behaviours of each sequence (sequences are oldest first).
+
+    `total`: T when the caller knows it (the values' length: torch.export keeps it symbolic); None reads `offsets[-1]`.
+    """
     lengths = offsets_to_lengths(offsets)
-    total = int(offsets[-1])
+    total = int(offsets[-1]) if total is None else total
     seq = offsets_to_ids(offsets, total)
-    return jagged_positions(offsets) >= (lengths[seq] - max_len)
+    return jagged_positions(offsets, total) >= (lengths[seq] - max_len)
 
 
 def compact(values: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the behaviours where `keep` is False: (values [T', ...], offsets [B+1]); order is kept."""
-    seq = offsets_to_ids(offsets, int(offsets[-1]))
-    new_lengths = torch.bincount(seq[keep], minlength=offsets.numel() - 1)
+    seq = offsets_to_ids(offsets, keep.shape[0])  # keep has one entry per behaviour: T = offsets[-1]
+    # Kept behaviours per sequence (a bincount of seq[keep], whose output size torch.export cannot know).
+    new_lengths = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device).index_add(0, seq, keep.to(torch.int64))
     return values[keep], lengths_to_offsets(new_lengths)
 
 
@@ -333,7 +339,7 @@ class DIN(nn.Module):
         with record_function("din"):
             candidate, history, offsets = self.sequence_arch(sparse_features)
             if cfg.max_history is not None:
-                history, offsets = compact(history, offsets, keep_most_recent(offsets, cfg.max_history))
+                history, offsets = compact(history, offsets, keep_most_recent(offsets, cfg.max_history, history.shape[0]))
             parts = [] if self.context_arch is None else [self.context_arch(sparse_features)]
             parts += [candidate, self.attention_arch(candidate, history, offsets)]
             for x, width, name in ((dense_features, cfg.dense_dim, "dense features"), (lum_features, cfg.lum_dim, "LUM features")):

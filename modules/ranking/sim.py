@@ -114,9 +114,10 @@ class SIM(nn.Module):
         cfg = self.config
         kjt = select_keys(sparse_features, [cfg.search_candidate_key, cfg.search_history_key], "SIM")
         cand, hist = kjt[cfg.search_candidate_key], kjt[cfg.search_history_key]
-        if bool((cand.lengths() != 1).any()):
+        checking = not torch.compiler.is_compiling()  # torch.export cannot branch on data (din.SequenceArch)
+        if checking and bool((cand.lengths() != 1).any()):
             raise ValueError(f"SIM: search key {cfg.search_candidate_key!r} must have exactly one id per sample")
-        if not torch.equal(hist.offsets().to(offsets.dtype), offsets):
+        if checking and not torch.equal(hist.offsets().to(offsets.dtype), offsets):
             raise ValueError(f"SIM: search key {cfg.search_history_key!r} must have the same lengths as {cfg.history_keys[0]!r}")
         return cand.values(), hist.values()
 
@@ -128,7 +129,7 @@ class SIM(nn.Module):
             cand_key, hist_key = self.search_keys(sparse_features, offsets)
             with record_function("sim_hard_search"):
                 long_h, long_off = compact(history, offsets, hard_search_mask(cand_key, hist_key, offsets, cfg.max_search_len))
-                short_h, short_off = compact(history, offsets, keep_most_recent(offsets, cfg.short_len))
+                short_h, short_off = compact(history, offsets, keep_most_recent(offsets, cfg.short_len, history.shape[0]))
             parts = [] if self.context_arch is None else [self.context_arch(sparse_features)]
             parts += [
                 candidate,
