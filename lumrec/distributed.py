@@ -114,14 +114,17 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"init_distributed: environment variable {name}={raw!r} is not an integer") from None
 
 
-def init_distributed(backend: Optional[str] = None) -> DistContext:
+def init_distributed(backend: Optional[str] = None, device: Optional[torch.device | str] = None) -> DistContext:
     """Join the process group that torchrun/torchx describe in the environment, or make a 1-rank one.
 
-    `backend` None picks nccl when CUDA is available, else gloo. Without RANK/WORLD_SIZE in the
-    environment this is a 1-process run: a gloo group of size 1 on an in-memory store (no port),
-    so DMP and DDP work unchanged. An already initialised group is reused (and not destroyed by
+    `backend` None picks nccl when CUDA is available, else gloo; given a job's resolved `device`
+    (lumrec.device.resolve_device), nccl on this rank's GPU for a CUDA device and gloo for the CPU.
+    Without RANK/WORLD_SIZE in the environment this is a 1-process run: a gloo group of size 1 on an
+    in-memory store (no port), so DMP and DDP work unchanged. An already initialised group is reused (and not destroyed by
     `DistContext.close`).
     """
+    if backend is None and device is not None:
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):

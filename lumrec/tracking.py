@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("lumrec")
 
-__all__ = ["ScalarLog", "count_parameters", "job_summary", "log_job_start", "progress_bar", "progress_enabled"]
+__all__ = ["ScalarLog", "count_parameters", "job_summary", "log_job_end", "log_job_start", "progress_bar", "progress_enabled"]
 
 
 def progress_enabled(main_process: bool = True) -> bool:
@@ -60,6 +60,17 @@ def job_summary(job: str, *, data: str, parameters: int | None = None, device: s
 def log_job_start(job: str, **fields: Any) -> str:
     """Log `job_summary(job, **fields)` at INFO (the first line a job prints) and return it."""
     line = job_summary(job, **fields)
+    log.info("%s", line)
+    return line
+
+
+def log_job_end(job: str, **fields: Any) -> str:
+    """Log `JOB done: key value, ...` at INFO (the last line of a training run: steps, speed, memory) and return it.
+
+        >>> log_job_end("pretrain", steps=10, tokens_per_s="1,234")
+        'pretrain done: steps 10, tokens per s 1,234'
+    """
+    line = f"{job} done: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
     log.info("%s", line)
     return line
 

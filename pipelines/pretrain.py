@@ -26,13 +26,14 @@ world sizes: a 2-rank checkpoint resumes on 2 ranks, or initialises (`train.init
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,8 @@ from lumrec.data.dataset import Dataset, day_bounds, write_text_atomic
 from lumrec.data.packing import history_windows
 from lumrec.data.sequences import sequences_from_dataset
 from lumrec.data.tokens import TokenConfig, drop_condition_ids
+from lumrec.device import (activation_meter, autocast, format_bytes, move_to_device, resolve_device,
+                           set_activation_checkpointing)
 from lumrec.distributed import DistContext, dense_optimizer, from_rank0, global_mean_loss, init_distributed, shard_model
 from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.retrieval.sequence_model import RetrievalTrain, SequentialRecommender
@@ -65,7 +68,7 @@ from lumrec.pipelines.pretrain_config import (  # the configs are importable fro
     split_protocol,
 )
 from lumrec.pipelines.retrieval_eval import build_tokens, evaluate_retrieval, leave_one_out
-from lumrec.tracking import count_parameters, log_job_start
+from lumrec.tracking import count_parameters, log_job_end, log_job_start
 from lumrec.train import (
     Budget,
     EvalResult,
@@ -100,10 +103,10 @@ def _rank_seed(step_seed: int, rank: int) -> int:
     return (step_seed + rank * 104_729) % (2**63 - 1)
 
 
-def _distributed_context() -> DistContext | None:
+def _distributed_context(device: torch.device) -> DistContext | None:
     """The process group when torchrun/torchx started WORLD_SIZE > 1 ranks; None in one process (the plain path).
 
-    gloo on CPU whatever the machine: the pre-trainer runs on CPU in one process too.
+    gloo on the CPU whatever the machine (as in one process); nccl when `device` (train.device) is this rank's GPU.
     """
     raw = os.environ.get("WORLD_SIZE") or "1"
     try:
@@ -112,7 +115,7 @@ def _distributed_context() -> DistContext | None:
         raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
     if world <= 1:
         return None
-    return init_distributed("gloo")
+    return init_distributed("nccl" if device.type == "cuda" else "gloo")
 
 
 class Pretrainer:
@@ -137,6 +140,7 @@ class Pretrainer:
         if cfg.data.long_history == "windows" and cfg.data.target_start is not None:
             # Older windows would hold no targets on or after target_start: pure cost.
             raise ValueError("data.long_history=windows cannot be combined with data.target_start")
+        self.device = resolve_device(cfg.train.device, "train.device")  # `cuda` without a GPU fails before any data is read
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.keep_freed_host_memory:
@@ -158,6 +162,9 @@ class Pretrainer:
         torch.manual_seed(cfg.train.seed)
         self.model: SequentialRecommender = build_model(cfg.model, cfg.model_config, self.meta, data, self.token_config, cfg.data.max_len)
         self.lum = self.model.predicts_from != 1
+        if cfg.train.activation_checkpointing and not set_activation_checkpointing(self.model, True):
+            raise ValueError(f"train.activation_checkpointing: model {cfg.model!r} has no HSTU or transformer stack to checkpoint; "
+                             "set it to false")
         train_seqs = {2: self.split.train, 1: self.split.valid, 0: seqs}[cfg.data.train_excludes_last]
         if self.min_target_ts is not None:
             train_seqs = train_seqs.active_since(self.min_target_ts)
@@ -172,7 +179,7 @@ class Pretrainer:
             tokens = drop_condition_ids(tokens, cfg.data.condition_dropout, seed=cfg.train.seed)
         if cfg.data.long_history == "windows":
             tokens = tokens.take_spans(*history_windows(tokens.offsets, tokens.token_type, cfg.data.max_len))
-        self.ctx = _distributed_context()
+        self.ctx = _distributed_context(self.device)
         self.is_main = self.ctx is None or self.ctx.is_main
         part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
         self.loader = PackedBatchLoader(tokens, cfg.data.max_len, cfg.train.rows_per_batch, shuffle_seed=cfg.train.seed, part=part)
@@ -186,7 +193,12 @@ class Pretrainer:
         self.checkpoints = RunCheckpoints(self.out, t.keep_checkpoints, lambda for_load: self._state(for_save=not for_load),
                                           self._apply_state, lambda: {"model": self.model.state_dict()})
         self.dmp = None  # the DistributedModelParallel of `trainer` on N ranks
+        # The first training step of this process measures the activation memory (lumrec.device.activation_meter).
+        self.activation_bytes: int | None = None
+        self.activation_tokens = 0
+        self._activation_method = ""
         if self.ctx is None:
+            self.trainer.to(self.device)  # before the optimizers, whose state follows the parameters' device
             self.optimizers = self._build_optimizers()
             self.grad_norm = GradNormProbe(split_parameters(self.model)[1])
         else:
@@ -380,8 +392,10 @@ class Pretrainer:
         if self.dmp is not None:
             return self._sharded_step(batch, seed)
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        loss, queries = self.trainer(batch, generator)
+        batch = move_to_device(batch, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self._measure(batch), autocast(self.device, self.cfg.train.precision):
+            loss, queries = self.trainer(batch, generator)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -394,10 +408,13 @@ class Pretrainer:
         """`train_step` on this rank's slice: the global mean loss's gradient, tables updated in backward."""
         own = _rank_seed(seed, self.ctx.rank)
         torch.manual_seed(own)  # dropout: each rank its own masks
+        batch = move_to_device(batch, self.device)
         # Sampled negatives from the step seed alone: the same on every rank, as in one process.
-        loss, queries = self.dmp(batch, torch.Generator().manual_seed(own), torch.Generator().manual_seed(seed))
+        with self._measure(batch), autocast(self.device, self.cfg.train.precision):
+            loss, queries = self.dmp(batch, torch.Generator(device=self.device).manual_seed(own),
+                                     torch.Generator(device=self.device).manual_seed(seed))
         # A stand-in for an empty slice (`batch.padding`) has no query and trains no token.
-        counts = torch.tensor([queries, 0 if batch.padding else batch.num_tokens], dtype=torch.int64)
+        counts = torch.tensor([queries, 0 if batch.padding else batch.num_tokens], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
         total_queries, tokens = int(counts[0]), int(counts[1])
         if total_queries > 0:
@@ -416,7 +433,30 @@ class Pretrainer:
         """Leave-one-out metrics on the validation or test targets."""
         seqs = self.split.valid if which == "valid" else self.split.test
         return evaluate_retrieval(self.model, seqs, self.token_config, self.cfg.data.max_len,
-                                  self.cfg.train.eval_rows_per_batch, exclude_seen=self.cfg.train.exclude_seen)
+                                  self.cfg.train.eval_rows_per_batch, exclude_seen=self.cfg.train.exclude_seen, device=self.device)
+
+    @contextlib.contextmanager
+    def _measure(self, batch: JaggedBatch) -> Iterator[None]:
+        """The process's first forward under an activation meter (measuring leaves every number as it is); later ones as they are."""
+        if self._activation_method:
+            yield
+            return
+        params = [p for p in self.trainer.parameters() if p.device.type == self.device.type]
+        meter = activation_meter(self.device, params)
+        self._activation_method, self.activation_tokens = meter.method, batch.num_tokens
+        with meter:
+            yield
+        self.activation_bytes = meter.bytes
+        if self.is_main:
+            log.info("pretrain: first step: %s", self.activation_summary()["activation_memory"])
+
+    def activation_summary(self) -> dict[str, str]:
+        """Activation memory per token of the first step this process ran (how it was measured), for the start/end lines."""
+        if self.activation_bytes is None or not self.activation_tokens:
+            return {"activation_memory": "unmeasured"}
+        per_token = self.activation_bytes / self.activation_tokens
+        return {"activation_memory": f"{format_bytes(per_token)} per token ({self._activation_method}, "
+                                     f"{self.activation_tokens:,} tokens, {format_bytes(self.activation_bytes)})"}
 
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Train until epochs, patience, time budget or `max_steps` run out; then test the best model.
@@ -426,12 +466,22 @@ class Pretrainer:
         self._total_steps = None
         if self.is_main:
             log_job_start("pretrain", data=f"{self.num_train_users:,} users, {self.loader.tokens.num_tokens:,} tokens",
-                          parameters=self.num_parameters, device="cpu", threads=torch.get_num_threads(),
-                          **({"ranks": self.ctx.world_size} if self.ctx is not None else {}))
+                          parameters=self.num_parameters, device=str(self.device), threads=torch.get_num_threads(),
+                          **({"ranks": self.ctx.world_size} if self.ctx is not None else {}), **self._speed_settings())
         result = self.loop.run(max_steps=max_steps)
+        if self.is_main:
+            secs = self.state.train_seconds
+            log_job_end("pretrain", steps=self.state.step, parameters=f"{self.num_parameters:,}", device=str(self.device),
+                        tokens_per_s=f"{self.state.tokens / secs:,.0f}" if secs > 0 else "unmeasured", **self.activation_summary())
         if "stopped" in result:
             return {"step": result["step"], "stopped": result["stopped"]}
         return result
+
+    def _speed_settings(self) -> dict[str, str]:
+        """The start line's precision and activation checkpointing, where they differ from the defaults."""
+        t = self.cfg.train
+        return {**({"precision": t.precision} if t.precision != "fp32" else {}),
+                **({"activation_checkpointing": "on"} if t.activation_checkpointing else {})}
 
     def _validate(self, epoch: int, state: TrainState) -> EvalResult:
         """Validation metrics; HR@10 picks the best model and drives early stopping."""

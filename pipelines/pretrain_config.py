@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lumrec.config import ConfigValueError, check_above, check_at_least, check_days
+from lumrec.device import check_device_setting, check_precision
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.optim import RowwiseAdamW
 
@@ -161,6 +162,14 @@ class TrainConfig:
     # (progress = training seconds / budget), else epochs x batches (at most max_steps). 0 = constant lr.
     lr_decay_fraction: float = 0.0
     lr_final_ratio: float = 0.0
+    # Where the step runs (lumrec.device): "cpu", "cuda" (this rank's GPU: cuda:LOCAL_RANK) or "auto" (cuda when
+    # this torch sees a GPU, else cpu). The loader stays on the CPU; batches are copied with pinned memory.
+    device: str = "cpu"
+    # The forward's precision: "fp32", or "bf16" (bfloat16 autocast; weights and optimizer state stay float32).
+    precision: str = "fp32"
+    # Recompute each HSTU / transformer layer's activations in the backward instead of keeping them:
+    # less memory per token for longer sequences and deeper stacks, one more forward per step; same gradients.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Sizes and counts that cannot be zero or negative (0 means "off" for the ones checked against 0).
@@ -171,6 +180,8 @@ class TrainConfig:
         check_above(self, 0, "lr", "embedding_lr", "temperature", section="train")
         if self.num_negatives == 0 or self.num_negatives < -1:
             raise ConfigValueError("num_negatives", f"must be >= 1, or -1 for every item, got {self.num_negatives!r}", "train")
+        check_device_setting(self.device, "train.device")
+        check_precision(self.precision, "train.precision")
 
 
 @dataclass
@@ -185,7 +196,9 @@ class PretrainConfig:
 
 
 # Keys a resumed run may change: they do not alter what its checkpoints mean (budget, logging,
-# threads; init_from and table_init only act on a fresh run). Any other change is refused.
+# threads, device; init_from and table_init only act on a fresh run). Any other change is refused.
 RESUMABLE_CHANGES = ("out", "train.epochs", "train.max_minutes", "train.max_steps", "train.patience", "train.eval_every_epochs",
                      "train.eval_rows_per_batch", "train.threads", "train.keep_freed_host_memory", "train.log_every_steps",
-                     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init")
+                     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.init_from", "train.table_init",
+                     # Where a step runs and whether activations are recomputed: a checkpoint resumes on any device.
+                     "train.device", "train.activation_checkpointing")

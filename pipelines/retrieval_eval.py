@@ -23,6 +23,7 @@ import torch
 from lumrec.data.batches import iter_packed_batches
 from lumrec.data.sequences import UserSequences
 from lumrec.data.tokens import ITEM, TokenConfig, TokenSequences, build_item_sequences, build_lum_tokens
+from lumrec.device import move_to_device
 from lumrec.metrics import RetrievalMetrics, target_ranks
 from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
@@ -53,10 +54,11 @@ def seen_item_mask(item_id: torch.Tensor, offsets: torch.Tensor, num_items: int)
     """[S, num_items] bool: the items of each segment's tokens before its last one (its target)."""
     num_segments = len(offsets) - 1
     lengths = offsets[1:] - offsets[:-1]
-    segment = torch.repeat_interleave(torch.arange(num_segments), lengths)
-    history = torch.ones(len(item_id), dtype=torch.bool)
+    device = item_id.device
+    segment = torch.repeat_interleave(torch.arange(num_segments, device=device), lengths)
+    history = torch.ones(len(item_id), dtype=torch.bool, device=device)
     history[offsets[1:][lengths > 0] - 1] = False
-    mask = torch.zeros(num_segments, num_items, dtype=torch.bool)
+    mask = torch.zeros(num_segments, num_items, dtype=torch.bool, device=device)
     mask[segment[history], item_id[history]] = True
     mask[:, 0] = False  # condition tokens carry item id 0; padding is excluded separately
     return mask
@@ -71,19 +73,25 @@ def evaluate_retrieval(
     rows_per_batch: int = 64,
     item_chunk: int = 65536,
     exclude_seen: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """HR@K / NDCG@K of each user's last event, ranked against every item id 1..num_items-1."""
+    """HR@K / NDCG@K of each user's last event, ranked against every item id 1..num_items-1.
+
+    `device`: where the model is (None: the CPU); batches go there, the ranks come back to the CPU.
+    """
+    device = torch.device("cpu") if device is None else device
     was_training = model.training
     model.eval()
     lum = model.predicts_from != ITEM
     tokens = build_tokens(seqs_with_target, token_config, lum)
-    all_ids = torch.arange(model.num_items)
+    all_ids = torch.arange(model.num_items, device=device)
     item_table = torch.cat([model.item_embeddings(all_ids[i : i + item_chunk]) for i in range(0, len(all_ids), item_chunk)])
     item_table = torch.nn.functional.normalize(item_table, dim=-1)
-    exclude = torch.zeros(1, model.num_items, dtype=torch.bool)
+    exclude = torch.zeros(1, model.num_items, dtype=torch.bool, device=device)
     exclude[0, 0] = True  # padding id
     metrics = RetrievalMetrics()
     for batch in iter_packed_batches(tokens, max_len, rows_per_batch, shuffle_seed=None):
+        batch = move_to_device(batch, device)
         hidden = model(batch)
         ends = batch.offsets[1:]
         if bool((batch.token_type[ends - 1] != ITEM).any()) or bool((batch.lengths() < 2).any()):
@@ -93,8 +101,8 @@ def evaluate_retrieval(
         mask = exclude.expand(len(targets), -1)
         if exclude_seen:
             mask = mask | seen_item_mask(batch.item_id, batch.offsets, model.num_items)
-            mask[torch.arange(len(targets)), targets] = False  # a re-consumed target stays a candidate
+            mask[torch.arange(len(targets), device=device), targets] = False  # a re-consumed target stays a candidate
         ranks = target_ranks(users @ item_table.T, targets, mask)
-        metrics.update(ranks)
+        metrics.update(ranks.cpu())
     model.train(was_training)
     return metrics.compute()

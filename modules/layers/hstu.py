@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
 from lumrec.modules.ops import (
     JaggedAttentionLayout,
@@ -224,6 +225,9 @@ class HSTUStack(nn.Module):
             raise ValueError(f"HSTUStack: num_layers must be >= 1, got {num_layers}")
         self.config = config
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(num_layers))
+        # True: in training each layer's activations are recomputed in the backward instead of kept
+        # (memory per token ~ one d_model vector per layer; gradients identical). Set by `train.activation_checkpointing`.
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -240,9 +244,11 @@ class HSTUStack(nn.Module):
             offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps,
             query_timestamps=query_timestamps,
         )
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             with record_function(f"hstu/layer_{i}"):
-                x = layer(x, layout=layout)
+                # Non-reentrant checkpointing restores the RNG state, so dropout masks match the kept-activation run.
+                x = checkpoint(layer, x, layout=layout, use_reentrant=False) if recompute else layer(x, layout=layout)
         return x
 
 

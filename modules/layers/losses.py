@@ -74,6 +74,11 @@ def matmul_cross_entropy(
     `logit_bound`: a promise that every |logit| <= bound (it skips the row-max pass).
     `masked`: [2, P] (row, column) pairs whose logit is -inf (never a row's target).
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Under bf16 autocast the loss still runs in float32: a softmax over many candidates needs its
+        # precision, and the backward (outside autocast) multiplies the saved tensors as they are.
+        with torch.autocast(q.device.type, enabled=False):
+            return matmul_cross_entropy(q.float(), candidates.float(), targets, logit_bound, masked)
     if q.dtype != candidates.dtype:
         raise TypeError(f"matmul_cross_entropy: q is {q.dtype} but candidates are {candidates.dtype}")
     if masked is not None and bool((masked[1] == targets[masked[0]]).any()):

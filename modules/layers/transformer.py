@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
 from lumrec.modules.ops import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention, segment_positions
 
@@ -103,6 +104,9 @@ class TransformerStack(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(config.d_model) if config.final_norm else None
+        # True: in training each block's activations are recomputed in the backward instead of kept
+        # (gradients identical). Set by `train.activation_checkpointing`.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,7 +154,9 @@ class TransformerStack(nn.Module):
             x = x + self.position_embedding(positions)
         x = self.input_dropout(x)
         layout = build_attention_layout(offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             with record_function(f"transformer/layer_{i}"):
-                x = layer(x, layout)
+                # Non-reentrant checkpointing restores the RNG state, so dropout masks match the kept-activation run.
+                x = checkpoint(layer, x, layout, use_reentrant=False) if recompute else layer(x, layout)
         return self.final_norm(x) if self.final_norm is not None else x
