@@ -58,6 +58,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from lumrec.checkpoint import CheckpointManager
 from lumrec.config import load_config, to_dict
 from lumrec.data.dataset import Dataset, write_text_atomic
+from lumrec.device import move_to_device, resolve_device
 from lumrec.data.ranking.features import attach_item_lists, list_columns, list_vocab, vocab_size
 from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
@@ -68,6 +69,7 @@ from lumrec.modules.ranking.base import RankingBatch, RankingTrain, with_timesta
 from lumrec.modules.ranking.registry import ranker_spec
 from lumrec.modules.warm_start import warm_start_from
 from lumrec.optim import RowwiseAdamW, fused_params_for, rowwise_adamw_table_state
+from lumrec.optim.sparse_grads import sparse_table_gradients
 from lumrec.modules.table_parameters import named_table_parameters
 from lumrec.pipelines.rank_config import RankConfig, check_train_config
 from lumrec.ranking_metrics import RankingMetrics
@@ -114,6 +116,7 @@ class Ranker(EpochJob):
         t = self.train = cfg.train
         self.spec = ranker_spec(cfg.model)  # an unknown model fails before any data is read
         check_train_config(t)
+        self.device = resolve_device(t.device, "train.device")  # `cuda` without a GPU fails before any data is read
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.out = Path(cfg.out)
@@ -134,8 +137,12 @@ class Ranker(EpochJob):
         )
         self._input_width = int(self.model.in_features)
         self.num_parameters = count_parameters(self.model)  # before sharding: the whole model's size
-        self.ctx = _rank_context()
+        self.ctx = _rank_context(self.device)
         self.warm_start_report = self._warm_start(cfg)  # into the unsharded model: sharding copies the weights
+        if self.ctx is None:  # one process: row-sparse table gradients, a step costs O(rows touched), same bits
+            sparse_table_gradients(self.model)
+        if self.ctx is None:
+            self.trainer.to(self.device)  # before the optimizer, whose state follows the parameters' device
         self.optimizer = self._shard() if self.ctx is not None else self._optimizers(self.model, _table_parameters(self.model))
         self.part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
         self.history_keys, self.list_keys = tuple(cfg.sizes.history_keys), tuple(cfg.sizes.list_keys)
@@ -211,7 +218,8 @@ class Ranker(EpochJob):
         sparse = batch.sparse_features
         if self.spec.timestamps:  # e.g. HSTU's time bias: the sample's and the behaviours' times travel in the KJT
             sparse = with_timestamps(sparse, batch.ts, batch.hist_ts, batch.hist_lengths)
-        return RankingBatch(sparse, batch.labels, dense, lum)
+        # The joins run on the CPU (knowledge, statistics); the model's input goes to its device whole.
+        return move_to_device(RankingBatch(sparse, batch.labels, dense, lum), self.device)
 
     def step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
         """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
@@ -244,10 +252,11 @@ class Ranker(EpochJob):
                                                    history_keys=self.history_keys, part=self.part,
                                                    list_keys=self.list_keys):
                 _, logits = self.trainer(self.ranking_batch(batch))
+                probs = torch.sigmoid(logits).cpu()  # metrics (and the gathered pieces) on the CPU
                 if self.ctx is None:
-                    metrics.update(torch.sigmoid(logits), batch.labels)
+                    metrics.update(probs, batch.labels)
                 else:
-                    pieces.append(None if batch.padding else (torch.sigmoid(logits), batch.labels))
+                    pieces.append(None if batch.padding else (probs, batch.labels))
         self.model.train()
         if self.ctx is not None:
             gathered: list[Any] = [None] * self.ctx.world_size
@@ -283,13 +292,14 @@ class Ranker(EpochJob):
                 "lum_dim": self.lum.output_dim if self.lum else 0, "warm_start": self.warm_start_report}
 
 
-def _rank_context() -> DistContext | None:
+def _rank_context(device: torch.device | None = None) -> DistContext | None:
     """The process group's context when this process is one of several ranks (torchrun/torchx WORLD_SIZE > 1,
-    or an already initialised group of more than one); None for a single process (no group is created)."""
+    or an already initialised group of more than one); None for a single process (no group is created).
+    `device` (train.device): nccl on this rank's GPU for a CUDA device, gloo for the CPU."""
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not grouped and os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):
         return None
-    return init_distributed()  # joins (or reuses) the group; it stays up for later jobs of this process
+    return init_distributed(device=device)  # joins (or reuses) the group; it stays up for later jobs of this process
 
 
 def _table_parameters(module: torch.nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""Optimizers for embedding tables (row-wise AdamW, CPU and fused CUDA) and the dense rest of a model."""
+"""Optimizers for embedding tables (row-wise AdamW, CPU and fused CUDA; row-sparse table gradients) and the dense rest of a model."""
 
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ __all__ = [
     "RowwiseAdamW",
     "build_dense_optimizer",
     "fused_params_for",
+    "sparse_table_gradients",
     *_SHARDING_NAMES,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """Import the torchrec sharding helpers on first use."""
+    """Import the torchrec sharding helpers and sparse_table_gradients on first use."""
     if name in _SHARDING_NAMES:
         from lumrec.optim import sharding
 
         return getattr(sharding, name)
+    if name == "sparse_table_gradients":
+        from lumrec.optim.sparse_grads import sparse_table_gradients
+
+        return sparse_table_gradients
     raise AttributeError(f"module 'lumrec.optim' has no attribute {name!r}")
