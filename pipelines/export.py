@@ -56,6 +56,12 @@ log = logging.getLogger("lumrec.export")
 __all__ = ["export_run", "main", "register_export"]
 
 _CANDIDATE_KEYS = ["item_id", "category_id"]  # every ranker's candidate ids (lumrec.modules.ranking.builder.ranker_parts)
+# Backbones torch.export cannot trace, and why (checked before anything is built).
+NOT_EXPORTABLE = {
+    "hstu": "its jagged attention (lumrec.modules.ops.build_attention_layout) loops in Python over length buckets whose "
+            "number and sizes it reads from the data, so the traced graph's structure would depend on each batch; "
+            "serve HSTU eagerly (M-FALCON) instead",
+}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,7 +160,12 @@ def _export_and_check(wrapper: nn.Module, example: tuple, parity_inputs: tuple, 
     """Export `wrapper`, compile it to `package`, save the parity example and check the package on it: (compile s, max error)."""
     with torch.no_grad():
         expected = wrapper(*parity_inputs)
-    program = export_program(wrapper, example)
+    try:
+        program = export_program(wrapper, example)
+    except Exception as err:  # noqa: BLE001 - torch.export raises many types; a backbone it cannot trace is a user's choice
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{package.name}: torch.export cannot trace this model ({type(err).__name__}: {first}); "
+                        "see docs/export.md for what a backbone must avoid") from err
     seconds = compile_package(program, package)
     with writing(parity):
         torch.save({"inputs": list(parity_inputs), "outputs": expected}, parity)
@@ -167,6 +178,8 @@ def _export_and_check(wrapper: nn.Module, example: tuple, parity_inputs: tuple, 
 
 def _ranker_bundle(run: Path, cfg: RankConfig, which: str, tmp: Path) -> dict[str, Any]:
     spec = ranker_spec(cfg.model)
+    if cfg.model in NOT_EXPORTABLE:
+        raise UserError(f"{run / 'config.json'}: key model: {cfg.model!r} cannot be exported: {NOT_EXPORTABLE[cfg.model]}")
     if cfg.sizes.list_keys:
         raise UserError(f"{run / 'config.json'}: key sizes.list_keys: item list features are not exported yet; "
                         "export a run without list keys")

@@ -35,10 +35,13 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -191,11 +194,30 @@ class TowerServing(nn.Module):
         return ({1: n}, {1: total}, {0: n}, {0: n})
 
 
+class _DropKJTExportNotice(logging.Filter):
+    """torchrec logs a warning per KJT split it sees traced; the wrapper splits by sizes it gives, so it says nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "non-strict torch.export KJT" not in record.getMessage()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    notice, root = _DropKJTExportNotice(), logging.getLogger()
+    root.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own pytree internals
+            yield
+    finally:
+        root.removeFilter(notice)
+
+
 def export_program(wrapper: nn.Module, example: Sequence[torch.Tensor], dynamic_shapes: Any = None) -> ExportedProgram:
     """`torch.export` of `wrapper` (eval mode) on `example`, with its own `dynamic_shapes()` unless given."""
     wrapper.eval()
     shapes = wrapper.dynamic_shapes() if dynamic_shapes is None else dynamic_shapes
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         return torch.export.export(wrapper, tuple(example), dynamic_shapes=shapes, strict=False)
 
 
@@ -204,7 +226,8 @@ def compile_package(program: ExportedProgram, path: str | os.PathLike) -> float:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    with _quiet():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return time.perf_counter() - t0
 
 
