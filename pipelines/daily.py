@@ -54,6 +54,7 @@ from lumrec.checkpoint import CheckpointManager
 from lumrec.config import check_at_least, check_days, load_config
 from lumrec.data.dataset import Dataset, write_text_atomic
 from lumrec.data.synthetic import SynthConfig, generate, generated_with
+from lumrec.device import check_device_setting, resolve_device
 from lumrec.distributed import barrier, from_rank0, init_distributed, is_main
 from lumrec.errors import EXIT_WAITING
 from lumrec.faults import failpoint
@@ -101,9 +102,14 @@ class DailyConfig:
     # A finished stage whose config changed in a way that changes its outputs: "none" refuses to go on;
     # "changed" recomputes it, the later stages of its day and every later day.
     redo: Literal["none", "changed"] = "none"
+    # Set ("auto" | "cpu" | "cuda"): every stage runs there (pretrain.train.device, query.device, rank.train.device
+    # and the ranks' process group); None: each stage's own key.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         check_days(self, "ds", "start", "end")
+        if self.device is not None:
+            check_device_setting(self.device, "device")
         check_at_least(self, 1, "epochs_per_day", "bootstrap_epochs")
 
 
@@ -116,8 +122,11 @@ class DailyJob(DriftChecks):
         # Under torchrun (N ranks) every rank runs every stage: training stages shard their models over
         # the ranks; single-writer work (the logs, the knowledge partition, manifests, reports) is rank 0's.
         self.ctx = None
+        # The stages' device (daily `device`, else pre-training's): `cuda` without a GPU fails before any work.
+        setting, key = (cfg.device, "device") if cfg.device is not None else (cfg.pretrain.train.device, "pretrain.train.device")
+        self.device = resolve_device(setting, key)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.ctx = init_distributed()
+            self.ctx = init_distributed(device=self.device)
         if cfg.synthetic is not None:
             self._ensure_synthetic(cfg.synthetic)
         self.data = Dataset(cfg.data)
@@ -254,6 +263,8 @@ class DailyJob(DriftChecks):
         cfg.data.target_start = ds if source is not None else None
         cfg.train.init_from = source
         cfg.train.epochs = self.cfg.epochs_per_day if source is not None else self.cfg.bootstrap_epochs
+        if self.cfg.device is not None:
+            cfg.train.device = self.cfg.device
         return cfg
 
     def pretrain(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -303,6 +314,8 @@ class DailyJob(DriftChecks):
         incremental = previous is not None and not self.cfg.full_refresh and ds in self.behaviour_days
         cfg.users = "active" if incremental else "all"
         cfg.carry_over_from = previous if incremental else None
+        if self.cfg.device is not None:
+            cfg.device = self.cfg.device
         return cfg
 
     def query(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -342,6 +355,8 @@ class DailyJob(DriftChecks):
                 cfg.warm_start = WarmStartConfig(source=str(self.day_dir(prev) / "rank" / "checkpoints"))
             else:
                 cfg.warm_start = copy.deepcopy(self.cfg.rank_warm_start)
+        if self.cfg.device is not None:
+            cfg.train.device = self.cfg.device
         return cfg
 
     def rank(self, ds: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -473,7 +488,7 @@ class DailyJob(DriftChecks):
         self._finish_pending_redo()
         self._check_drift(days)
         if self.is_main:
-            log_job_start("daily", data=f"{len(days)} day(s) {days[0]}..{days[-1]} of {self.data.root}", device="cpu",
+            log_job_start("daily", data=f"{len(days)} day(s) {days[0]}..{days[-1]} of {self.data.root}", device=str(self.device),
                           threads=torch.get_num_threads(), lum="yes" if self.cfg.with_lum else "no",
                           ranks=self.ctx.world_size if self.ctx is not None else 1)
         bar = progress_bar(len(days) * len(stages), "daily", main_process=self.is_main, unit="stage")

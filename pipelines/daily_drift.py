@@ -53,12 +53,12 @@ OUT_TOKEN = "$OUT"
 
 # Keys of a stage's resolved config that do not change what it computes: a finished stage whose config differs
 # only in these is kept as it is. A thread count changes float summation order, not the computation: the days
-# run after the change use the new count.
+# run after the change use the new count. The device, likewise (and activation checkpointing recomputes the same values).
 _TRAINING = ("out", "train.threads", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
-             "train.keep_checkpoints")
+             "train.keep_checkpoints", "train.device")
 NEUTRAL_CHANGES: dict[str, tuple[str, ...]] = {
-    "pretrain": _TRAINING + ("train.keep_freed_host_memory",),
-    "query": ("threads", "progress", "redis"),  # where the partition is also published does not change it
+    "pretrain": _TRAINING + ("train.keep_freed_host_memory", "train.activation_checkpointing"),
+    "query": ("threads", "progress", "redis", "device"),  # where the partition is also published does not change it
     "rank": _TRAINING,
     "eval": _TRAINING,
 }

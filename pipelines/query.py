@@ -32,6 +32,7 @@ from lumrec.data.dataset import SECONDS_PER_DAY, day_bounds
 from lumrec.data.packing import pack_sequences
 from lumrec.data.sequences import UserSequences, sequences_from_dataset
 from lumrec.data.tokens import build_lum_tokens
+from lumrec.device import check_device_setting, move_to_device, resolve_device
 from lumrec.distributed import DistContext, gather_to_rank0, init_distributed
 from lumrec.knowledge import Condition, KnowledgeWriter, load_knowledge, parse_condition
 from lumrec.knowledge.redis_store import RedisKnowledgeConfig, publish_partition
@@ -95,10 +96,14 @@ class QueryConfig:
     carry_over_from: str | None = None
     # Set: the committed partition is also published to this Redis (lumrec.knowledge.redis_store), atomically.
     redis: RedisKnowledgeConfig | None = None
+    # Where the LUM answers (lumrec.device): "cpu", "cuda" (this rank's GPU) or "auto" (cuda when one is visible).
+    # Histories are packed on the CPU; the answers come back to the CPU to be written.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "rows_per_batch", "item_chunk", section="query")
         check_at_least(self, 0, "threads", section="query")
+        check_device_setting(self.device, "query.device")
         # as_of_ds "" = not set yet (a daily template sets it per day; the job itself requires it).
         check_days(self, *(["as_of_ds"] if self.as_of_ds else []), "history_start", "carry_over_from", section="query")
 
@@ -151,7 +156,7 @@ def _answers_without_history(lum: LUM, conditions: list[Condition], as_of_ts: in
     empty = query_x.new_zeros(0, query_x.shape[1])
 
     def one_pass(x: torch.Tensor) -> torch.Tensor:
-        layout = build_grouped_query_layout(torch.zeros(2, dtype=torch.int64), x.shape[0], max_history=0)
+        layout = build_grouped_query_layout(torch.zeros(2, dtype=torch.int64, device=x.device), x.shape[0], max_history=0)
         return query_encode(lum, empty, layout, x, as_of_ts=as_of_ts)
 
     if grouped:
@@ -191,11 +196,12 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
         raise ValueError(f"query: items must be 'seen' or 'all', got {cfg.items!r}")
     # The queries happen "at the end of as_of_ds": HSTU's time bias sees them as the next event.
     as_of_ts = day_bounds(cfg.as_of_ds)[1]
+    device = resolve_device(cfg.device, "query.device")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     loaded = load_pretrained_lum(cfg.checkpoint, cfg.checkpoint_kind, cfg.data)
-    lum = loaded.model
+    lum = loaded.model.to(device)
     conditions = resolve_conditions(cfg.conditions, lum, loaded.meta.vocab_sizes)
     version = cfg.model_version or loaded.model_version
     max_history = default_max_history(lum)
@@ -221,7 +227,7 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
     main = rank == 0
     if main:
         log_job_start("query", data=f"{len(users):,} users ({len(no_history):,} without history) x {len(conditions)} conditions, "
-                      f"{n_batches:,} batches", parameters=count_parameters(lum), device="cpu", threads=torch.get_num_threads(),
+                      f"{n_batches:,} batches", parameters=count_parameters(lum), device=str(device), threads=torch.get_num_threads(),
                       as_of=cfg.as_of_ds)
 
     extra = {"checkpoint": str(loaded.checkpoint), "users": cfg.users, "grouped": grouped, "as_of_ts": as_of_ts}
@@ -238,7 +244,7 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
             if k < n_batches:
                 lo = k * cfg.rows_per_batch
                 batch = make_jagged_batch(tokens, plan.rows(lo, min(lo + cfg.rows_per_batch, plan.num_rows)))
-                answer = (batch.user_ids, ask(lum, batch, conditions, as_of_ts=as_of_ts))
+                answer = (batch.user_ids, ask(lum, move_to_device(batch, device), conditions, as_of_ts=as_of_ts).cpu())
             for part in gather_to_rank0(ctx, answer) or []:
                 if part is not None:
                     writer.write_users(*part)
@@ -251,14 +257,15 @@ def run_query(cfg: QueryConfig, ctx: DistContext | None = None) -> dict[str, Any
         if main:
             if len(no_history):
                 # Without history an answer depends on the condition only: compute it once, give it to all.
-                writer.write_users(no_history, _answers_without_history(lum, conditions, as_of_ts, grouped).expand(len(no_history), -1, -1))
+                answers = _answers_without_history(lum, conditions, as_of_ts, grouped).cpu()
+                writer.write_users(no_history, answers.expand(len(no_history), -1, -1))
             carried = _carry_over(writer, cfg, conditions, users) if cfg.carry_over_from else 0
             # Carried rows are labelled with this partition's day and version (one per partition, checked by
             # the reader); the manifest says where they came from and how many there are.
             writer.extra.update(carry_over_from=cfg.carry_over_from, carried_over_users=carried)
             for i in range(0, len(item_ids), cfg.item_chunk):
                 chunk = item_ids[i : i + cfg.item_chunk]
-                writer.write_items(chunk, lum.item_embeddings(chunk))
+                writer.write_items(chunk, lum.item_embeddings(chunk.to(device)).cpu())
     if not main:
         return {"as_of_ds": cfg.as_of_ds, "rank": rank, "batches": len(range(rank, n_batches, world))}
     result = {
@@ -297,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(QueryConfig, args.config, overrides=args.overrides)
     ctx = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / torchx: the users are split over the ranks
-        ctx = init_distributed()
+        ctx = init_distributed(device=resolve_device(cfg.device, "query.device"))
     try:
         result = run_query(cfg, ctx)
     finally:

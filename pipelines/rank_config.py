@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lumrec.config import check_above, check_at_least
 from lumrec.data.ranking.config import RankingSampleConfig
+from lumrec.device import check_device_setting
 from lumrec.modules.lum_join import RankLUMConfig
 from lumrec.modules.ranking.builder import RankModelConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
@@ -49,6 +50,9 @@ class RankTrainConfig:
     max_minutes: float = 0.0  # training-time budget (0 = none); evaluation is not counted
     log_every_steps: int = 50
     progress: bool = True
+    # Where the model runs (lumrec.device): "cpu", "cuda" (this rank's GPU: cuda:LOCAL_RANK) or "auto" (cuda when
+    # this torch sees a GPU, else cpu). Samples, knowledge and statistics joins stay on the CPU; each batch is copied.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_train_config(self)
@@ -60,6 +64,7 @@ def check_train_config(t: RankTrainConfig) -> None:
     check_at_least(t, 0, "max_history", "threads", "checkpoint_every_steps", "keep_checkpoints", "patience", "max_minutes",
                    "log_every_steps", "weight_decay", section="train")
     check_above(t, 0, "lr", section="train")
+    check_device_setting(t.device, "train.device")
 
 
 @dataclass

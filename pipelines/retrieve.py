@@ -35,6 +35,7 @@ from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.ranking.features import context_keys, vocab_size
 from lumrec.data.ranking.reading import item_categories
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
+from lumrec.device import move_to_device, resolve_device
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
 from lumrec.modules.ranking.base import TableConfig
 from lumrec.modules.retrieval.two_tower import TwoTower, TwoTowerBatch, TwoTowerConfig, TwoTowerTrain, recall_at_k
@@ -108,6 +109,7 @@ class Retriever(EpochJob):
         self.cfg = cfg
         t = self.train = cfg.train
         check_train_config(t)
+        self.device = resolve_device(t.device, "train.device")  # `cuda` without a GPU fails before any data is read
         if not cfg.ks or any(k < 1 for k in cfg.ks):
             raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {cfg.ks}")
         if 10 not in cfg.ks:
@@ -137,6 +139,7 @@ class Retriever(EpochJob):
         self.model, self.trainer = build_two_tower(
             cfg.sizes, self.vocab, self.lum.user_width() if self.lum else 0, self.lum.dim + 1 if self.lum else 0
         )
+        self.trainer.to(self.device)  # before the optimizer, whose state follows the parameters' device
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.history_keys = tuple(cfg.sizes.history_keys)
         self.loader = RankingBatchLoader(self.samples, "train", t.batch_size, t.max_history, shuffle_seed=t.seed,
@@ -158,7 +161,8 @@ class Retriever(EpochJob):
         if self.lum is not None:
             lum_user = self.lum.user_features(batch.user_id, batch.day)
             lum_item = self._item_lum(batch)
-        return TwoTowerBatch(sparse, sparse, batch.item_id, lum_user=lum_user, lum_item=lum_item)
+        # The LUM join runs on the CPU; the towers' input goes to their device whole.
+        return move_to_device(TwoTowerBatch(sparse, sparse, batch.item_id, lum_user=lum_user, lum_item=lum_item), self.device)
 
     def _item_lum(self, batch: RankingSampleBatch) -> torch.Tensor:
         """e_i of each sample's item, from the partition its day uses."""
@@ -180,7 +184,8 @@ class Retriever(EpochJob):
         kjt = KeyedJaggedTensor(keys=["item_id", "category_id"], values=torch.cat([ids, self.item_category]), lengths=ones,
                                 stride=self.num_items)
         lum = self.lum.item_features(ids, as_of) if with_lum else None
-        return self.model.item_embeddings(kjt, lum=lum)
+        kjt, lum = move_to_device((kjt, lum), self.device)
+        return self.model.item_embeddings(kjt, lum=lum).cpu()
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Recall@K of `split`'s positives against every item (grouped by knowledge partition when LUM is on)."""
@@ -190,7 +195,8 @@ class Retriever(EpochJob):
             for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
                                                    history_keys=self.history_keys):
                 lum_user = self.lum.user_features(batch.user_id, batch.day) if self.lum is not None else None
-                users.append(self.model.user_embeddings(batch.sparse_features, lum=lum_user))
+                features, lum_user = move_to_device((batch.sparse_features, lum_user), self.device)
+                users.append(self.model.user_embeddings(features, lum=lum_user).cpu())
                 targets.append(batch.item_id)
                 groups.append([self.lum.as_of(int(d)) for d in batch.day.tolist()] if self.lum is not None else [None] * len(batch))
             user_vecs, target_ids = torch.cat(users), torch.cat(targets)

@@ -326,3 +326,126 @@ def test_a_tiny_pretrain_runs_on_cuda(synth_path, tmp_path, precision, checkpoin
     # The CUDA run's checkpoint is read on the CPU.
     cpu = _pretrain(synth_path, tmp_path / "cpu", "hstu", init_from=str(tmp_path / precision / "checkpoints"), epochs=1)
     assert cpu.run(max_steps=1)["step"] == 1
+
+
+# -- ranking, retrieval, query and daily jobs -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rank_world(tmp_path_factory):
+    from tests.test_rank_pipeline import DAYS, make_data, write_store
+
+    root = tmp_path_factory.mktemp("rank")
+    data = make_data(root)
+    for i, day in enumerate(DAYS[:-1]):
+        write_store(root / "store", day, seed=i)
+    return data, str(root / "store")
+
+
+def _rank_config(data, store, out, model="sim", **train):
+    from tests.test_rank_pipeline import lum_config, rank_config
+
+    return rank_config(data, out, model, lum=lum_config(store), **{"epochs": 1, **train})
+
+
+def _no_minutes(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "train_minutes"}
+
+
+def test_jobs_on_cuda_without_a_gpu_are_config_errors_before_any_work(tmp_path, no_cuda):
+    from lumrec.pipelines.daily import DailyConfig, DailyJob
+    from lumrec.pipelines.query import QueryConfig, run_query
+    from lumrec.pipelines.rank import Ranker
+    from lumrec.pipelines.rank_config import RankConfig, RankTrainConfig
+    from lumrec.pipelines.retrieve import RetrieveConfig, Retriever
+
+    missing = str(tmp_path / "no-data")  # nothing is read before the device is checked
+    train = RankTrainConfig(device="cuda")
+    with pytest.raises(ConfigError, match=r"train\.device is 'cuda' but"):
+        Ranker(RankConfig(data=missing, out=str(tmp_path / "r"), model="mlp", train=train))
+    with pytest.raises(ConfigError, match=r"train\.device is 'cuda' but"):
+        Retriever(RetrieveConfig(data=missing, out=str(tmp_path / "t"), train=train))
+    with pytest.raises(ConfigError, match=r"query\.device is 'cuda' but"):
+        run_query(QueryConfig(checkpoint=missing, as_of_ds="2026-01-02", store=str(tmp_path / "s"), device="cuda"))
+    with pytest.raises(ConfigError, match=r"^device is 'cuda' but"):
+        DailyJob(DailyConfig(data=missing, out=str(tmp_path / "d"), device="cuda"))
+    for make, key in ((lambda: RankTrainConfig(device="gpu"), r"train\.device"),
+                      (lambda: QueryConfig(device="gpu"), r"query\.device"),
+                      (lambda: DailyConfig(device="gpu"), r"^device")):
+        with pytest.raises(ConfigValueError, match=key + r" must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"):
+            make()
+
+
+def test_daily_gives_its_device_to_every_stage(tmp_path, rank_world):
+    from lumrec.pipelines.daily import DailyConfig, DailyJob
+
+    data, store = rank_world
+    job = DailyJob(DailyConfig(data=data, out=str(tmp_path / "d"), device="auto", with_lum=False))
+    day = job.impression_days[1]
+    assert job.pretrain_config(day).train.device == job.query_config(day).device == job.rank_config(day).train.device == "auto"
+    default = DailyJob(DailyConfig(data=data, out=str(tmp_path / "e"), with_lum=False))
+    assert default.rank_config(day).train.device == "cpu" and default.device == torch.device("cpu")
+
+
+def test_rank_and_retrieve_with_auto_without_a_gpu_equal_cpu(rank_world, tmp_path, no_cuda):
+    from lumrec.pipelines.rank import run_rank
+    from lumrec.pipelines.retrieve import run_retrieve
+    from tests.test_retrieve_pipeline import config as retrieve_config
+
+    data, store = rank_world
+    cpu = run_rank(_rank_config(data, store, tmp_path / "cpu"))
+    auto = run_rank(_rank_config(data, store, tmp_path / "auto", device="auto"))
+    assert _no_minutes(cpu) == _no_minutes(auto)
+    cpu = run_retrieve(retrieve_config(data, tmp_path / "rcpu", lum=True, store=store, epochs=1))
+    auto = run_retrieve(retrieve_config(data, tmp_path / "rauto", lum=True, store=store, epochs=1, device="auto"))
+    assert _no_minutes(cpu) == _no_minutes(auto)
+
+
+@gpu
+@pytest.mark.parametrize("model", ["mlp", "din", "sim", "hstu"])
+def test_a_tiny_rank_runs_on_cuda_like_on_cpu(rank_world, tmp_path, model):
+    from lumrec.pipelines.rank import Ranker, run_rank
+
+    data, store = rank_world
+    cpu = run_rank(_rank_config(data, store, tmp_path / "cpu", model))
+    job = Ranker(_rank_config(data, store, tmp_path / "cuda", model, device="cuda"))
+    cuda = job.run()
+    assert module_device(job.model).type == "cuda"
+    # One epoch from the same initial weights: float rounding apart, the same model.
+    assert cuda["test"]["auc"] == pytest.approx(cpu["test"]["auc"], abs=0.02)
+
+
+@gpu
+def test_a_tiny_retrieve_runs_on_cuda_like_on_cpu(rank_world, tmp_path):
+    from lumrec.pipelines.retrieve import run_retrieve
+    from tests.test_retrieve_pipeline import config as retrieve_config
+
+    data, store = rank_world
+    cpu = run_retrieve(retrieve_config(data, tmp_path / "cpu", lum=True, store=store, epochs=1))
+    cuda = run_retrieve(retrieve_config(data, tmp_path / "cuda", lum=True, store=store, epochs=1, device="cuda"))
+    assert cuda["test"]["recall@10"] == pytest.approx(cpu["test"]["recall@10"], abs=0.05)
+
+
+@gpu
+def test_query_on_cuda_writes_the_cpu_knowledge(synth_path, tmp_path):
+    from lumrec.knowledge import load_knowledge
+    from lumrec.pipelines.query import QueryConfig, run_query
+
+    _pretrain(synth_path, tmp_path / "lum", "lum").run(max_steps=2)
+    day = max(_behaviour_days(synth_path))
+    stores = {}
+    for device in ("cpu", "cuda"):
+        cfg = QueryConfig(checkpoint=str(tmp_path / "lum"), as_of_ds=day, store=str(tmp_path / device), rows_per_batch=3,
+                          progress=False, device=device, users="all")
+        run_query(cfg)
+        stores[device] = load_knowledge(str(tmp_path / device), day)
+    conditions = stores["cpu"].conditions
+    ids_cpu, vec_cpu = stores["cpu"].user_table(conditions)
+    ids_cuda, vec_cuda = stores["cuda"].user_table(conditions)
+    assert torch.equal(ids_cpu, ids_cuda) and torch.allclose(vec_cpu, vec_cuda, atol=1e-4)
+
+
+def _behaviour_days(path: str) -> list[str]:
+    from lumrec.data.dataset import Dataset
+
+    return Dataset(path).days("behaviours")

@@ -54,7 +54,7 @@ class EpochJob:
     num_parameters: int | None = None  # the unsharded model's size (counted before sharding); None: counted at run()
 
     # Keys a resumed run may change: they do not alter what the checkpoints mean.
-    RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.max_minutes", "train.patience",
+    RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.device", "train.max_minutes", "train.patience",
                          "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "out")
 
     @property
@@ -149,7 +149,7 @@ class EpochJob:
         if self.is_main:
             log_job_start(self.job, data=f"{self.counts['train']['samples']:,} train samples",
                           parameters=self.num_parameters if self.num_parameters is not None else count_parameters(self.model),
-                          device="cpu", threads=torch.get_num_threads(),
+                          device=str(getattr(self, "device", "cpu")), threads=torch.get_num_threads(),
                           **({"ranks": self.ctx.world_size} if self.ctx is not None else {}))
         return self.loop.run(max_epochs=max_epochs, max_steps=max_steps)
 
