@@ -448,7 +448,7 @@ class Pretrainer:
             yield
         self.activation_bytes = meter.bytes
         if self.is_main:
-            log.info("pretrain: first step: %s", self.activation_summary()["activation_memory"])
+            log.info("pretrain first step: activation memory %s", self.activation_summary()["activation_memory"])
 
     def activation_summary(self) -> dict[str, str]:
         """Activation memory per token of the first step this process ran (how it was measured), for the start/end lines."""
