@@ -34,17 +34,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from lumrec.meta_tables import materialise_shards, table_init_tapes
 from lumrec.optim.rowwise_adamw import RowwiseAdamW
-from lumrec.optim.sharding import RowwiseAdamWEmbeddingBagCollectionSharder, dense_kernel_sharding_plan
+from lumrec.optim.sharding import (
+    RowwiseAdamWEmbeddingBagCollectionSharder,
+    RowwiseAdamWEmbeddingCollectionSharder,
+    as_dense_kernel_plan,
+    dense_kernel_sharding_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +219,20 @@ def any_rank(ctx: Optional[DistContext], flag: bool) -> bool:
 # ---------------------------------------------------------------------------------- sharding
 
 
-def _embedding_bag_collections(model: nn.Module) -> dict[str, nn.Module]:
-    """Every EmbeddingBagCollection in `model`, by module FQN (outermost only)."""
+def _table_collections(model: nn.Module) -> dict[str, nn.Module]:
+    """Every EmbeddingBagCollection and EmbeddingCollection in `model`, by module FQN (outermost only)."""
 
     found: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, EmbeddingBagCollection) and not any(name.startswith(f + ".") for f in found):
+        if isinstance(mod, (EmbeddingBagCollection, EmbeddingCollection)) and not any(name.startswith(f + ".") for f in found):
             found[name] = mod
     return found
+
+
+def _table_configs(module: nn.Module) -> list[Any]:
+    if isinstance(module, EmbeddingBagCollection):
+        return list(module.embedding_bag_configs())
+    return list(module.embedding_configs())
 
 
 def _table_kind(table_optimizer: Mapping[str, Any], device: torch.device) -> str:
@@ -246,31 +259,35 @@ def _table_kind(table_optimizer: Mapping[str, Any], device: torch.device) -> str
     )
 
 
-def _sharder_for(kind: str, table_optimizer: Mapping[str, Any]) -> Any:
+def _sharders_for(kind: str, table_optimizer: Mapping[str, Any]) -> list[Any]:
+    """[EBC sharder, EC sharder] for the table optimizer: torchrec's stock ones (fused) or lumrec's RowwiseAdamW ones."""
     if kind == "fused":
+        return [EmbeddingBagCollectionSharder(fused_params=dict(table_optimizer)),
+                EmbeddingCollectionSharder(fused_params=dict(table_optimizer))]
+    kwargs = dict(table_optimizer["optimizer_kwargs"])
+    return [RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs=kwargs),
+            RowwiseAdamWEmbeddingCollectionSharder(optimizer_kwargs=kwargs)]
 
-        return EmbeddingBagCollectionSharder(fused_params=dict(table_optimizer))
 
-    return RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs=dict(table_optimizer["optimizer_kwargs"]))
-
-
-def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharder: Any, ebcs: Mapping[str, nn.Module], device_type: str) -> dict[str, Any]:
+def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharders: list[Any], collections: Mapping[str, nn.Module], device_type: str) -> dict[str, Any]:
     """Per-table planner constraints: never data-parallel, and the kernel that runs our optimizer.
 
     Data-parallel tables would silently drop the fused optimizer (they become DDP parameters
     updated by the dense optimizer), so they are excluded. Row-wise optimizers keep one state per
     row; a column-wise split would turn it into one per half row, so those are excluded too.
+    RowwiseAdamW tables are planned for the FUSED kernel (`planner_view`: the planner validates
+    DENSE only for data-parallel tables) and run on DENSE (`as_dense_kernel_plan`).
     """
 
-    types = [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
     opt_name = getattr(table_optimizer.get("optimizer"), "name", "")
-    if kind == "rowwise_adamw" or "ROWWISE" in opt_name:
-        types = [t for t in types if t not in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)]
-    kernel = "fused" if kind == "fused" else "dense"
     out = {}
-    for ebc in ebcs.values():
-        for cfg in ebc.embedding_bag_configs():
-            out[cfg.name] = ParameterConstraints(sharding_types=list(types), compute_kernels=[kernel])
+    for module in collections.values():
+        sharder = next(s for s in sharders if isinstance(module, s.module_type))
+        types = [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
+        if kind == "rowwise_adamw" or "ROWWISE" in opt_name:
+            types = [t for t in types if t not in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)]
+        for cfg in _table_configs(module):
+            out[cfg.name] = ParameterConstraints(sharding_types=list(types), compute_kernels=["fused"])
     return out
 
 
@@ -355,14 +372,16 @@ def shard_model(
     plan: Union[Literal["auto"], Any] = "auto",
     copy_weights: bool = True,
 ) -> Any:
-    """Shard `model`'s EmbeddingBagCollections with fused table optimizers; wrap the rest in DDP.
+    """Shard `model`'s EmbeddingBagCollections and EmbeddingCollections with fused table optimizers; wrap the rest in DDP.
 
     `table_optimizer`: fbgemm fused params, or `lumrec.optim.fused_params_for(device, ...)`.
     `plan`: "auto" (TorchRec's EmbeddingShardingPlanner on a Topology of `ctx.world_size` ranks
-    of `ctx.device`'s type; for RowwiseAdamW's DENSE kernel, which the planner does not place,
-    `dense_kernel_sharding_plan`) or an explicit ShardingPlan. The plan is logged on rank 0, one line per table.
-    `copy_weights` copies the tables' weights into the shards (DMP re-initialises them), so a
-    model built and seeded alike on every rank, or warm-started, keeps its weights.
+    of `ctx.device`'s type; RowwiseAdamW tables are planned for the FUSED kernel and run on DENSE,
+    see `lumrec.optim.sharding`) or an explicit ShardingPlan. The plan is logged on rank 0, one
+    line per table. `copy_weights` copies the tables' weights into the shards (DMP re-initialises
+    them), so a model built and seeded alike on every rank, or warm-started, keeps its weights;
+    tables built on meta inside `lumrec.meta_tables.tables_on_meta()` get, in each shard, the rows
+    the CPU build would hold (no rank holds a whole table).
     Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
     """
 
@@ -372,48 +391,19 @@ def shard_model(
         # Then tables get the SUM over ranks while DDP averages the dense part: N ranks would
         # train the tables with N times the learning rate of a 1-rank run.
         log.warning("shard_model: torchrec gradient division is off; table gradients are summed over ranks, dense ones averaged")
-    ebcs = _embedding_bag_collections(model)
-    if not ebcs:
-        raise ValueError(f"shard_model: {type(model).__name__} has no EmbeddingBagCollection to shard")
+    collections = _table_collections(model)
+    if not collections:
+        raise ValueError(f"shard_model: {type(model).__name__} has no EmbeddingBagCollection or EmbeddingCollection to shard")
     kind = _table_kind(table_optimizer, ctx.device)
-    sharder = _sharder_for(kind, table_optimizer)
-    full_tables = _unsharded_tables(ebcs) if copy_weights else {}
+    sharders = _sharders_for(kind, table_optimizer)
+    full_tables = _unsharded_tables(collections) if copy_weights else {}
+    tapes = table_init_tapes(collections) if copy_weights else {}
 
     source = "explicit"
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {plan!r}")
-        if kind == "rowwise_adamw":
-            # RowwiseAdamW runs in the DENSE kernel, which torchrec 1.8's planner never plans for
-            # non-data-parallel tables ("DENSE kernel requires DATA_PARALLEL"): asking it would only
-            # produce a refusal per sharded model. Our own table-wise plan is the one that runs.
-            _log_once(
-                "dense-kernel-plan",
-                "shard_model: RowwiseAdamW tables use the DENSE kernel, which TorchRec's planner does not place; "
-                "they are sharded table-wise, round-robin over ranks (lumrec.optim.sharding.dense_kernel_sharding_plan)",
-            )
-
-            plan = ShardingPlan(
-                {
-                    fqn: dense_kernel_sharding_plan(
-                        ebc, ctx.world_size, sharder, local_size=ctx.local_world_size, device_type=ctx.device.type
-                    )
-                    for fqn, ebc in ebcs.items()
-                }
-            )
-            source = "fallback"  # the plan the planner cannot make
-        else:
-            # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
-            topology = TopologyFactory.create_topology(
-                trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
-                kernel_config=KernelConfig(compute_device=ctx.device.type),
-            )
-            constraints = _constraints(kind, table_optimizer, sharder, ebcs, ctx.device.type)
-            planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-            plan, error = _plan_on_rank0(planner, model, [sharder], ctx)
-            source = "planner"
-            if plan is None:
-                raise RuntimeError(f"shard_model: the TorchRec planner found no plan: {error}")
+        plan, source = _auto_plan(model, ctx, kind, table_optimizer, sharders, collections)
     elif not isinstance(plan, ShardingPlan):
         raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {type(plan).__name__}")
 
@@ -421,9 +411,11 @@ def shard_model(
         for line in plan_summary(plan):
             log.info("plan (%s): %s", source, line)
 
-    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=[sharder])
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan, sharders=sharders)
     if full_tables:
         load_unsharded_weights(dmp, full_tables)
+    if tapes:
+        materialise_shards(dmp, tapes)
 
     wrapped = dmp._dmp_wrapped_module
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
@@ -433,10 +425,44 @@ def shard_model(
             log.info("dense part: DistributedDataParallel over %d parameter tensors (gradients averaged over ranks)", n_dense)
     elif ctx.is_main:
         log.info("dense part: no DDP wrapper (the model has no parameters outside the sharded tables)")
-    # Kept on the DMP: `lumrec_table_sharder.attached_optimizers` lists the RowwiseAdamW instances.
-    dmp.lumrec_table_sharder = sharder
+    # Kept on the DMP: the sharders, and the RowwiseAdamW instances they attached (none when fused).
+    dmp.lumrec_table_sharder = sharders[0]
+    dmp.lumrec_table_sharders = sharders
+    dmp.lumrec_table_optimizers = [o for sh in sharders for o in getattr(sh, "attached_optimizers", [])]
     dmp.lumrec_plan_source = source
     return dmp
+
+
+def _auto_plan(
+    model: nn.Module, ctx: DistContext, kind: str, table_optimizer: Mapping[str, Any], sharders: list[Any],
+    collections: Mapping[str, nn.Module],
+) -> tuple[ShardingPlan, str]:
+    """(plan, source): TorchRec's planner's plan ("planner"); for RowwiseAdamW, if the planner fails, a table-wise one ("fallback")."""
+    # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
+        kernel_config=KernelConfig(compute_device=ctx.device.type),
+    )
+    constraints = _constraints(kind, table_optimizer, sharders, collections, ctx.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planned = [s.planner_view() for s in sharders] if kind == "rowwise_adamw" else sharders
+    plan, error = _plan_on_rank0(planner, model, planned, ctx)
+    if plan is not None:
+        return (as_dense_kernel_plan(plan, collections) if kind == "rowwise_adamw" else plan), "planner"
+    if kind != "rowwise_adamw":
+        raise RuntimeError(f"shard_model: the TorchRec planner found no plan: {error}")
+    _log_once(
+        "dense-kernel-fallback",
+        f"shard_model: TorchRec's planner found no plan for the RowwiseAdamW tables ({error}); they are sharded "
+        "table-wise, round-robin over ranks (lumrec.optim.sharding.dense_kernel_sharding_plan)",
+    )
+    by_type = {type(s): s for s in sharders}
+    fallback = {}
+    for fqn, module in collections.items():
+        sharder = next(s for s in by_type.values() if isinstance(module, s.module_type))
+        fallback[fqn] = dense_kernel_sharding_plan(module, ctx.world_size, sharder, local_size=ctx.local_world_size,
+                                                   device_type=ctx.device.type)
+    return ShardingPlan(fallback), "fallback"
 
 
 # ------------------------------------------------------------------------ dense optimization

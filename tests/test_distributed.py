@@ -245,7 +245,7 @@ def _run_scenarios(ctx: DistContext, out_dir: str) -> dict[str, Any]:
     torch.save(_local_shards(dmp), os.path.join(out_dir, f"sgd_rank{rank}.pt"))
     CheckpointManager(os.path.join(out_dir, "ckpt_sgd")).save(STEPS, {"model": dmp.state_dict()})
 
-    # 2. RowwiseAdamW on the tables (planner refuses DENSE kernels -> fallback plan), AdamW dense.
+    # 2. RowwiseAdamW on the tables (the planner's plan, DENSE kernel), AdamW dense.
     dmp = shard_model(_ranking_model(), ctx, fused_params_for(ctx.device, lr=0.05, weight_decay=0.01))
     opt = dense_optimizer(dmp, lr=0.05, weight_decay=0.01)
     results["adamw_dense_params"] = sorted(opt.params)
@@ -398,7 +398,7 @@ def test_global_mean_loss_scales_unequal_local_batches():
 def test_one_rank_path_trains_and_wraps_dense_part_in_ddp(one_rank):
     _, res = one_rank
     assert res["sgd_is_ddp"], "DMP did not wrap the dense part in DistributedDataParallel"
-    assert res["sgd_plan_source"] == "planner" and res["adamw_plan_source"] == "fallback" and res["token_plan_source"] == "explicit"
+    assert res["sgd_plan_source"] == "planner" and res["adamw_plan_source"] == "planner" and res["token_plan_source"] == "explicit"
     # Only the MLP goes to the dense AdamW/SGD; fused tables are listed under "fused" (for their
     # state), and the RowwiseAdamW (DENSE kernel) tables are in neither: they step in backward.
     mlp = sorted(f"dense.{k}" for k in _ranking_model().state_dict() if k.startswith("model.over_arch."))

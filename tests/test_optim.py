@@ -241,7 +241,7 @@ def test_fused_params_for_cuda_maps_onto_fbgemm_partial_rowwise_adam():
         WeightDecayMode,
     )
 
-    fp = fused_params_for(torch.device("cuda"), 0.01, (0.8, 0.95), 1e-7, 0.02)
+    fp = fused_params_for(torch.device("cuda"), 0.01, (0.8, 0.95), 1e-7, 0.02, fused=True)  # as with fbgemm's CUDA build
     assert fp == {
         "optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM,
         "learning_rate": 0.01,
@@ -409,11 +409,13 @@ def test_apply_optimizer_in_backward_on_unsharded_module_equals_explicit_step(ki
         assert not torch.equal(v, init[k])
 
 
-def test_embedding_collection_is_refused_by_the_sharder_helper():
-    from lumrec.optim.sharding import rowwise_adamw_sharder_for
+def test_sharder_helper_gives_each_collection_its_sharder():
+    from lumrec.optim.sharding import RowwiseAdamWEmbeddingCollectionSharder, rowwise_adamw_sharder_for
 
-    with pytest.raises(ValueError, match="EmbeddingCollection"):
-        rowwise_adamw_sharder_for(_make_module("ec"))
+    # Sharded sequence tables are checked against unsharded ones in tests/test_sharding_scale.py.
+    assert isinstance(rowwise_adamw_sharder_for(_make_module("ec")), RowwiseAdamWEmbeddingCollectionSharder)
+    with pytest.raises(ValueError, match="EmbeddingBagCollection or EmbeddingCollection"):
+        rowwise_adamw_sharder_for(torch.nn.Linear(2, 2))
 
 
 def _run_sharded(rank, world, init_file, out_dir, preapply=True):

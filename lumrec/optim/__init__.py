@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lumrec.optim.factory import EmbeddingOptimConfig, build_dense_optimizer, fused_params_for
+from lumrec.optim.factory import EmbeddingOptimConfig, build_dense_optimizer, fbgemm_has_cuda, fused_params_for, rowwise_adamw_kwargs
 from lumrec.optim.rowwise_adamw import RowwiseAdamW
 
 # torchrec.distributed takes seconds to import; load the sharding helpers only when asked for.
 _SHARDING_NAMES = (
     "RowwiseAdamWEmbeddingBagCollectionSharder",
+    "RowwiseAdamWEmbeddingCollectionSharder",
+    "as_dense_kernel_plan",
     "attach_rowwise_adamw_to_dense_kernels",
     "dense_kernel_sharding_plan",
     "iter_dense_kernels",
@@ -21,7 +23,9 @@ __all__ = [
     "EmbeddingOptimConfig",
     "RowwiseAdamW",
     "build_dense_optimizer",
+    "fbgemm_has_cuda",
     "fused_params_for",
+    "rowwise_adamw_kwargs",
     "sparse_table_gradients",
     *_SHARDING_NAMES,
 ]

@@ -5,28 +5,31 @@ EMAINPLACE_ROWWISE_ADAGRAD, so on CPU the tables are sharded with the non-fused
 `EmbeddingComputeKernel.DENSE` kernel and `RowwiseAdamW` runs as an optimizer in backward on
 each kernel's weight. Three torchrec details make that need a sharder and a plan of our own:
 
-* `EmbeddingBagCollectionSharder.compute_kernels` offers DENSE only for DATA_PARALLEL, so the
-  planner refuses a `ParameterConstraints(compute_kernels=["dense"])` on table-wise tables.
-* torchrec 1.8's planner rejects the result anyway ("DENSE kernel requires DATA_PARALLEL
-  sharding" in `validate_compute_kernels`), so the plan is built directly with
-  `dense_kernel_sharding_plan` (torchrec's `construct_module_sharding_plan`), not the planner.
+* `EmbeddingBagCollectionSharder.compute_kernels` offers DENSE only for DATA_PARALLEL, and
+  torchrec 1.8's planner rejects any other DENSE plan ("DENSE kernel requires DATA_PARALLEL
+  sharding" in `validate_compute_kernels`). So the planner sees each sharder's `planner_view`,
+  which offers the FUSED kernel (the same weights per shard), and `as_dense_kernel_plan` names
+  the DENSE kernel in the plan it returns: placement and sharding types stay the planner's.
+  `dense_kernel_sharding_plan` builds a plan without the planner (explicit row-wise tables, tests).
 * torchrec maps the in-backward optimizer class of a table onto an fbgemm `EmbOptimType` while
   sharding and raises "Cannot cast ... to an EmbOptimType" for any class it does not know; and
   the DENSE kernel replaces the table's parameter by one flat tensor per group of tables, so an
   optimizer attached before sharding would be lost anyway.
 
-`RowwiseAdamWEmbeddingBagCollectionSharder` therefore offers DENSE for table-wise and row-wise
-sharding, takes the `RowwiseAdamW` kwargs from the tables (set by `apply_optimizer_in_backward`
-before DMP) or from its own `optimizer_kwargs`, hides them from torchrec while it shards, and
-attaches `RowwiseAdamW` in backward to each DENSE kernel's flat weight with that weight's table
-layout as `segments`. Column-wise sharding is not offered: a row-wise second moment over half a
-row is a different optimizer (fbgemm's row-wise optimizers have the same caveat).
-EmbeddingCollection is not supported: see `rowwise_adamw_sharder_for`.
+`RowwiseAdamWEmbeddingBagCollectionSharder` and `RowwiseAdamWEmbeddingCollectionSharder`
+(sequence tables) therefore offer DENSE for table-wise and row-wise sharding, take the
+`RowwiseAdamW` kwargs from the tables (set by `apply_optimizer_in_backward` before DMP) or from
+their own `optimizer_kwargs`, hide them from torchrec while they shard, and attach `RowwiseAdamW`
+in backward to each DENSE kernel's flat weight with that weight's table layout as `segments`.
+Kernels fbgemm cannot serve (unpooled lookups on CPU, devices without its kernel) get a PyTorch
+forward (`lumrec.optim.dense_lookup`). Column-wise sharding is not offered: a row-wise second
+moment over half a row is a different optimizer (fbgemm's row-wise optimizers have the same caveat).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+import copy
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -36,11 +39,13 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding, BatchedDenseEmbeddingBag
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv, ShardingType
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
+from lumrec.optim.dense_lookup import use_torch_lookup_where_needed
 from lumrec.optim.rowwise_adamw import RowwiseAdamW, Segment
 
 _IN_BACKWARD_ATTRS = ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs")
@@ -101,36 +106,45 @@ def attach_rowwise_adamw_to_dense_kernels(
     return attached
 
 
-class RowwiseAdamWEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
-    """EBC sharder: DENSE kernel, table-/row-wise, RowwiseAdamW in backward on each kernel's weight.
+class _RowwiseAdamWSharding:
+    """What the EBC and EC RowwiseAdamW sharders share: kernels, sharding types, optimizer kwargs, shard().
 
     `optimizer_kwargs` apply to tables that carry no in-backward RowwiseAdamW of their own; tables
     with neither are sharded without an optimizer. `attached_optimizers` lists the optimizers
     created (one per DENSE kernel), e.g. to checkpoint their state.
     """
 
-    def __init__(
-        self,
-        optimizer_kwargs: Optional[dict[str, Any]] = None,
-        fused_params: Optional[dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
-        self.attached_optimizers: list[RowwiseAdamW] = []
+    attached_optimizers: list[RowwiseAdamW]
+    _optimizer_kwargs: Optional[dict[str, Any]]
+    _offers_fused_to_planner = False
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         """Table-wise and row-wise: each rank then holds whole rows, so the row state stays exact."""
         return list(SUPPORTED_SHARDING_TYPES)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        """Only the non-fused DENSE kernel: the fused one cannot run our optimizer."""
+        """Only the non-fused DENSE kernel (FUSED in the planner's view: see `planner_view`)."""
+        if self._offers_fused_to_planner:
+            return [EmbeddingComputeKernel.FUSED.value]
         return [EmbeddingComputeKernel.DENSE.value]
 
-    def _table_kwargs(self, module: EmbeddingBagCollection) -> dict[str, dict[str, Any]]:
+    def planner_view(self) -> Any:
+        """This sharder as TorchRec's planner should see it: offering the FUSED kernel.
+
+        torchrec 1.8's planner accepts the DENSE kernel only for data-parallel tables
+        (`validate_compute_kernels`: "DENSE kernel requires DATA_PARALLEL sharding"; its sharders
+        carry "TODO re-enable model parallel and dense"). The FUSED kernel stores the same weights
+        per shard, so the planner places the tables for it, and `as_dense_kernel_plan` then names
+        the DENSE kernel that runs RowwiseAdamW in each of its ParameterShardings.
+        """
+        view = copy.copy(self)
+        view._offers_fused_to_planner = True
+        return view
+
+    def _table_kwargs(self, module: nn.Module) -> dict[str, dict[str, Any]]:
         """RowwiseAdamW kwargs per table, from in-backward metadata or this sharder's default."""
         out: dict[str, dict[str, Any]] = {}
-        for name, param in self.shardable_parameters(module).items():
+        for name, param in self.shardable_parameters(module).items():  # type: ignore[attr-defined]
             classes = getattr(param, "_optimizer_classes", None)
             if classes:
                 if list(classes) != [RowwiseAdamW]:
@@ -145,60 +159,107 @@ class RowwiseAdamWEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def shard(
         self,
-        module: EmbeddingBagCollection,
+        module: nn.Module,
         params: dict[str, ParameterSharding],
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> ShardedEmbeddingBagCollection:
+    ) -> Any:
         """Shard with torchrec, then attach RowwiseAdamW in backward to the DENSE kernels."""
         for name, ps in params.items():
             if ps.compute_kernel != EmbeddingComputeKernel.DENSE.value:
-                raise ValueError(f"table {name!r}: compute kernel {ps.compute_kernel!r} is not 'dense'")
+                raise ValueError(
+                    f"table {name!r}: compute kernel {ps.compute_kernel!r} is not 'dense' "
+                    "(a planner's plan goes through lumrec.optim.sharding.as_dense_kernel_plan first)"
+                )
         kwargs_by_table = self._table_kwargs(module)
         # Hide the in-backward metadata while torchrec shards (it would try to cast our class to
         # an fbgemm EmbOptimType); put it back after, though the unsharded tables are dropped.
         hidden: list[tuple[nn.Parameter, dict[str, Any]]] = []
-        for param in self.shardable_parameters(module).values():
+        for param in self.shardable_parameters(module).values():  # type: ignore[attr-defined]
             saved = {a: getattr(param, a) for a in _IN_BACKWARD_ATTRS if hasattr(param, a)}
             if saved:
                 hidden.append((param, saved))
                 for a in saved:
                     delattr(param, a)
         try:
-            sharded = super().shard(module, params, env, device, module_fqn)
+            sharded = super().shard(module, params, env, device, module_fqn)  # type: ignore[misc]
         finally:
             for param, saved in hidden:
                 for a, v in saved.items():
                     setattr(param, a, v)
+        use_torch_lookup_where_needed(sharded)  # unpooled tables on CPU; devices fbgemm has no kernel for
         self.attached_optimizers.extend(attach_rowwise_adamw_to_dense_kernels(sharded, kwargs_by_table))
         return sharded
 
 
-def rowwise_adamw_sharder_for(
-    module: nn.Module, optimizer_kwargs: Optional[dict[str, Any]] = None
-) -> RowwiseAdamWEmbeddingBagCollectionSharder:
-    """The RowwiseAdamW sharder for `module`; only EmbeddingBagCollection is supported.
+class RowwiseAdamWEmbeddingBagCollectionSharder(_RowwiseAdamWSharding, EmbeddingBagCollectionSharder):
+    """EBC sharder: DENSE kernel, table-/row-wise, RowwiseAdamW in backward on each kernel's weight."""
 
-    EmbeddingCollection is refused on purpose: in torchrec 1.8 with fbgemm-gpu-cpu 1.8 the DENSE
-    kernel ignores PoolingMode.NONE on CPU and returns one pooled row per bag, so a sharded EC
-    fails in its output step ("split_with_sizes expects split_sizes to sum exactly to ...").
-    Keep sequence tables unsharded (RowwiseAdamW in backward on their nn.Embedding weights).
+    def __init__(
+        self,
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        fused_params: Optional[dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
+        self.attached_optimizers = []
+
+
+class RowwiseAdamWEmbeddingCollectionSharder(_RowwiseAdamWSharding, EmbeddingCollectionSharder):
+    """EmbeddingCollection (sequence tables, one vector per id) sharder: as the EBC one.
+
+    On CPU its DENSE kernels look rows up with `lumrec.optim.dense_lookup.TorchDenseLookup`:
+    fbgemm-gpu-cpu's op would pool them.
     """
+
+    def __init__(
+        self,
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        fused_params: Optional[dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
+        self.attached_optimizers = []
+
+
+RowwiseAdamWSharder = Union[RowwiseAdamWEmbeddingBagCollectionSharder, RowwiseAdamWEmbeddingCollectionSharder]
+
+
+def rowwise_adamw_sharder_for(module: nn.Module, optimizer_kwargs: Optional[dict[str, Any]] = None) -> RowwiseAdamWSharder:
+    """The RowwiseAdamW sharder for `module`: an EmbeddingBagCollection or an EmbeddingCollection."""
     if isinstance(module, EmbeddingBagCollection):
         return RowwiseAdamWEmbeddingBagCollectionSharder(optimizer_kwargs)
     if isinstance(module, EmbeddingCollection):
-        raise ValueError(
-            "EmbeddingCollection: torchrec's DENSE kernel returns pooled rows on CPU (torchrec 1.8, "
-            "fbgemm-gpu-cpu 1.8), so it cannot be sharded with RowwiseAdamW; keep it unsharded"
-        )
-    raise ValueError(f"no RowwiseAdamW sharder for {type(module).__name__}; expected an EmbeddingBagCollection")
+        return RowwiseAdamWEmbeddingCollectionSharder(optimizer_kwargs)
+    raise ValueError(
+        f"no RowwiseAdamW sharder for {type(module).__name__}; expected an EmbeddingBagCollection or EmbeddingCollection"
+    )
+
+
+def as_dense_kernel_plan(plan: ShardingPlan, module_fqns: Any) -> ShardingPlan:
+    """`plan` (made by the planner with `planner_view` sharders) with the DENSE kernel for the modules `module_fqns`.
+
+    Only the kernel name changes: sharding types, ranks and shard layouts are the planner's.
+    Changed in place and returned.
+    """
+    fqns = set(module_fqns)
+    for fqn, module_plan in plan.plan.items():
+        if fqn not in fqns:
+            continue
+        for name, ps in module_plan.items():
+            if ps.compute_kernel not in (EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value):
+                raise ValueError(f"as_dense_kernel_plan: {fqn}.{name}: kernel {ps.compute_kernel!r} is neither fused nor dense")
+            ps.compute_kernel = EmbeddingComputeKernel.DENSE.value
+    return plan
 
 
 def dense_kernel_sharding_plan(
     module: nn.Module,
     world_size: int,
-    sharder: Optional[RowwiseAdamWEmbeddingBagCollectionSharder] = None,
+    sharder: Optional[RowwiseAdamWSharder] = None,
     sharding_types: Optional[dict[str, str]] = None,
     local_size: Optional[int] = None,
     device_type: str = "cpu",
@@ -276,7 +337,9 @@ def rowwise_adamw_table_state(dmp: nn.Module) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     root = dmp.module  # the sharded model without DMP/DDP wrappers; plan keys are FQNs in it
     for fqn in dmp.plan.plan:
-        for kernel in iter_dense_kernels(root.get_submodule(fqn)):
+        sharded = root.get_submodule(fqn)
+        attr = "embeddings" if isinstance(sharded, ShardedEmbeddingCollection) else "embedding_bags"
+        for kernel in iter_dense_kernels(sharded):
             weight = kernel.emb_module.weights
             opts = [o for o in getattr(weight, "_in_backward_optimizers", []) if isinstance(o, RowwiseAdamW)]
             if not opts:
@@ -285,7 +348,7 @@ def rowwise_adamw_table_state(dmp: nn.Module) -> dict[str, dict[str, Any]]:
             state = opts[0].state[weight]
             row = 0
             for table, (off, rows, dim) in zip(kernel.config.embedding_tables, dense_kernel_segments(kernel)):
-                key = f"{fqn}.embedding_bags.{table.name}.weight" if fqn else f"embedding_bags.{table.name}.weight"
+                key = f"{fqn}.{attr}.{table.name}.weight" if fqn else f"{attr}.{table.name}.weight"
                 out[key] = {
                     "step": state["step"],
                     "exp_avg": _row_sharded(state["exp_avg"][off : off + rows * dim].view(rows, dim), table, False),

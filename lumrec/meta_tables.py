@@ -1,0 +1,330 @@
+"""Embedding tables built on the meta device, each shard later filled with the rows a CPU build would hold.
+
+Under N ranks no rank may hold a whole table (a 1B-row table exceeds a host), yet a seeded N-rank
+run must start from the same weights as the 1-process run. `tables_on_meta()` builds every
+torchrec `EmbeddingBagCollection` / `EmbeddingCollection` created inside it on `meta` and
+records, per table, what its initialisation did (an `InitTape`): the in-place ops applied to the
+weight and, for each random one, the generator state it started from. The global generator is
+advanced exactly as the CPU build advances it (the draws are made in chunks and discarded), so
+every other parameter of the model gets the same values as in one process. `InitTape.rows(r0,
+r1)` then replays the ops on rows r0..r1 only: a random op restarts from its recorded state and
+skips the r0 * dim draws before the range. This works because CPU `uniform_` draws one number
+per element in order (so a row range is a slice of one stream); random ops without that property
+(`normal_`, whose CPU kernel transforms blocks of 16) are refused with a ValueError naming the
+op. torchrec's default table init (uniform) and truncated-normal inits (uniform, then
+element-wise ops) qualify. Cost: memory is one shard plus a chunk; time is O(table) per table on
+every rank (the draws before a rank's rows are generated and dropped).
+
+    >>> import torch
+    >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    >>> cfg = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])]
+    >>> _ = torch.manual_seed(0); cpu = EmbeddingBagCollection(tables=cfg); after_cpu = torch.rand(1)
+    >>> with tables_on_meta():
+    ...     _ = torch.manual_seed(0); meta = EmbeddingBagCollection(tables=cfg); after_meta = torch.rand(1)
+    >>> meta.embedding_bags["t"].weight.is_meta, torch.equal(after_cpu, after_meta)
+    (True, True)
+    >>> tape = init_tape(meta.embedding_bags["t"].weight)
+    >>> torch.equal(tape.rows(3, 7), cpu.embedding_bags["t"].weight[3:7])
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InitTape", "MetaInitError", "init_tape", "materialise_shards", "table_init_tapes", "tables_on_meta"]
+
+class MetaInitError(ValueError):
+    """A table's initialisation cannot be built on meta and replayed per row range (the message says which op)."""
+
+
+_CHUNK = 1 << 22  # elements per discarded draw: memory stays ~16 MB whatever the table size
+_TAPE_ATTR = "_lumrec_init_tape"
+# Random in-place ops whose CPU kernel draws one number per element, in order.
+_STREAMING_RANDOM = {"uniform_"}
+_OTHER_RANDOM = {"normal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_"}
+# nn.init functions that return early for meta tensors (torch 2.13), so no dispatch sees them.
+_META_SKIPPING_INITS = ("_no_grad_trunc_normal_", "orthogonal_", "sparse_", "dirac_")
+# Ops that set every element without reading the old values: the ops before them do not matter.
+_OVERWRITES = {"uniform_", "normal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_", "fill_", "zero_", "copy_"}
+# Element-wise in-place ops: a row range of their result depends on that row range only.
+_ELEMENTWISE = {
+    "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_", "clamp_max_", "erfinv_", "fill_", "zero_",
+    "neg_", "abs_", "exp_", "log_", "sqrt_", "tanh_", "sigmoid_", "pow_", "copy_",
+}
+
+
+@dataclass
+class _Op:
+    name: str
+    func: Callable[..., Any]
+    args: tuple[Any, ...]  # without the table (the first argument)
+    kwargs: dict[str, Any]
+    generator_state: Optional[torch.Tensor] = None  # random ops: where their stream starts
+    replayable: bool = True  # False: a random op whose row ranges are no slices of one stream (normal_)
+
+
+@dataclass
+class InitTape:
+    """How one meta table was initialised: shape, dtype and the in-place ops, in order."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    ops: list[_Op] = field(default_factory=list)
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row."""
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    def rows(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows start..stop of the table as the CPU build initialises them (written into `out` if given)."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"InitTape {self.name}: rows {start}..{stop} outside the table's {self.shape[0]} rows")
+        shape = (stop - start, *self.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype)
+        elif tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"InitTape {self.name}: out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
+        live = self.ops[self._last_overwrite() :]
+        dead_end = [op.name for op in live if not op.replayable]
+        if dead_end:
+            raise MetaInitError(f"InitTape {self.name}: {dead_end[0]} cannot be replayed row range by row range (its CPU "
+                             "kernel does not draw one number per element in order); initialise tables with "
+                             "uniform_-based inits (torchrec's default, nn.init.uniform_, nn.init.trunc_normal_)")
+        with torch.no_grad():
+            for op in live:
+                if op.generator_state is not None:
+                    gen = torch.Generator()
+                    gen.set_state(op.generator_state)
+                    _discard(gen, start * self.row_numel, self.dtype, op)
+                    op.func(out, *op.args, **{**op.kwargs, "generator": gen})
+                else:
+                    op.func(out, *op.args, **op.kwargs)
+        return out
+
+
+    def _last_overwrite(self) -> int:
+        """Index of the last op that sets every element regardless of the old values (earlier ones are dead)."""
+        for i in range(len(self.ops) - 1, -1, -1):
+            if self.ops[i].name in _OVERWRITES:
+                return i
+        return 0
+
+
+def init_tape(weight: torch.Tensor) -> Optional[InitTape]:
+    """The InitTape of a table weight built inside `tables_on_meta()`, or None."""
+    return getattr(weight, _TAPE_ATTR, None)
+
+
+def _advance(gen: torch.Generator, shape: tuple[int, ...], tape: InitTape, op: _Op) -> None:
+    """Advance `gen` exactly as `op` on a CPU tensor of `shape` would, without a table-sized buffer when large."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel <= _CHUNK:  # small: run the op itself
+        op.func(torch.empty(shape, dtype=tape.dtype), *op.args, **{**op.kwargs, "generator": gen})
+    elif op.name == "uniform_":
+        _discard(gen, numel, tape.dtype, op)
+    elif op.name == "normal_" and tape.dtype == torch.float32:
+        # CPU normal_ on >= 16 contiguous floats draws one uniform per element, then 16 more for a
+        # partial last block of 16 (its Box-Muller works on blocks of 16); checked by the tests.
+        uniform = _Op("uniform_", torch.ops.aten.uniform_.default, (0.0, 1.0), {})
+        _discard(gen, numel + (16 if numel % 16 else 0), tape.dtype, uniform)
+    else:
+        raise MetaInitError(f"tables_on_meta: table {tape.name}: {op.name} on {numel} {tape.dtype} elements: "
+                         "how many numbers it draws is not known here; initialise tables with uniform_-based inits")
+
+
+def _discard(gen: torch.Generator, count: int, dtype: torch.dtype, op: _Op) -> None:
+    """Advance `gen` by the draws `op` makes for `count` elements, in chunks (no table-sized buffer)."""
+    scratch = torch.empty(min(count, _CHUNK), dtype=dtype)
+    while count > 0:
+        n = min(count, _CHUNK)
+        op.func(scratch[:n], *op.args, **{**op.kwargs, "generator": gen})
+        count -= n
+
+
+class _Recorder(TorchDispatchMode):
+    """Records in-place ops on registered meta tables (and advances the generators they draw from)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tapes: dict[int, tuple[InitTape, int]] = {}  # storage id -> (tape, numel)
+        self.building = False  # inside a patched EBC/EC constructor: every meta tensor is a table
+
+    def register(self, weight: torch.Tensor, name: str) -> InitTape:
+        """The tape of `weight` (created on first sight, named `name`), also kept on the tensor."""
+        key = _storage_id(weight)
+        if key in self.tapes:
+            tape = self.tapes[key][0]
+            tape.name = name
+        else:
+            tape = InitTape(name, tuple(weight.shape), weight.dtype)
+            self.tapes[key] = (tape, weight.numel())
+        setattr(weight, _TAPE_ATTR, tape)
+        return tape
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None) -> Any:
+        kwargs = dict(kwargs or {})
+        first = args[0] if args else None
+        if not (isinstance(first, torch.Tensor) and first.is_meta):
+            return func(*args, **kwargs)
+        mutates = bool(func._schema.arguments) and func._schema.arguments[0].alias_info is not None and func._schema.arguments[0].alias_info.is_write
+        hit = self.tapes.get(_storage_id(first))
+        if hit is None and self.building and mutates:
+            # Inside a table constructor every meta tensor is a table (named once it is built).
+            self.register(first, "(building)")
+            hit = self.tapes[_storage_id(first)]
+        if hit is None:
+            return func(*args, **kwargs)
+        tape, numel = hit
+        name = func.overloadpacket.__name__
+        if not mutates:
+            return func(*args, **kwargs)  # views and reads of the meta weight
+        if first.numel() != numel or first.storage_offset() != 0 or not first.is_contiguous():
+            raise MetaInitError(f"tables_on_meta: table {tape.name}: {name} on part of the table cannot be replayed per row range; "
+                             "initialise whole tables")
+        if name not in _STREAMING_RANDOM and name not in _OTHER_RANDOM and name not in _ELEMENTWISE:
+            raise MetaInitError(f"tables_on_meta: table {tape.name}: in-place op {name} is not known to be element-wise, "
+                             "so it cannot be replayed per row range")
+        rest = args[1:]
+        if any(isinstance(a, torch.Tensor) and (a.numel() > 1 or a.is_meta) for a in (*rest, *kwargs.values())):
+            raise MetaInitError(f"tables_on_meta: table {tape.name}: {name} with a tensor operand cannot be replayed per row range")
+        if name in _STREAMING_RANDOM or name in _OTHER_RANDOM:
+            gen = kwargs.pop("generator", None)
+            gen = gen if gen is not None else torch.default_generator
+            if gen.device.type != "cpu":
+                raise MetaInitError(f"tables_on_meta: table {tape.name}: {name} draws from a {gen.device} generator; tables are initialised on CPU")
+            op = _Op(name, func, rest, kwargs, gen.get_state(), replayable=name in _STREAMING_RANDOM)
+            # Advance the generator as the CPU build would: every later parameter gets its 1-process values.
+            _advance(gen, tuple(first.shape), tape, op)
+        else:
+            op = _Op(name, func, rest, kwargs)
+        tape.ops.append(op)
+        return func(*args, **kwargs)
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _table_weights(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, Optional[Callable[..., Any]]]]:
+    """(table name, weight, init_fn) of a freshly built EBC or EC."""
+    if isinstance(module, EmbeddingBagCollection):
+        for cfg in module.embedding_bag_configs():
+            yield cfg.name, module.embedding_bags[cfg.name].weight, cfg.init_fn
+    else:
+        for cfg in module.embedding_configs():
+            yield cfg.name, module.embeddings[cfg.name].weight, cfg.init_fn
+
+
+@contextlib.contextmanager
+def tables_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Build torchrec EBCs/ECs created inside on `meta`, recording each table's init (module docstring).
+
+    Everything else is built as usual. `enabled=False` does nothing (one call site for 1 and N ranks).
+    """
+    if not enabled:
+        yield
+        return
+    recorder = _Recorder()
+    originals = {cls: cls.__init__ for cls in (EmbeddingBagCollection, EmbeddingCollection)}
+
+    def patched(cls: type) -> Callable[..., None]:
+        original = originals[cls]
+        signature = inspect.signature(original)
+
+        def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.arguments["device"] = torch.device("meta")
+            outer, recorder.building = recorder.building, True
+            try:
+                original(*bound.args, **bound.kwargs)
+            finally:
+                recorder.building = outer
+            with torch.no_grad():
+                for name, weight, init_fn in _table_weights(self):
+                    recorder.register(weight, name)
+                    # An EBC's reset_parameters (its constructor's last step) skips init_fn on meta;
+                    # apply it here, recorded, as the CPU build does. An EC applied it in its loop.
+                    if isinstance(self, EmbeddingBagCollection) and init_fn is not None:
+                        init_fn(weight)
+
+        return __init__
+
+    def refuse_on_tables(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        # These nn.init functions return early on meta tensors, below any dispatch: the table
+        # would keep no init and the generator would not advance. trunc_normal_ also rejects and
+        # redraws over the whole table, so no row range can be replayed alone.
+        def guarded(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if tensor.is_meta and (recorder.building or _storage_id(tensor) in recorder.tapes):
+                raise MetaInitError(f"tables_on_meta: nn.init.{name} on an embedding table cannot be built on meta "
+                                 "(it skips meta tensors and its draws are not per element); build this model's "
+                                 "tables on CPU, or initialise them with uniform_-based inits")
+            return original(tensor, *args, **kwargs)
+
+        return guarded
+
+    guarded_inits = {n: getattr(nn.init, n) for n in _META_SKIPPING_INITS if hasattr(nn.init, n)}
+    try:
+        for cls in originals:
+            cls.__init__ = patched(cls)  # type: ignore[method-assign]
+        for n, f in guarded_inits.items():
+            setattr(nn.init, n, refuse_on_tables(n.replace("_no_grad_", ""), f))
+        with recorder:
+            yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init  # type: ignore[method-assign]
+        for n, f in guarded_inits.items():
+            setattr(nn.init, n, f)
+
+
+def table_init_tapes(collections: Mapping[str, nn.Module]) -> dict[str, InitTape]:
+    """The InitTape of every meta table of `collections` (module FQN -> EBC/EC), by state-dict key."""
+    out = {}
+    for fqn, module in collections.items():
+        for name, param in module.named_parameters():
+            tape = init_tape(param)
+            if param.is_meta and tape is not None:
+                out[f"{fqn}.{name}" if fqn else name] = tape
+    return out
+
+
+@torch.no_grad()
+def materialise_shards(dmp: nn.Module, tapes: Mapping[str, InitTape]) -> list[str]:
+    """Fill each rank's local shards of the tables in `tapes` with their CPU-build rows; returns the keys filled."""
+    state = dmp.state_dict()
+    done = []
+    for key, tape in tapes.items():
+        if key not in state:
+            raise ValueError(f"materialise_shards: table {key!r} is not in the sharded model's state_dict")
+        target = state[key]
+        shards = target.local_shards() if hasattr(target, "local_shards") else None
+        if shards is None:  # an unsharded (e.g. data-parallel) table: the whole weight
+            target.copy_(tape.rows(0, tape.shape[0]))
+        else:
+            for shard in shards:
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                if c0 == 0 and nc == tape.row_numel and shard.tensor.is_contiguous() and shard.tensor.device.type == "cpu":
+                    tape.rows(r0, r0 + nr, out=shard.tensor)
+                else:  # a column slice or another device: whole rows first (row range only)
+                    shard.tensor.copy_(tape.rows(r0, r0 + nr)[:, c0 : c0 + nc])
+        done.append(key)
+    return done
