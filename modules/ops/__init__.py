@@ -2,19 +2,20 @@
 
 Layout (as generative-recommenders' ``ops/``, one file per op family)::
 
-    kernel.py          Kernel {REFERENCE, PYTORCH, FBGEMM}: current_kernel / set_kernel / use_kernel, env LUMREC_KERNEL
+    kernel.py          Kernel {REFERENCE, PYTORCH, FBGEMM, TRITON}: current_kernel / set_kernel / use_kernel, env LUMREC_KERNEL
     reference.py       <op>_reference for every op: the plain-PyTorch definitions the fast paths are tested against
     jagged.py          lengths_to_offsets, jagged_to_padded_dense, padded_dense_to_jagged, positions, ids, ranges
     gather.py          gather_columns: a table read with an index_add_ gradient (relative attention bias)
     layout.py          build_attention_layout: segments, length buckets, masks, built once per batch
     attention.py       jagged_causal_attention: softmax and HSTU (SiLU) attention, relative bias, query tokens
     attention_args.py  argument types and checks shared by the attention paths
+    triton/            Triton kernels (Kernel.TRITON): hstu_attention.py, HSTU attention forward and backward
 
 The default, ``Kernel.FBGEMM``, runs fbgemm's jagged kernels where the tensor's dtype and
 device have one and the PyTorch fast paths elsewhere; ``PYTORCH`` runs only the PyTorch fast
-paths; ``REFERENCE`` the references. A Triton path for GPUs goes in ``ops/triton/`` as a new
-``Kernel`` member with one dispatch branch per op it covers; tests/test_ops.py compares every
-path with the references (its ``gpu``-marked tests run where CUDA is present).
+paths; ``REFERENCE`` the references; ``TRITON`` the Triton kernels of ``ops/triton/`` where an
+op has one (HSTU attention; docs/kernels.md). tests/test_ops.py and tests/test_triton_attention.py
+compare every path with the references (their ``gpu``-marked tests run where CUDA is present).
 
 Example::
 

@@ -7,6 +7,11 @@ mask rules are in ``lumrec.modules.ops.layout``. Paths, chosen by ``lumrec.modul
   matmul; the jagged <-> padded moves are fbgemm kernels under FBGEMM).
 - ``REFERENCE``: ``jagged_causal_attention_reference`` (all rows padded to the longest, masks
   built by loops).
+- ``TRITON``: HSTU attention by the Triton kernels of ``lumrec.modules.ops.triton.hstu_attention``
+  (no padding, no `L x L` tensor); softmax attention by the PyTorch path.
+
+Softmax attention in the PyTorch path runs PyTorch's fused ``scaled_dot_product_attention`` on
+each padded bucket off CPU, and the explicit softmax on CPU.
 
 Example::
 
@@ -38,6 +43,7 @@ from lumrec.modules.ops.jagged import jagged_to_padded_dense, padded_dense_to_ja
 from lumrec.modules.ops.kernel import Kernel, current_kernel
 from lumrec.modules.ops.layout import AttentionBucket, JaggedAttentionLayout, build_attention_layout
 from lumrec.modules.ops.reference import jagged_causal_attention_reference
+from lumrec.modules.ops.triton.hstu_attention import triton_hstu_attention
 
 __all__ = ["jagged_causal_attention"]
 
@@ -61,6 +67,19 @@ def _combine(
     weights = F.silu(scores).masked_fill(~mask, 0.0)
     # Dividing the [.., L, Dv] output rather than the [.., L, L] weights: same value, fewer flops.
     return torch.matmul(weights, values) / norm
+
+
+def _use_fused_softmax(x: torch.Tensor) -> bool:
+    """Softmax through PyTorch's fused attention off CPU; on CPU the explicit path, whose numbers CPU runs keep."""
+    return x.device.type != "cpu"
+
+
+def _fused_softmax(
+    qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """`softmax(scale * q k^T + bias)` v of padded `[N, H, L, D]` blocks by ``scaled_dot_product_attention``."""
+    attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(qb, kb, vb, attn_mask=attn_mask, scale=scale)
 
 
 def _bucket_bias(relative_bias: RelativeBias | None, bucket: AttentionBucket) -> torch.Tensor | None:
@@ -99,15 +118,18 @@ def _bucketed_attention(
             qb = jagged_to_padded_dense(q_perm[sl], bucket.offsets, length).view(n, length, heads, dqk).transpose(1, 2)
             kb = jagged_to_padded_dense(k_perm[sl], bucket.offsets, length).view(n, length, heads, dqk).transpose(1, 2)
             vb = jagged_to_padded_dense(v_perm[sl], bucket.offsets, length).view(n, length, heads, dv).transpose(1, 2)
-            scores = torch.matmul(qb, kb.transpose(-1, -2))
             bias = _bucket_bias(relative_bias, bucket)
             if bias is not None:
-                bias = bias.to(scores.dtype)
-            if normaliser == "length":
-                norm: torch.Tensor | float = bucket.lengths.to(scores.dtype).view(n, 1, 1, 1)
+                bias = bias.to(qb.dtype)
+            if kind == "softmax" and _use_fused_softmax(qb):
+                out = _fused_softmax(qb, kb, vb, bucket.mask, bias, scale)
             else:
-                norm = float(normaliser) if normaliser is not None else 1.0
-            out = _combine(scores, vb, bucket.mask, bias, kind, scale, norm)
+                scores = torch.matmul(qb, kb.transpose(-1, -2))
+                if normaliser == "length":
+                    norm: torch.Tensor | float = bucket.lengths.to(scores.dtype).view(n, 1, 1, 1)
+                else:
+                    norm = float(normaliser) if normaliser is not None else 1.0
+                out = _combine(scores, vb, bucket.mask, bias, kind, scale, norm)
             out = out.transpose(1, 2).reshape(n, length, heads * dv)
             outputs.append(padded_dense_to_jagged(out, bucket.offsets, bucket.end - bucket.start))
     return torch.cat(outputs)[layout.inv_perm].view(num_tokens, heads, dv)
@@ -172,6 +194,10 @@ def jagged_causal_attention(
             q, k, v, given.offsets, kind=kind, segment_ids=given.segment_ids, query_flags=given.query_flags,
             positions=given.positions, timestamps=given.timestamps, query_timestamps=given.query_timestamps,
             relative_bias=relative_bias, normaliser=normaliser, scale=scale,
+        )
+    if current_kernel() is Kernel.TRITON and kind == "hstu":
+        return triton_hstu_attention(
+            q, k, v, layout=layout, relative_bias=relative_bias, normaliser=normaliser, scale=scale
         )
     if num_tokens == 0:
         return v.new_zeros(0, heads, v.shape[2])

@@ -3,8 +3,10 @@
 ``Kernel.FBGEMM`` (the default) runs fbgemm's kernels where one exists for the tensor's dtype and
 device and the PyTorch fast path elsewhere; ``Kernel.PYTORCH`` runs the PyTorch fast paths only;
 ``Kernel.REFERENCE`` runs the plain, obviously-correct references (slow: for checking a model or
-a kernel, not for training). The environment variable ``LUMREC_KERNEL`` (``fbgemm``, ``pytorch``
-or ``reference``) sets the value a process starts with.
+a kernel, not for training); ``Kernel.TRITON`` runs the Triton kernels of
+``lumrec.modules.ops.triton`` where one exists (HSTU attention) and the PyTorch paths elsewhere.
+The environment variable ``LUMREC_KERNEL`` (``fbgemm``, ``pytorch``, ``reference`` or ``triton``)
+sets the value a process starts with.
 
 Example::
 
@@ -35,14 +37,16 @@ ENV_VAR = "LUMREC_KERNEL"
 class Kernel(str, enum.Enum):
     """Which implementation the ops run.
 
-    A Triton path (the GPU issue's kernels) joins as a new member, e.g. ``TRITON = "triton"``,
-    with its kernels in ``lumrec/modules/ops/triton/`` and one branch in each op's dispatch;
-    the tests in tests/test_ops.py then compare it with the references like every other path.
+    ``TRITON``: the kernels in ``lumrec/modules/ops/triton/``, one branch in each op's dispatch
+    that has one (``jagged_causal_attention(kind="hstu")``); they run compiled on CUDA tensors,
+    or in Triton's interpreter where ``TRITON_INTERPRET=1`` (tests/test_triton_attention.py
+    compares them with the references that way on CPU).
     """
 
     REFERENCE = "reference"  # plain PyTorch, written to be read: padded to the longest row, loops
     PYTORCH = "pytorch"  # the vectorised PyTorch fast paths (length-bucketed attention)
     FBGEMM = "fbgemm"  # fbgemm kernels where the dtype and device have one, else the PyTorch paths
+    TRITON = "triton"  # Triton kernels where an op has one (HSTU attention), else the PyTorch paths
 
 
 def _parse(value: Kernel | str, source: str) -> Kernel:
