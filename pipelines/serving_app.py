@@ -174,6 +174,12 @@ class ServingState:
         if int(source.dim) != bundle.knowledge_dim:
             return None, None, (f"knowledge version {version} has vectors of dim {source.dim}; bundle {bundle.path} was "
                                 f"trained on dim {bundle.knowledge_dim} (publish the knowledge of the model's LUM)")
+        cfg = bundle.lum_config
+        needed = {feature for feature, _ in cfg.conditions} | ({cfg.candidate_condition_feature} - {None})
+        absent = sorted(needed - set(source.features)) if cfg.needs_queries else []
+        if absent:
+            return None, None, (f"knowledge version {version} has no conditions on {absent}, which bundle {bundle.path} "
+                                f"reads (it has {source.features}; query the LUM under them)")
         return source, version, None
 
     def reload(self, path: str) -> tuple[str, str, float]:

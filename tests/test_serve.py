@@ -242,6 +242,24 @@ def test_redis_down_serves_or_fails_closed_and_recovers(world, policy):
             assert again.json()["scores"] == pytest.approx(first.json()["scores"], abs=1e-6)
 
 
+def test_knowledge_the_model_cannot_read_is_not_ready(world, redis_server, tmp_path):
+    """Knowledge of another LUM (another width) under the prefix: not ready with the reason; scored as if Redis were down."""
+    _, _, bundle_a, _ = world
+    prefix = f"m{next(_prefixes)}"
+    write_knowledge(tmp_path / "store", DAYS[1], "other-lum", torch.arange(1, 5), CONDITIONS, torch.ones(4, len(CONDITIONS), 3),
+                    torch.arange(1, 5), torch.ones(4, 3))
+    publish(redis_server, str(tmp_path / "store"), DAYS[1], prefix)
+    for policy, status in (("serve", 200), ("fail", 503)):
+        app = create_app(ServeConfig(bundle=bundle_a, redis_url=redis_server.url, redis_prefix=prefix, on_redis_down=policy))
+        with running_server(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "dim 3" in ready.json()["reason"] and "dim 4" in ready.json()["reason"]
+            response = client.post("/rank", json=REQUEST)
+            assert response.status_code == status, response.text
+            if policy == "serve":
+                assert response.json()["knowledge_missing"] is True and response.json()["knowledge_version"] is None
+
+
 # -- swaps -------------------------------------------------------------------------------------------
 
 
