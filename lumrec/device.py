@@ -40,7 +40,7 @@ import os
 from typing import Any, ContextManager, Iterable
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from lumrec.config import ConfigValueError
 
@@ -144,6 +144,8 @@ def _move(value: torch.Tensor | KeyedJaggedTensor, device: torch.device) -> Any:
 def _walk(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (torch.Tensor, KeyedJaggedTensor)):
         return _move(obj, device)
+    if isinstance(obj, (KeyedTensor, JaggedTensor)):  # torchrec containers without pin_memory: a plain copy
+        return obj if obj.device() == device else obj.to(device)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {f.name: _walk(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init}
         return dataclasses.replace(obj, **changes)

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from lumrec.config import ConfigError, ConfigValueError
 from lumrec.data.batches import iter_packed_batches
@@ -101,6 +102,8 @@ def test_a_batch_moved_to_the_cpu_keeps_its_tensors(synth_path):
     assert moved.offsets is batch.offsets and moved.kjt is batch.kjt and moved.max_len == batch.max_len
     nested = move_to_device({"a": [batch.item_id, (batch.ts, 3)], "b": None}, torch.device("cpu"))
     assert nested["a"][0] is batch.item_id and nested["a"][1][1] == 3 and nested["b"] is None
+    keyed = KeyedTensor(keys=["a"], length_per_key=[2], values=torch.ones(3, 2))
+    assert move_to_device([keyed], "cpu")[0] is keyed
 
 
 @gpu
