@@ -134,6 +134,11 @@ def _move(value: torch.Tensor | KeyedJaggedTensor, device: torch.device) -> Any:
     current = value.device() if isinstance(value, KeyedJaggedTensor) else value.device
     if current == device:
         return value
+    if isinstance(value, KeyedJaggedTensor) and current.type == "cpu":
+        # Lengths, offsets and per-key sizes are computed here, on the CPU, and travel with the copy: on the
+        # device, reading per-key sizes would cost a host sync, and the offsets' cumsum is an fbgemm op
+        # that fbgemm's CPU build has no CUDA kernel for.
+        value.lengths(), value.offsets(), value.length_per_key(), value.offset_per_key()
     if current.type == "cpu":
         # A page-locked copy first, so that the device copy is asynchronous (PyTorch's pinned-memory
         # allocator keeps the block alive until the copy has run).
