@@ -71,6 +71,7 @@ class ServeConfig:
     requests handled at once; `num_runners`: model instances in the bundle's package (the most
     requests inside the model at once; the others wait for one). `check_bundle`: run the bundle's own check when loading it.
     `admin`: serve POST /admin/reload (it loads code from a path: keep the port on loopback).
+    `max_body_bytes`: a request body declared larger is answered 413 before it is read.
     """
 
     bundle: str
@@ -86,11 +87,12 @@ class ServeConfig:
     num_runners: int = 2
     check_bundle: bool = True
     admin: bool = True
+    max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.on_redis_down not in ON_REDIS_DOWN:
             raise ValueError(f"ServeConfig.on_redis_down must be one of {list(ON_REDIS_DOWN)}, got {self.on_redis_down!r}")
-        for name in ("max_candidates", "worker_threads", "num_runners"):
+        for name in ("max_candidates", "worker_threads", "num_runners", "max_body_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("knowledge_refresh_s", "watch_interval_s"):
@@ -137,6 +139,25 @@ def field_name(loc: Sequence[Any]) -> str:
 
 def _error(status: int, field: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "field": field, **extra})
+
+
+class _LimitBody:
+    """Pure ASGI middleware: a body whose Content-Length exceeds `limit` bytes is a 413, refused before it is read.
+
+    A flood of huge bodies then costs a header read each, not a JSON parse of megabytes.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, int(limit)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                response = _error(413, "body", f"body: {int(length)} bytes, at most {self.limit} (ServeConfig.max_body_bytes)")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ServingState:
@@ -282,7 +303,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="lumrec ranking", lifespan=lifespan)
     app.state.serving = state
-    app.add_middleware(metrics.middleware_class(), metrics=metrics)
+    app.add_middleware(_LimitBody, limit=config.max_body_bytes)
+    app.add_middleware(metrics.middleware_class(), metrics=metrics)  # added last: outermost, so it counts the 413s too
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -169,6 +169,13 @@ def test_malformed_requests_get_a_422_naming_the_field(served, body, field):
     assert response.json()["error"].startswith(field)
 
 
+def test_a_body_over_the_limit_is_refused_unread(served):
+    _, client, _, _ = served
+    response = client.post("/rank", content=b"[" + b"1," * 600_000 + b"1]", headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["field"] == "body", response.text
+    assert metric(client, "lumrec_serve_requests_total", path="/rank", status="413") == 1
+
+
 def test_an_unknown_user_is_scored_and_counted(served):
     _, client, bundle, knowledge = served
     before = metric(client, "lumrec_serve_knowledge_misses_total")
