@@ -106,5 +106,6 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="run TorchRec's sharding planner on the meta device for a topology and table sizes "
                                     "(no memory allocated): the plan, memory per rank and cost estimates")
     p.add_argument("config", nargs="?", default=None, help="YAML file with PlanConfig keys (default: built-in example)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. world_size=64 tables.item.rows=1000000000")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. world_size=64 tables.item_id.rows=2000000000")
+    p.add_argument("--out", default=None, help="write the plan as JSON to this file")
     p.set_defaults(func=_run("lumrec.pipelines.plan", "main"))
