@@ -269,7 +269,10 @@ def _sharders_for(kind: str, table_optimizer: Mapping[str, Any]) -> list[Any]:
             RowwiseAdamWEmbeddingCollectionSharder(optimizer_kwargs=kwargs)]
 
 
-def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharders: list[Any], collections: Mapping[str, nn.Module], device_type: str) -> dict[str, Any]:
+def _constraints(
+    kind: str, table_optimizer: Mapping[str, Any], sharders: list[Any], collections: Mapping[str, nn.Module], device_type: str,
+    pooled_sharding_types: Optional[Collection[str]] = None,
+) -> dict[str, Any]:
     """Per-table planner constraints: never data-parallel, and the kernel that runs our optimizer.
 
     Data-parallel tables would silently drop the fused optimizer (they become DDP parameters
@@ -286,6 +289,11 @@ def _constraints(kind: str, table_optimizer: Mapping[str, Any], sharders: list[A
         types = [t for t in sharder.sharding_types(device_type) if t != ShardingType.DATA_PARALLEL.value]
         if kind == "rowwise_adamw" or "ROWWISE" in opt_name:
             types = [t for t in types if t not in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)]
+        if pooled_sharding_types is not None and isinstance(module, EmbeddingBagCollection):
+            unknown = set(pooled_sharding_types) - set(types)
+            if unknown:
+                raise ValueError(f"shard_model: pooled_sharding_types {sorted(unknown)} are not among {types}")
+            types = [t for t in types if t in pooled_sharding_types]
         for cfg in _table_configs(module):
             out[cfg.name] = ParameterConstraints(sharding_types=list(types), compute_kernels=["fused"])
     return out
@@ -371,6 +379,7 @@ def shard_model(
     table_optimizer: Mapping[str, Any],
     plan: Union[Literal["auto"], Any] = "auto",
     copy_weights: bool = True,
+    pooled_sharding_types: Optional[Collection[str]] = None,
 ) -> Any:
     """Shard `model`'s EmbeddingBagCollections and EmbeddingCollections with fused table optimizers; wrap the rest in DDP.
 
@@ -381,7 +390,10 @@ def shard_model(
     line per table. `copy_weights` copies the tables' weights into the shards (DMP re-initialises
     them), so a model built and seeded alike on every rank, or warm-started, keeps its weights;
     tables built on meta inside `lumrec.meta_tables.tables_on_meta()` get, in each shard, the rows
-    the CPU build would hold (no rank holds a whole table).
+    the CPU build would hold (no rank holds a whole table). `pooled_sharding_types` limits the
+    planner's choices for pooled (EmbeddingBagCollection) tables, e.g. `("table_wise",)` where
+    ranks' local batch sizes differ: torchrec's row-wise pooled output is a reduce-scatter over
+    equal local batches ("ProcessGroupGloo::allgather: invalid tensor size" in backward otherwise).
     Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
     """
 
@@ -403,7 +415,7 @@ def shard_model(
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {plan!r}")
-        plan, source = _auto_plan(model, ctx, kind, table_optimizer, sharders, collections)
+        plan, source = _auto_plan(model, ctx, kind, table_optimizer, sharders, collections, pooled_sharding_types)
     elif not isinstance(plan, ShardingPlan):
         raise ValueError(f"shard_model: plan must be 'auto' or a ShardingPlan, got {type(plan).__name__}")
 
@@ -435,7 +447,7 @@ def shard_model(
 
 def _auto_plan(
     model: nn.Module, ctx: DistContext, kind: str, table_optimizer: Mapping[str, Any], sharders: list[Any],
-    collections: Mapping[str, nn.Module],
+    collections: Mapping[str, nn.Module], pooled_sharding_types: Optional[Collection[str]] = None,
 ) -> tuple[ShardingPlan, str]:
     """(plan, source): TorchRec's planner's plan ("planner"); for RowwiseAdamW, if the planner fails, a table-wise one ("fallback")."""
     # The factory, not Topology(...): torchrec 1.8 warns that direct construction will fail later.
@@ -443,7 +455,7 @@ def _auto_plan(
         trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
         kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
-    constraints = _constraints(kind, table_optimizer, sharders, collections, ctx.device.type)
+    constraints = _constraints(kind, table_optimizer, sharders, collections, ctx.device.type, pooled_sharding_types)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     planned = [s.planner_view() for s in sharders] if kind == "rowwise_adamw" else sharders
     plan, error = _plan_on_rank0(planner, model, planned, ctx)

@@ -55,7 +55,8 @@ from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.retrieval.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.modules.warm_start import load_source_state, warm_start
 from lumrec.modules.warm_start_config import WarmStartConfig
-from lumrec.optim import fused_params_for
+from lumrec.meta_tables import MetaInitError, tables_on_meta
+from lumrec.optim import fused_params_for, rowwise_adamw_kwargs
 from lumrec.modules.retrieval.registry import build_model
 from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.pretrain_config import (  # the configs are importable from here too
@@ -118,6 +119,29 @@ def _distributed_context(device: torch.device) -> DistContext | None:
     return init_distributed("nccl" if device.type == "cuda" else "gloo")
 
 
+def _build_model(cfg: PretrainConfig, meta: Any, data: Dataset, token_config: TokenConfig) -> SequentialRecommender:
+    """`build_model`; on N ranks with its embedding tables on meta, so that no rank ever holds a whole table.
+
+    Sharding fills each rank's shards with the rows the CPU build holds (`lumrec.meta_tables`), so
+    N ranks start from the 1-process weights. `train.table_init` copies into whole tables before
+    sharding, so it keeps the CPU build, as does a model whose table init cannot be replayed per
+    row range (SASRec/HSTU item tables: truncated normal; logged).
+    """
+    def build() -> SequentialRecommender:
+        return build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)
+
+    if cfg.train.table_init is not None or (os.environ.get("WORLD_SIZE") or "1").strip() in ("", "1"):
+        return build()
+    rng = torch.random.get_rng_state()
+    try:
+        with tables_on_meta():
+            return build()
+    except MetaInitError as err:
+        log.info("model %s: embedding tables built whole on every rank, then sharded: %s", cfg.model, err)
+        torch.random.set_rng_state(rng)
+        return build()
+
+
 class Pretrainer:
     """Owns the model, optimizers, data and checkpoints of one run, in one process or on N ranks (module docstring).
 
@@ -160,7 +184,7 @@ class Pretrainer:
             condition_features=list(cfg.data.condition_features), item_features=list(cfg.data.item_features)
         )
         torch.manual_seed(cfg.train.seed)
-        self.model: SequentialRecommender = build_model(cfg.model, cfg.model_config, self.meta, data, self.token_config, cfg.data.max_len)
+        self.model: SequentialRecommender = _build_model(cfg, self.meta, data, self.token_config)
         self.lum = self.model.predicts_from != 1
         if cfg.train.activation_checkpointing and not set_activation_checkpointing(self.model, True):
             raise ValueError(f"train.activation_checkpointing: model {cfg.model!r} has no HSTU or transformer stack to checkpoint; "
@@ -261,16 +285,23 @@ class Pretrainer:
                              "sharded tables (WORLD_SIZE > 1) use rowwise_adamw")
         unshardable = [name for name, m in self.model.named_modules() if isinstance(m, EmbeddingCollection)]
         if unshardable:
-            raise ValueError(f"model {self.cfg.model!r}: EmbeddingCollection {unshardable} cannot be sharded with RowwiseAdamW "
-                             "on CPU (lumrec.optim.sharding); pre-train it in one process (WORLD_SIZE=1)")
-        table_opt = fused_params_for(self.ctx.device, lr=t.embedding_lr or t.lr, betas=t.betas, eps=t.eps,
-                                     weight_decay=t.embedding_weight_decay)
-        self.dmp = shard_model(self.trainer, self.ctx, table_opt)
+            raise ValueError(f"model {self.cfg.model!r}: EmbeddingCollection {unshardable}: the sharded pre-training "
+                             "checkpoint (lumrec.train.sharded_state) holds EmbeddingBagCollection tables only; "
+                             "pre-train it in one process (WORLD_SIZE=1)")
+        table_lr = t.embedding_lr or t.lr
+        # fbgemm's fused PARTIAL_ROWWISE_ADAM on CUDA with its CUDA build, else RowwiseAdamW (any device).
+        table_opt = fused_params_for(self.ctx.device, lr=table_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay)
+        # Pooled tables table-wise: ranks' slices hold different numbers of tokens (bags), which
+        # torchrec's row-wise pooled output cannot take (lumrec.distributed.shard_model).
+        self.dmp = shard_model(self.trainer, self.ctx, table_opt, pooled_sharding_types=("table_wise",))
         self.trainer = self.dmp.module
         self.model = self.trainer.model
         self.dense_optimizer = dense_optimizer(self.dmp, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-        self.sharded_state = ShardedCheckpointState(self.model, self.dense_optimizer, table_opt["optimizer_kwargs"])
-        return [self.dense_optimizer, *self.dmp.lumrec_table_sharder.attached_optimizers]
+        # The checkpoint's table group has RowwiseAdamW's settings on any device (one process reads it).
+        table_kwargs = rowwise_adamw_kwargs(table_lr, t.betas, t.eps, t.embedding_weight_decay)
+        self.sharded_state = ShardedCheckpointState(self.model, self.dense_optimizer, table_kwargs)
+        # RowwiseAdamW per DENSE kernel (none when fused: those step inside fbgemm, their lr in the dense part's "fused").
+        return [self.dense_optimizer, *self.dmp.lumrec_table_optimizers]
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self, for_save: bool = False) -> dict[str, Any]:

@@ -27,9 +27,10 @@ Determinism: model init from ``train.seed``, batch order a function of (seed, ep
 dropout; a run resumed from an epoch-boundary (or ``checkpoint_every_steps``) checkpoint
 ends with the same weights and metrics as an uninterrupted one.
 
-Ranks: under torchrun/torchx with ``WORLD_SIZE > 1`` the job shards the model's pooled tables
-over the ranks with TorchRec's DistributedModelParallel (``lumrec.distributed.shard_model``;
-the dense part and the DIN/SIM sequence tables are replicated under DDP). ``train.batch_size``
+Ranks: under torchrun/torchx with ``WORLD_SIZE > 1`` the job builds the model's tables on meta
+and shards them (pooled and DIN/SIM/HSTU sequence tables, the planner's plan) over the ranks with
+TorchRec's DistributedModelParallel (``lumrec.distributed.shard_model``; each shard starts from the
+rows one process starts from; the dense part is replicated under DDP). ``train.batch_size``
 stays the global batch: each rank takes a contiguous slice of every batch, and the loss is
 rescaled (``global_mean_loss``) so that the gradients are those of the global batch. One
 process or N ranks train with the same optimizers (RowwiseAdamW on every embedding table,
@@ -52,7 +53,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from lumrec.checkpoint import CheckpointManager
@@ -63,6 +64,7 @@ from lumrec.data.ranking.features import attach_item_lists, list_columns, list_v
 from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.distributed import DistContext, dense_optimizer, global_mean_loss, init_distributed, shard_model
+from lumrec.meta_tables import MetaInitError, tables_on_meta
 from lumrec.modules.lum_join import LUMJoin
 from lumrec.modules.ranking.builder import build_ranker
 from lumrec.modules.ranking.base import RankingBatch, RankingTrain, with_timestamps
@@ -132,9 +134,8 @@ class Ranker(EpochJob):
         self.lum = LUMJoin(cfg.lum, self.samples) if cfg.lum is not None else None
         self.stats = ItemStatsJoin(cfg.data, cfg.sizes.item_stats, vocab_size(self.vocab, "item_id")) if cfg.sizes.item_stats else None
         seed_everything(t.seed)
-        self.model, self.trainer = build_ranker(
-            cfg.model, cfg.sizes, self.vocab, self.stats.width if self.stats else 0, self.lum.output_dim if self.lum else 0
-        )
+        self.model, self.trainer = _build_ranker(cfg, self.vocab, self.stats.width if self.stats else 0,
+                                                 self.lum.output_dim if self.lum else 0)
         self._input_width = int(self.model.in_features)
         self.num_parameters = count_parameters(self.model)  # before sharding: the whole model's size
         self.ctx = _rank_context(self.device)
@@ -174,14 +175,16 @@ class Ranker(EpochJob):
 
     def _shard(self) -> Any:
         """Shard the model over the ranks; returns the optimizer (fused RowwiseAdamW tables, Adam, RowwiseAdamW sequence tables)."""
-        if not any(isinstance(m, EmbeddingBagCollection) for m in self.model.modules()):
-            raise ValueError(f"model {self.cfg.model}: no pooled table to shard over {self.ctx.world_size} ranks; "
+        if not any(isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for m in self.model.modules()):
+            raise ValueError(f"model {self.cfg.model}: no embedding table to shard over {self.ctx.world_size} ranks; "
                              "give it context tables (sizes.context_keys)")
         t = self.train
-        dmp = shard_model(self.model, self.ctx, fused_params_for(self.ctx.device, lr=t.lr, weight_decay=t.weight_decay))
-        # EmbeddingCollections (DIN/SIM sequence tables) stay unsharded: torchrec's DENSE kernel
-        # cannot run them on CPU (lumrec.optim.sharding). They are replicated under DDP, which
-        # averages their gradients, and get RowwiseAdamW after backward like in one process.
+        # Pooled tables table-wise: the ranks' slices of a batch may differ by one sample, which
+        # torchrec's row-wise pooled output cannot take (lumrec.distributed.shard_model).
+        dmp = shard_model(self.model, self.ctx, fused_params_for(self.ctx.device, lr=t.lr, weight_decay=t.weight_decay),
+                          pooled_sharding_types=("table_wise",))
+        # Pooled and sequence tables (EmbeddingCollections of DIN/SIM/HSTU) are sharded, RowwiseAdamW
+        # in their backward; any table left unsharded would get RowwiseAdamW here, after backward.
         tables = _table_parameters(dmp.module)
         dense = dense_optimizer(dmp, lr=t.lr, optimizer_class=torch.optim.Adam, weight_decay=t.weight_decay, exclude=tables)
         self.model, self.trainer = dmp, RankingTrain(dmp)
@@ -300,6 +303,29 @@ def _rank_context(device: torch.device | None = None) -> DistContext | None:
     if not grouped and os.environ.get("WORLD_SIZE", "").strip() in ("", "1"):
         return None
     return init_distributed(device=device)  # joins (or reuses) the group; it stays up for later jobs of this process
+
+
+def _build_ranker(cfg: RankConfig, vocab: dict[str, int], stats_width: int, lum_dim: int) -> tuple[Any, Any]:
+    """`build_ranker`; on N ranks with its embedding tables on meta, so that no rank ever holds a whole table.
+
+    Sharding then fills each rank's shards with the rows the CPU build holds (`lumrec.meta_tables`),
+    so N ranks start from the 1-process weights. A warm start copies into whole tables, so it keeps
+    the CPU build, as does a model whose table init cannot be replayed per row range (logged).
+    """
+    def build() -> tuple[Any, Any]:
+        return build_ranker(cfg.model, cfg.sizes, vocab, stats_width, lum_dim)
+
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if cfg.warm_start is not None or not (grouped or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")):
+        return build()
+    rng = torch.random.get_rng_state()
+    try:
+        with tables_on_meta():
+            return build()
+    except MetaInitError as err:
+        log.info("model %s: embedding tables built whole on every rank, then sharded: %s", cfg.model, err)
+        torch.random.set_rng_state(rng)
+        return build()
 
 
 def _table_parameters(module: torch.nn.Module) -> list[str]:

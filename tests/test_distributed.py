@@ -26,7 +26,9 @@ from lumrec.distributed import (
     load_unsharded_weights,
     shard_model,
 )
+from lumrec.meta_tables import tables_on_meta
 from lumrec.optim import fused_params_for
+from test_sharding_scale import SeqModel, seq_batches  # tests/: a pooled and a sequence table
 from rank_spawn import ENV_VARS, become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 GLOBAL_B, STEPS = 8, 5
@@ -262,6 +264,17 @@ def _run_scenarios(ctx: DistContext, out_dir: str) -> dict[str, Any]:
     results["token_plan_source"] = dmp.lumrec_plan_source
     torch.save(_local_shards(dmp), os.path.join(out_dir, f"token_rank{rank}.pt"))
     CheckpointManager(os.path.join(out_dir, "ckpt_token")).save(STEPS, {"model": dmp.state_dict()})
+
+    # 4. Tables built on meta: a pooled table and a sequence table (EmbeddingCollection), RowwiseAdamW, planner.
+    with tables_on_meta():
+        model = SeqModel()
+    dmp = shard_model(model, ctx, fused_params_for(ctx.device, lr=0.05))
+    torch.save(_local_shards(dmp), os.path.join(out_dir, f"seq_init_rank{rank}.pt"))
+    opt = dense_optimizer(dmp, lr=0.05)
+    results["seq"] = _train(dmp, opt, seq_batches(rank, world), ctx, lambda m, b: m(b)[0])
+    results["seq_plan_source"] = dmp.lumrec_plan_source
+    results["seq_plan_modules"] = sorted(dmp.plan.plan)
+    torch.save(_local_shards(dmp), os.path.join(out_dir, f"seq_rank{rank}.pt"))
     return results
 
 
@@ -439,7 +452,7 @@ def test_one_rank_sharded_matches_plain_pytorch(one_rank, scenario):
     torch.testing.assert_close(torch.tensor(res[scenario]), torch.tensor(_plain_reference(scenario)), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("scenario", ["sgd", "adamw", "token"])
+@pytest.mark.parametrize("scenario", ["sgd", "adamw", "token", "seq"])
 def test_two_ranks_match_one_rank_per_step_loss(two_ranks, one_rank, scenario):
     out2, _ = two_ranks
     _, res1 = one_rank
@@ -460,7 +473,7 @@ def test_two_ranks_match_one_rank_per_step_loss(two_ranks, one_rank, scenario):
     assert r0[f"{scenario}_plan_source"] == res1[f"{scenario}_plan_source"]
 
 
-@pytest.mark.parametrize("scenario", ["sgd", "token"])
+@pytest.mark.parametrize("scenario", ["sgd", "token", "seq"])
 def test_two_ranks_match_one_rank_final_weights(two_ranks, one_rank, scenario):
     out2, _ = two_ranks
     out1, _ = one_rank
@@ -469,6 +482,18 @@ def test_two_ranks_match_one_rank_final_weights(two_ranks, one_rank, scenario):
     full2 = _assemble([torch.load(os.path.join(out2, f"{scenario}_rank{r}.pt")) for r in range(2)], like)
     for key in full1:
         torch.testing.assert_close(full2[key], full1[key], rtol=0, atol=ATOL, msg=key)
+
+
+def test_meta_built_tables_are_sharded_with_the_cpu_builds_rows(two_ranks):
+    """No rank built a whole table, yet the 2 ranks' initial shards are exactly the CPU-built tables."""
+    out2, _ = two_ranks
+    cpu = SeqModel().state_dict()
+    pieces = [torch.load(os.path.join(out2, f"seq_init_rank{r}.pt")) for r in range(2)]
+    full = _assemble(pieces, cpu)
+    for key, value in cpu.items():
+        assert torch.equal(full[key], value), key
+    res = _results(out2, 0)
+    assert res["seq_plan_source"] == "planner" and res["seq_plan_modules"] == ["items", "users"]
 
 
 @pytest.mark.parametrize("scenario", ["sgd", "token"])

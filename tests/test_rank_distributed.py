@@ -3,8 +3,8 @@
 One module-scoped fixture spawns the two ranks once (torch + torchrec imports cost seconds per
 process) and runs every 2-rank job there; meanwhile the 1-process references run in this
 process, through the job's plain path (no WORLD_SIZE: no process group, no DMP). Scenarios:
-DIN without LUM features and SIM with a LUM knowledge store (both have sharded pooled tables and
-unsharded, DDP-replicated sequence tables).
+DIN without LUM features and SIM with a LUM knowledge store (both built with tables on meta, their
+pooled and sequence tables sharded by the planner's plan).
 """
 
 from __future__ import annotations
