@@ -346,8 +346,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             metrics.degraded.inc()
         elif source is not None and result.knowledge_missing:
             metrics.knowledge_misses.inc()
+        # A bundle that reads no knowledge misses none: false, whatever the store does.
+        missing = bool(result.knowledge_missing) and bundle.uses_lum
         return JSONResponse({"scores": [float(s) for s in result.scores], "model_version": bundle.version,
-                             "knowledge_version": knowledge_version, "knowledge_missing": bool(result.knowledge_missing)})
+                             "knowledge_version": knowledge_version, "knowledge_missing": missing})
 
     # Health, readiness and metrics read in-memory state only: async, on the event loop, so they answer
     # even while every worker thread is busy scoring.
