@@ -57,6 +57,7 @@ from lumrec.modules.warm_start import load_source_state, warm_start
 from lumrec.modules.warm_start_config import WarmStartConfig
 from lumrec.meta_tables import MetaInitError, tables_on_meta
 from lumrec.optim import fused_params_for, rowwise_adamw_kwargs
+from lumrec.optim.sparse_grads import sparse_table_gradients
 from lumrec.modules.retrieval.registry import build_model
 from lumrec.modules.table_parameters import split_parameters
 from lumrec.pipelines.pretrain_config import (  # the configs are importable from here too
@@ -269,6 +270,8 @@ class Pretrainer:
             opts.append(torch.optim.AdamW(dense, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay))
         if tables:
             emb_lr = t.embedding_lr or t.lr
+            if t.embedding_optimizer == "rowwise_adamw":
+                sparse_table_gradients(self.model)  # a step costs O(rows touched); the same bits as dense gradients
             opts.append(TABLE_OPTIMIZERS[t.embedding_optimizer](tables, lr=emb_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay))
         return opts
 
