@@ -245,6 +245,18 @@ def test_export_errors_name_the_path_and_leave_nothing(rank_run, tmp_path):
         load_bundle(copy)
 
 
+def test_checkpoint_choice_loads_best_or_latest_weights(rank_run):
+    """--checkpoint best / latest: the verified weights of best/ or checkpoints/, named by step and digest."""
+    root, ranker, _, _ = rank_run
+    model = ranker.model
+    best = export_job._load_weights(root / "run", model, "best")
+    latest = export_job._load_weights(root / "run", model, "latest")
+    assert best["which"] == "best" and latest["which"] == "latest"
+    assert latest["step"] == CheckpointManager(root / "run" / "checkpoints").latest()
+    assert Path(best["folder"]).parent.name == "best" and Path(latest["folder"]).parent.name == "checkpoints"
+    export_job._load_weights(root / "run", model, "best")  # leave the fixture's model as it was
+
+
 # -- two towers ------------------------------------------------------------------------------------
 
 

@@ -154,7 +154,8 @@ class ServingBundle:
         self.version: str = m["version"]
         self.max_candidates = int(max_candidates)
         # In the wrapper's input order (the list), each with its vocabulary size.
-        self.context_vocab: dict[str, int] = {k: int(m["context_vocab"][k]) for k in m["context_keys"]}
+        self.context_keys: list[str] = list(m["context_keys"])
+        self.context_vocab: dict[str, int] = {k: int(m["context_vocab"][k]) for k in self.context_keys}
         self.candidate_keys: list[str] = list(m["candidate_keys"])
         self.history_keys: list[str] = list(m["history_keys"])
         self.num_items, self.num_users = int(m["num_items"]), int(m["num_users"])
@@ -285,7 +286,8 @@ class ServingBundle:
           is down) gives what training gave a user with no knowledge before the sample's day:
           zero vectors with every missing flag set (``lumrec.knowledge.NoKnowledge``), and
           `knowledge_missing` True. A user the store does not know is scored the same way and
-          also reports `knowledge_missing` True.
+          also reports `knowledge_missing` True. A bundle without LUM features reads no
+          knowledge; its `knowledge_missing` is True only when `knowledge` is None.
 
         Raises ``RequestError`` naming the field for an unknown context key, a negative id, an id
         outside the model's vocabulary, no candidates, or more than `max_candidates`.
