@@ -48,9 +48,10 @@ def _case(
     use_pos: bool = True,
     use_time: bool = True,
     query_times: bool = True,
+    positions: bool = False,
     table_heads: int = 1,
     dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    device: str = DEVICE,
 ) -> dict:
     """Random jagged batch (rows of length 0, 1 and max_len always present), its per-token inputs and a bias."""
     gen = torch.Generator().manual_seed(seed)
@@ -88,6 +89,7 @@ def _case(
         tokens=dict(
             segment_ids=on(segment_ids),
             query_flags=on(torch.rand(total, generator=gen) < 0.3) if flags else None,
+            positions=on(torch.randint(0, 3 * max_len, (total,), generator=gen)) if positions else None,
             timestamps=on(timestamps) if use_time else None,
             query_timestamps=on(timestamps + torch.randint(0, 9000, (total,), generator=gen))
             if use_time and query_times else None,
@@ -130,19 +132,20 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 
 # Each seed one combination, so that every feature is on and off somewhere without a full product.
 CASES = [
-    dict(),                                                                     # everything on, 2 heads
-    dict(packed=False, flags=False, heads=1, dqk=4, dv=4),                      # plain causal rows
-    dict(use_pos=False, query_times=False, table_heads=2),                      # time bias only, per-head table
-    dict(use_time=False, dqk=16, dv=16, heads=1),                               # position bias only, widest dims
-    dict(use_pos=False, use_time=False, dqk=5, dv=9),                           # no bias, odd dims
-    dict(flags=False, table_heads=2, dqk=4, dv=12),                             # per-head tables, no query tokens
+    (dict(), "length"),                                                         # everything on, 2 heads
+    (dict(packed=False, flags=False, heads=1, dqk=4, dv=4), 7.0),               # plain causal rows
+    (dict(use_pos=False, query_times=False, table_heads=2), "length"),          # time bias only, per-head table
+    (dict(use_time=False, dqk=16, dv=16, heads=1), 3.0),                        # position bias only, widest dims
+    (dict(use_pos=False, use_time=False, dqk=5, dv=9), "length"),               # no bias, odd dims
+    (dict(flags=False, table_heads=2, dqk=4, dv=12), 20.0),                     # per-head tables, no query tokens
+    (dict(positions=True, heads=1), "length"),                                  # positions given (not the index)
 ]
 
 
-@pytest.mark.parametrize("normaliser", ["length", 7.0])
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_matches_reference(index, normaliser):
-    out = _compare(_case(index, **CASES[index]), normaliser, FP32)
+def test_matches_reference(index):
+    options, normaliser = CASES[index]
+    out = _compare(_case(index, **options), normaliser, FP32)
     assert torch.isfinite(out).all()
 
 
@@ -167,13 +170,14 @@ def test_time_buckets_exact_at_bucket_edges():
     for base, buckets in ((2.0, 40), (3.0, 30), (1.5, 64)):
         # One row per gap: token 0 at time 0, token 1 at the gap; only the time bias differs between pairs.
         gaps = torch.tensor(edges, dtype=torch.int64)
-        timestamps = torch.stack([torch.zeros_like(gaps), gaps], 1).flatten()
-        offsets = lengths_to_offsets(torch.full((len(edges),), 2))
+        timestamps = torch.stack([torch.zeros_like(gaps), gaps], 1).flatten().to(DEVICE)
+        offsets = lengths_to_offsets(torch.full((len(edges),), 2)).to(DEVICE)
         rab = RelativeAttentionBias(max_len=4, num_time_buckets=buckets, time_bucket_base=base, use_position_bias=False)
         with torch.no_grad():
             rab.time_weight.copy_(torch.arange(buckets + 1, dtype=torch.float32)[None])  # bias = bucket number
-        q = torch.zeros(len(timestamps), 1, 4)
-        v = torch.ones(len(timestamps), 1, 4)
+        rab = rab.to(DEVICE)
+        q = torch.zeros(len(timestamps), 1, 4, device=DEVICE)
+        v = torch.ones(len(timestamps), 1, 4, device=DEVICE)
         args = dict(timestamps=timestamps, relative_bias=rab, normaliser=1.0)
         out = triton_hstu_attention(q, q, v, offsets, **args)
         ref = jagged_causal_attention_reference(q, q, v, offsets, kind="hstu", **args)
@@ -181,8 +185,9 @@ def test_time_buckets_exact_at_bucket_edges():
 
 
 def test_empty_batches_and_empty_rows():
-    empty = torch.zeros(0, 2, 4)
-    assert triton_hstu_attention(empty, empty, empty, torch.tensor([0, 0, 0]), normaliser="length").shape == (0, 2, 4)
+    empty = torch.zeros(0, 2, 4, device=DEVICE)
+    offsets = torch.tensor([0, 0, 0], device=DEVICE)
+    assert triton_hstu_attention(empty, empty, empty, offsets, normaliser="length").shape == (0, 2, 4)
     case = _case(5, max_len=3, rows=4, dqk=4, dv=4)
     _compare(case, "length", FP32)
 
@@ -196,9 +201,10 @@ def test_hstu_stack_gives_the_pytorch_paths_numbers():
     query_flags = torch.zeros(12, dtype=torch.bool)
     query_flags[[6, 11]] = True
     torch.manual_seed(0)
-    stack = HSTUStack(HSTUConfig(d_model=8, num_heads=2, dqk=4, dv=4, max_len=16), 2)
-    x = torch.randn(12, 8, generator=gen, requires_grad=True)
-    tokens = dict(segment_ids=segment_ids, timestamps=timestamps, query_flags=query_flags)
+    stack = HSTUStack(HSTUConfig(d_model=8, num_heads=2, dqk=4, dv=4, max_len=16), 2).to(DEVICE)
+    x = torch.randn(12, 8, generator=gen).to(DEVICE).requires_grad_()
+    offsets = offsets.to(DEVICE)
+    tokens = dict(segment_ids=segment_ids.to(DEVICE), timestamps=timestamps.to(DEVICE), query_flags=query_flags.to(DEVICE))
     with use_kernel(Kernel.PYTORCH):
         want = stack(x, offsets, **tokens)
     with use_kernel(Kernel.TRITON):
@@ -219,7 +225,7 @@ def test_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 def test_fused_softmax_path_matches_reference(monkeypatch):
     """Softmax through scaled_dot_product_attention (the path off CPU), forced here on CPU tensors."""
     monkeypatch.setattr(attention_mod, "_use_fused_softmax", lambda x: True)
-    case = _case(31, dqk=4, dv=3)
+    case = _case(31, dqk=4, dv=3, device="cpu")
     q, k, v, offsets = case["q"], case["k"], case["v"], case["offsets"]
     args = dict(kind="softmax", **case["tokens"], relative_bias=case["rab"])
     with use_kernel(Kernel.PYTORCH):
@@ -245,8 +251,9 @@ def test_benchmark_script_interpret_smoke(tmp_path):
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_matches_reference_on_cuda_fp32(index, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    _compare(_case(100 + index, **CASES[index], device="cuda"), "length", dict(rtol=1e-4, atol=1e-5))
-    large = _case(150 + index, **{**CASES[index], "max_len": 700, "rows": 12}, device="cuda")
+    options, normaliser = CASES[index]
+    _compare(_case(100 + index, **options, device="cuda"), normaliser, dict(rtol=1e-4, atol=1e-5))
+    large = _case(150 + index, **{**options, "max_len": 700, "rows": 12}, device="cuda")
     _compare(large, 64.0, dict(rtol=1e-4, atol=1e-5), against="pytorch")
 
 

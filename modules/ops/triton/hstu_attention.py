@@ -52,6 +52,7 @@ __all__ = ["INTERPRET_ENV_VAR", "triton_hstu_attention", "triton_interpret_reque
 INTERPRET_ENV_VAR = "TRITON_INTERPRET"
 _KERNELS_FILE = Path(__file__).with_name("hstu_kernels.py")
 _INT64_MAX = torch.iinfo(torch.int64).max
+_TIME_WINDOW = 4  # time buckets per tile whose gradient is summed in the tile before one atomic add
 _loaded: dict[bool, ModuleType] = {}
 _threshold_cache: dict[tuple, torch.Tensor] = {}
 
@@ -114,6 +115,7 @@ class _Launch:
     times: torch.Tensor | None  # [T] int64 (time bias only)
     query_times: torch.Tensor | None  # [T] int64 (time bias only)
     thresholds: torch.Tensor | None  # [num_buckets + 2] int64 (time bias only)
+    default_positions: bool  # positions are each token's index in its segment (the position gradient by diagonals)
     num_segments: int
     max_len: int
     scale: float
@@ -192,8 +194,9 @@ def _launch_setup(
     seg_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
     positions = times = query_times = thresholds = None
     num_buckets, inv_log2_base, max_rel = 0, 1.0, 0
+    default_positions = given.positions is None
     if pos_table is not None:
-        if given.positions is not None:
+        if not default_positions:
             positions = given.positions.to(device=device, dtype=torch.int64).contiguous()
         else:
             starts = torch.repeat_interleave(seg_offsets[:-1], lengths, output_size=num_tokens)
@@ -213,21 +216,24 @@ def _launch_setup(
     by_length = normaliser == "length"
     return _Launch(
         seg_offsets=seg_offsets, flags=flags, positions=positions, times=times, query_times=query_times,
-        thresholds=thresholds, num_segments=lengths.numel(), max_len=max((b.max_len for b in layout.buckets), default=0),
+        thresholds=thresholds, default_positions=default_positions, num_segments=lengths.numel(), max_len=max((b.max_len for b in layout.buckets), default=0),
         scale=float(scale), norm=1.0 if by_length else float(normaliser), norm_by_length=by_length, max_rel=max_rel,
         num_buckets=num_buckets, inv_log2_base=inv_log2_base, interpret=interpret, kernels=_kernels(interpret),
     )
 
 
-def _tiles(dqk: int, dv: int, interpret: bool) -> dict:
-    """Tile sizes and launch options; the interpreter runs the smallest tiles tl.dot accepts (fewer numpy ops)."""
+def _tiles(dqk: int, dv: int, interpret: bool, square: bool = False) -> dict:
+    """Tile sizes and launch options; the interpreter runs the smallest tiles tl.dot accepts (fewer numpy ops).
+
+    `square`: BLOCK_M == BLOCK_N (the dk/dv kernel's position gradient by tile diagonals needs it).
+    """
     block_dqk = max(16, 1 << (dqk - 1).bit_length())
     block_dv = max(16, 1 << (dv - 1).bit_length())
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv)
     block_n = 64 if max(block_dqk, block_dv) <= 128 else 32
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, num_warps=4 if block_n == 64 else 8,
-                num_stages=2)
+    return dict(BLOCK_M=block_n if square else 64, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                num_warps=4 if block_n == 64 else 8, num_stages=2)
 
 
 def _constants(launch: _Launch, dtype: torch.dtype) -> dict:
@@ -305,11 +311,13 @@ class _HSTUAttention(torch.autograd.Function):
         heads = q.shape[1]
         strides = [q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                    dout.stride(0), dout.stride(1)]
-        grid_n = (launch.num_segments * heads, _cdiv(launch.max_len, tiles["BLOCK_N"]))
+        square = _tiles(q.shape[2], v.shape[2], launch.interpret, square=launch.default_positions)
+        grid_n = (launch.num_segments * heads, _cdiv(launch.max_len, square["BLOCK_N"]))
         launch.kernels.hstu_backward_dkdv[grid_n](
             q, k, v, dout, dk, dv, dpos if dpos is not None else dk, dtime if dtime is not None else dk, *pointers,
             *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            _head_stride(pos_table), _head_stride(time_table), *_scalars(launch, q, v), **constants, **tiles,
+            _head_stride(pos_table), _head_stride(time_table), *_scalars(launch, q, v), **constants, **square,
+            DEFAULT_POS=launch.default_positions, TIME_WINDOW=_TIME_WINDOW,
         )
         grid_m = (launch.num_segments * heads, _cdiv(launch.max_len, tiles["BLOCK_M"]))
         launch.kernels.hstu_backward_dq[grid_m](

@@ -56,9 +56,52 @@ def _position_index(Positions, start, length, offs_m, offs_n, max_rel):
     """Column of the position table of each pair: `clamp(pos_i - pos_j, -max_rel, max_rel) + max_rel`."""
     pos_m = tl.load(Positions + start + offs_m, mask=offs_m < length, other=0)
     pos_n = tl.load(Positions + start + offs_n, mask=offs_n < length, other=0)
-    rel = pos_m[:, None] - pos_n[None, :]
-    rel = tl.minimum(tl.maximum(rel, -max_rel), max_rel)
-    return (rel + max_rel).to(tl.int32)
+    return _clamp_rel(pos_m[:, None] - pos_n[None, :], max_rel)
+
+
+@triton.jit
+def _clamp_rel(rel, max_rel):
+    """Table column of a relative position: clipped to [-max_rel, max_rel], shifted to start at 0."""
+    return (tl.minimum(tl.maximum(rel, -max_rel), max_rel) + max_rel).to(tl.int32)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _add_diagonals(DTable, ds, offset, max_rel, BLOCK: tl.constexpr):
+    """Position-table gradient of a square tile whose positions are the indices in the segment.
+
+    Pair (a, b) of the tile has relative position `offset + a - b`, so the tile's contribution is
+    its diagonal sums: 2 * BLOCK atomic adds instead of BLOCK**2 (which would queue on few rows).
+    """
+    a = tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, BLOCK)[None, :]
+    # skewed[a, c] = ds[a, (a - c) mod BLOCK]: column c holds diagonal a - b = c where c <= a, c - BLOCK elsewhere.
+    skewed = tl.gather(ds, (a - c + BLOCK) % BLOCK, axis=1)
+    upper = tl.reduce(tl.where(c <= a, skewed, 0.0), 0, _add)
+    lower = tl.reduce(tl.where(c > a, skewed, 0.0), 0, _add)
+    t = tl.arange(0, BLOCK)
+    tl.atomic_add(DTable + _clamp_rel(offset + t, max_rel), upper, sem="relaxed")
+    tl.atomic_add(DTable + _clamp_rel(offset + t - BLOCK, max_rel), lower, mask=t > 0, sem="relaxed")
+
+
+@triton.jit
+def _add_by_bucket(DTable, ds, index, allowed, num_buckets, WINDOW: tl.constexpr):
+    """Time-table gradient of a tile: its pairs fall in few buckets (gaps are log-bucketed), so the
+    WINDOW buckets from the tile's lowest are summed here (one atomic add each), the rest pair by pair."""
+    lowest = tl.reduce(tl.where(allowed, index, num_buckets + 1), None, _minimum)
+    for w in tl.static_range(WINDOW):
+        total = tl.reduce(tl.where(allowed & (index == lowest + w), ds, 0.0), None, _add)
+        tl.atomic_add(DTable + lowest + w, total, mask=lowest + w <= num_buckets, sem="relaxed")
+    tl.atomic_add(DTable + index, ds, mask=allowed & (index >= lowest + WINDOW), sem="relaxed")
 
 
 @triton.jit
@@ -105,8 +148,10 @@ def _scores(
 def _norm(length, norm, NORM_BY_LENGTH: tl.constexpr, ACC: tl.constexpr):
     """n: the segment's own length, or the constant the caller gave (divided by, as the reference does)."""
     if NORM_BY_LENGTH:
-        return length.to(ACC)
-    return norm
+        n = length.to(ACC)
+    else:
+        n = (length * 0).to(ACC) + norm  # both branches of the accumulator's type (norm arrives as float32)
+    return n
 
 
 @triton.jit
@@ -162,11 +207,14 @@ def hstu_backward_dkdv(
     HAS_FLAGS: tl.constexpr, USE_POS: tl.constexpr, USE_TIME: tl.constexpr, NORM_BY_LENGTH: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DEFAULT_POS: tl.constexpr, TIME_WINDOW: tl.constexpr,
 ):
     """dk, dv of key columns [n0, n0 + BLOCK_N) of one (segment, head), over the rows at or after them.
 
     The bias tables' gradients (the pairs' `ds`) are added atomically: every pair is visited by
-    exactly one program of this kernel.
+    exactly one program of this kernel. DEFAULT_POS (positions = index in segment; needs
+    BLOCK_M == BLOCK_N) adds the position gradient by tile diagonals; TIME_WINDOW buckets per
+    tile are summed before their atomic add.
     """
     start, length, head = _segment(SegOffsets, num_heads)
     n0 = tl.program_id(1) * BLOCK_N
@@ -204,9 +252,12 @@ def hstu_backward_dkdv(
             # d silu(s) / ds = sig * (1 + s * (1 - sig)); `ds` is also the gradient of the pair's bias.
             ds = tl.where(allowed, dp * sig * (1.0 + s * (1.0 - sig))  / n, 0.0)
             if USE_POS:
-                tl.atomic_add(DPosTable + head * stride_pos_h + pos_index, ds, mask=allowed, sem="relaxed")
+                if DEFAULT_POS:
+                    _add_diagonals(DPosTable + head * stride_pos_h, ds, m0 - n0, max_rel, BLOCK_N)
+                else:
+                    tl.atomic_add(DPosTable + head * stride_pos_h + pos_index, ds, mask=allowed, sem="relaxed")
             if USE_TIME:
-                tl.atomic_add(DTimeTable + head * stride_time_h + time_index, ds, mask=allowed, sem="relaxed")
+                _add_by_bucket(DTimeTable + head * stride_time_h, ds, time_index, allowed, num_buckets, TIME_WINDOW)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, out_dtype=ACC, input_precision=PRECISION)
         tl.store(DK + cols * stride_dkt + head * stride_dkh + offs_dqk[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=mask_n[:, None] & (offs_dqk[None, :] < dqk))
