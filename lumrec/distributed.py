@@ -16,11 +16,13 @@ mean loss over the global batch: 1 rank on B samples and N ranks on B/N each tra
 `global_mean_loss` rescales the local mean when local batch sizes differ.
 
 Table optimizers are fused (they run inside backward): fbgemm fused params (`{"optimizer":
-EmbOptimType..., "learning_rate": ...}`) go to torchrec's stock sharder and FUSED kernel; the
-CPU form of `lumrec.optim.fused_params_for` (RowwiseAdamW, which fbgemm's CPU kernel lacks) goes
-to `RowwiseAdamWEmbeddingBagCollectionSharder` and the DENSE kernel. torchrec 1.8's planner
-refuses DENSE kernels on anything but data-parallel tables ("DENSE kernel requires
-DATA_PARALLEL sharding"), so that path uses `dense_kernel_sharding_plan` directly (said once at INFO).
+EmbOptimType..., "learning_rate": ...}`) go to torchrec's stock sharders and FUSED kernel; the
+RowwiseAdamW form of `lumrec.optim.fused_params_for` (fbgemm's CPU kernel has no Adam) goes to
+lumrec's RowwiseAdamW sharders and the DENSE kernel. torchrec 1.8's planner validates DENSE only
+for data-parallel tables, so those tables are planned for FUSED (same weights per shard) and the
+plan names DENSE (`lumrec.optim.sharding.as_dense_kernel_plan`). Both pooled
+(EmbeddingBagCollection) and sequence (EmbeddingCollection) tables are sharded; tables built on
+meta (`lumrec.meta_tables.tables_on_meta`) get, in each shard, the rows the CPU build holds.
 """
 
 from __future__ import annotations
