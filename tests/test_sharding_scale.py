@@ -131,9 +131,9 @@ class SeqModel(nn.Module):
         users, hist, target = batch
         u = self.users(users).to_dict()["user_id"]
         seq = self.items(hist)["hist"]
-        lengths = seq.lengths().long()
-        sample = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=seq.values().shape[0])
-        pooled = torch.zeros(lengths.numel(), 4).index_add(0, sample, seq.values()) / lengths.clamp(min=1).unsqueeze(1)
+        lengths, device = seq.lengths().long(), seq.values().device
+        sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=seq.values().shape[0])
+        pooled = torch.zeros(lengths.numel(), 4, device=device).index_add(0, sample, seq.values()) / lengths.clamp(min=1).unsqueeze(1)
         pred = self.head(torch.cat([u, pooled], 1)).squeeze(-1)
         return nn.functional.mse_loss(pred, target), pred.detach()
 
@@ -271,3 +271,23 @@ def test_fused_cuda_table_optimizer_equals_rowwise_adamw():
         opt.step()
         opt.zero_grad()
     torch.testing.assert_close(tbe.split_embedding_weights()[0].detach().cpu(), ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_meta_built_sequence_model_sharded_on_cuda_trains_like_plain_pytorch_on_cpu():
+    """One nccl rank on the GPU: RowwiseAdamW tables (DENSE kernel; PyTorch lookup where fbgemm has no CUDA kernel)."""
+    from lumrec.distributed import dense_optimizer
+
+    with without_rank_env(), init_distributed("nccl") as ctx:
+        with tables_on_meta():
+            model = SeqModel()
+        dmp = shard_model(model, ctx, fused_params_for(ctx.device, lr=0.05, fused=False))
+        opt = dense_optimizer(dmp, lr=0.05)
+        losses = []
+        for users, hist, target in seq_batches(0, 1):
+            loss = dmp((users.to(ctx.device), hist.to(ctx.device), target.to(ctx.device)))[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(_plain_losses()), rtol=0, atol=1e-4)

@@ -52,7 +52,8 @@ class TorchDenseLookup(DenseTableBatchedEmbeddingBagsCodegen):
     """`DenseTableBatchedEmbeddingBagsCodegen` whose forward is plain PyTorch (gather, then sum/mean per bag).
 
     Built by switching the class of an existing module (`use_torch_lookup_where_needed`), never
-    constructed directly. No host synchronisation: bag sizes come from the input's shapes only.
+    constructed directly. No host synchronisation after the first call (which reads the feature ->
+    table map from the kernel's buffers once): bag sizes come from the input's shapes only.
     """
 
     def forward(  # type: ignore[override]
