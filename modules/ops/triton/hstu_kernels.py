@@ -21,6 +21,9 @@ by the bias module's own bucketing), so kernel and reference never disagree at a
 import triton
 import triton.language as tl
 
+# Sizes that vary between models but gain nothing from specialisation: one compiled kernel serves them all.
+_SIZES = ["num_heads", "dqk", "dv", "max_rel", "num_buckets"]
+
 
 @triton.jit
 def _sigmoid(x):
@@ -154,7 +157,7 @@ def _norm(length, norm, NORM_BY_LENGTH: tl.constexpr, ACC: tl.constexpr):
     return n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def hstu_forward(
     Q, K, V, Out, SegOffsets, Flags, Positions, Times, QueryTimes, Thresholds, PosTable, TimeTable,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -197,7 +200,7 @@ def hstu_forward(
                  mask=mask_m[:, None] & (offs_dv[None, :] < dv))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def hstu_backward_dkdv(
     Q, K, V, DOut, DK, DV, DPosTable, DTimeTable,
     SegOffsets, Flags, Positions, Times, QueryTimes, Thresholds, PosTable, TimeTable,
@@ -265,7 +268,7 @@ def hstu_backward_dkdv(
                  mask=mask_n[:, None] & (offs_dv[None, :] < dv))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def hstu_backward_dq(
     Q, K, V, DOut, DQ,
     SegOffsets, Flags, Positions, Times, QueryTimes, Thresholds, PosTable, TimeTable,
