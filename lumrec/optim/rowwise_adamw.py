@@ -26,6 +26,11 @@ tables back to back (fbgemm's DenseTableBatchedEmbeddingBagsCodegen keeps a torc
 one flat tensor); give its layout with the param-group option `segments`, a list of
 (element_offset, num_rows, dim), one group per such parameter.
 
+Gradients: dense, or sparse COO (what `nn.Embedding(sparse=True)` and
+`lumrec.optim.sparse_table_gradients` give a 2-D table, or `lumrec.optim.sparse_kernel_grads` a
+flat DENSE-kernel weight). With a sparse gradient a step reads and writes only the rows it lists:
+O(rows touched), whatever the table size.
+
 State (`exp_avg` like the weight, `exp_avg_sq_row` and `row_step` one entry per row, `step`)
 lives on `state_device` ("cpu" by default, so tables on an accelerator keep their optimizer
 state in host memory); it is float32, or float64 for a float64 weight.
@@ -179,11 +184,36 @@ class RowwiseAdamW(torch.optim.Optimizer):
                 self._step_param(group, p, p.grad)
         return loss
 
+    @staticmethod
+    def _flat_sparse_rows(grad: torch.Tensor, off: int, rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row ids, gradient rows) of one segment of a coalesced 1-D sparse gradient, without densifying.
+
+        A producer that lists whole rows (all `dim` elements of each, as
+        `lumrec.optim.sparse_kernel_grads` does) is read in place; anything else is scattered into
+        the segment's rows that it touches.
+        """
+        elements, values = grad.indices()[0], grad.values()
+        lo, hi = torch.searchsorted(elements, torch.tensor([off, off + rows * dim], device=elements.device)).tolist()
+        local, vals = elements[lo:hi] - off, values[lo:hi]
+        if local.numel() % dim == 0:
+            by_row = local.view(-1, dim)
+            row_ids = by_row[:, 0] // dim
+            if torch.equal(by_row, (row_ids * dim).unsqueeze(1) + torch.arange(dim, device=local.device)):
+                g_rows = vals.view(-1, dim)
+                keep = g_rows.ne(0).any(dim=1)
+                return row_ids[keep], g_rows[keep]
+        row_ids, inverse = torch.unique(local // dim, sorted=True, return_inverse=True)
+        g_rows = vals.new_zeros(row_ids.numel(), dim)
+        g_rows.index_put_((inverse, local % dim), vals, accumulate=True)
+        keep = g_rows.ne(0).any(dim=1)
+        return row_ids[keep], g_rows[keep]
+
     def _step_param(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
         state = self._init_state(group, p)
         state["step"] += 1
-        if grad.is_sparse and group.get("segments") is not None:
-            raise ValueError("RowwiseAdamW: sparse gradients are only supported for 2-D parameters")
+        flat_sparse = grad.is_sparse and group.get("segments") is not None
+        if flat_sparse:
+            grad = grad.coalesce()  # sorted element ids, duplicates summed
         row_base = 0
         for off, rows, dim in self._segments(group, p):
             if group.get("segments") is None:
@@ -191,12 +221,12 @@ class RowwiseAdamW(torch.optim.Optimizer):
             else:
                 end = off + rows * dim
                 w2d = p.data[off:end].view(rows, dim)
-                g2d = grad[off:end].view(rows, dim)
+                g2d = None if flat_sparse else grad[off:end].view(rows, dim)
                 m2d = state["exp_avg"][off:end].view(rows, dim)
             v = state["exp_avg_sq_row"][row_base : row_base + rows]
             row_step = state["row_step"][row_base : row_base + rows]
             row_base += rows
-            ids, g_rows = self._touched_rows(g2d)
+            ids, g_rows = self._flat_sparse_rows(grad, off, rows, dim) if g2d is None else self._touched_rows(g2d)
             if ids.numel() == 0:
                 continue
             self._update_rows(group, state, w2d, m2d, v, row_step, ids, g_rows)
