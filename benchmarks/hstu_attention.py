@@ -216,8 +216,9 @@ def print_table(rows: list[dict]) -> None:
             f"{'sdpa ms':>9}{'tr/sdpa':>9}{'tr/pt':>7}{'peak GiB tr/pt/sdpa':>22}{'max diff':>10}")
     print(head)
     for r in rows:
+        dims = f"{r['heads']}x{r['head_dim']}"
         peaks = "/".join("-" if r["peak_gib"][n] is None else f"{r['peak_gib'][n]:.2f}" for n in ("triton", "pytorch", "sdpa"))
-        print(f"{r['shape']:<14}{'on' if r['bias'] else 'off':>5}{r['tokens']:>8}{r['heads']:>4} x{r['head_dim']:<3}"
+        print(f"{r['shape']:<14}{'on' if r['bias'] else 'off':>5}{r['tokens']:>8}{dims:>8}"
               f"{r['dtype']:>6}{r['ms']['triton']:>11.3f}{r['ms']['pytorch']:>12.3f}{r['ms']['sdpa']:>9.3f}"
               f"{r['triton_vs_sdpa']:>9.2f}{r['triton_vs_pytorch']:>7.2f}{peaks:>22}{r['max_abs_diff_vs_pytorch']:>10.2e}")
 

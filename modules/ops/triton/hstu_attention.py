@@ -107,7 +107,7 @@ def _resolve_interpret(device: torch.device, interpret: bool | None) -> bool:
 
 @dataclass
 class _Launch:
-    """Per-call constants of the three kernels (grid, tile sizes, flags) and the per-token tensors they read."""
+    """What the three kernels read in one call: per-token tensors, grid sizes, constants and the kernel module."""
 
     seg_offsets: torch.Tensor  # [S+1] int64: token where each segment starts, then the total
     flags: torch.Tensor | None  # [T] int8: query tokens
@@ -209,9 +209,15 @@ def _launch_setup(
         query_times = times
         if given.query_timestamps is not None:
             query_times = given.query_timestamps.to(device=device, dtype=torch.int64).contiguous()
+        base = getattr(relative_bias, "time_bucket_base", None)
+        if base is None:
+            raise TypeError(
+                "jagged attention (Kernel.TRITON): a relative bias with a time table needs time_bucket_base "
+                f"(the log base of its time buckets, as RelativeAttentionBias); {type(relative_bias).__name__} has none"
+            )
         num_buckets = time_table.shape[1] - 1
         thresholds = _time_thresholds(relative_bias, num_buckets, device)
-        inv_log2_base = 1.0 / math.log2(float(relative_bias.time_bucket_base))
+        inv_log2_base = 1.0 / math.log2(float(base))
     flags = given.query_flags.to(device=device, dtype=torch.int8).contiguous() if given.query_flags is not None else None
     by_length = normaliser == "length"
     return _Launch(
