@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lumrec.checkpoint import CheckpointError, CheckpointManager, load_verified_weights, tensor_digest
-from lumrec.config import load_config
+from lumrec.config import load_config, to_dict
 from lumrec.data.dataset import Dataset
 from lumrec.data.ranking.features import context_keys, vocab_size
 from lumrec.data.ranking.item_stats import ItemStatsJoin
@@ -44,6 +44,7 @@ from lumrec.modules.serving.bundle import (
     PARITY_FILE,
     check_parity,
 )
+from lumrec.modules.serving.m_falcon_bundle import DEFAULT_MICRO_BATCH, M_FALCON_KIND, MFalconBundle, write_m_falcon_files
 from lumrec.modules.serving.export import RANKER_INPUTS, RankerServing, TowerServing, compile_package, export_program, load_package
 from lumrec.pipelines.rank_config import RankConfig
 from lumrec.tracking import count_parameters
@@ -56,12 +57,11 @@ log = logging.getLogger("lumrec.export")
 __all__ = ["export_run", "main", "register_export"]
 
 _CANDIDATE_KEYS = ["item_id", "category_id"]  # every ranker's candidate ids (lumrec.modules.ranking.builder.ranker_parts)
-# Backbones torch.export cannot trace, and why (checked before anything is built).
-NOT_EXPORTABLE = {
-    "hstu": "its jagged attention (lumrec.modules.ops.build_attention_layout) loops in Python over length buckets whose "
-            "number and sizes it reads from the data, so the traced graph's structure would depend on each batch; "
-            "serve HSTU eagerly (M-FALCON) instead",
-}
+# Backbones torch.export cannot trace, served eagerly instead: HSTU's jagged attention
+# (lumrec.modules.ops.build_attention_layout) loops in Python over length buckets whose number and sizes
+# it reads from the data, so a traced graph's structure would depend on each batch; and serving it wants
+# M-FALCON (the history encoded once per request) anyway. Its bundle holds the weights (kind hstu_m_falcon).
+SERVED_EAGERLY = {"hstu"}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -178,8 +178,6 @@ def _export_and_check(wrapper: nn.Module, example: tuple, parity_inputs: tuple, 
 
 def _ranker_bundle(run: Path, cfg: RankConfig, which: str, tmp: Path) -> dict[str, Any]:
     spec = ranker_spec(cfg.model)
-    if cfg.model in NOT_EXPORTABLE:
-        raise UserError(f"{run / 'config.json'}: key model: {cfg.model!r} cannot be exported: {NOT_EXPORTABLE[cfg.model]}")
     if cfg.sizes.list_keys:
         raise UserError(f"{run / 'config.json'}: key sizes.list_keys: item list features are not exported yet; "
                         "export a run without list keys")
@@ -207,19 +205,29 @@ def _ranker_bundle(run: Path, cfg: RankConfig, which: str, tmp: Path) -> dict[st
         np.savez(tmp / ITEMS_FILE, **items)
     example = wrapper.example(batch=8, history=6, vocab=vocab)
     parity_inputs = wrapper.example(batch=5, history=7, seed=1, vocab=vocab)
-    seconds, error = _export_and_check(wrapper, example, parity_inputs, tmp / MODEL_FILE, tmp / PARITY_FILE)
+    kind, extra = "ranker", {}
+    if cfg.model in SERVED_EAGERLY:
+        kind, extra = M_FALCON_KIND, {"sizes": to_dict(cfg.sizes), "micro_batch": DEFAULT_MICRO_BATCH}
+        write_m_falcon_files(model, wrapper, parity_inputs, tmp)
+        seconds, error = 0.0, 0.0  # checked below, once the manifest is written
+    else:
+        seconds, error = _export_and_check(wrapper, example, parity_inputs, tmp / MODEL_FILE, tmp / PARITY_FILE)
     version = _version(run, ckpt)
     parameters = count_parameters(model)
     _write_manifest(tmp, {
-        "format": BUNDLE_FORMAT, "kind": "ranker", "model": cfg.model, "run": str(run.resolve()), "checkpoint": ckpt,
+        "format": BUNDLE_FORMAT, "kind": kind, "model": cfg.model, "run": str(run.resolve()), "checkpoint": ckpt,
         "version": version, "inputs": list(RANKER_INPUTS), "context_keys": context,
         "context_vocab": {k: vocab_size(vocab, k) for k in context},
         "candidate_keys": list(_CANDIDATE_KEYS), "history_keys": history, "vocab": vocab, "num_items": num_items,
         "num_users": int(vocab.get("user_id", 0)), "max_history": cfg.train.max_history, "timestamps": spec.timestamps,
         "dense_dim": stats.width if stats else 0, "item_stats": stats_manifest,
         "lum": _lum_manifest(lum) if lum else None, "parameters": parameters, "compile_seconds": round(seconds, 2),
-        "parity_max_error": error, "torch": torch.__version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "parity_max_error": error, "torch": torch.__version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(), **extra,
     })
+    if kind == M_FALCON_KIND:  # M-FALCON against one pass per candidate on the parity example
+        error = MFalconBundle(tmp, check=True).parity_error
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        _write_manifest(tmp, {**manifest, "parity_max_error": error})
     return {"model": cfg.model, "version": version, "parameters": parameters, "compile_seconds": round(seconds, 2),
             "parity_max_error": error}
 

@@ -142,15 +142,19 @@ class ServingBundle:
 
     `max_candidates`: the most candidates one request may hold (more is a RequestError);
     `num_runners`: model instances of the package, so that as many requests run at once (more wait).
+    A bundle kind that scores another way (``lumrec.modules.serving.m_falcon_bundle``) overrides
+    `_load_model`, `_check_parity` and `_forward`; requests are read the same way.
     """
+
+    KIND = "ranker"
 
     def __init__(self, path: str | os.PathLike, check: bool = True, max_candidates: int = DEFAULT_MAX_CANDIDATES,
                  num_runners: int = 2) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest
-        if m.get("kind") != "ranker":
-            raise BundleError(f"{self.path / MANIFEST}: kind {m.get('kind')!r} is not a ranker bundle (use load_bundle)")
+        if m.get("kind") != self.KIND:
+            raise BundleError(f"{self.path / MANIFEST}: kind {m.get('kind')!r} is not a {self.KIND!r} bundle (use load_bundle)")
         self.version: str = m["version"]
         self.max_candidates = int(max_candidates)
         # In the wrapper's input order (the list), each with its vocabulary size.
@@ -172,9 +176,20 @@ class ServingBundle:
         self.lum_config = (LUMFeatureConfig(conditions=[tuple(c) for c in lum["conditions"]],
                                             candidate_condition_feature=lum["candidate_condition_feature"],
                                             features=list(lum["features"]), normalize=bool(lum["normalize"])) if lum else None)
-        self.runner = _load_runner(self.path / MODEL_FILE, num_runners)
+        self.runner = self._load_model(num_runners)
         if check:
-            self.parity_error = check_parity(self.runner, self.path / PARITY_FILE)
+            self.parity_error = self._check_parity()
+
+    # -- the model: an AOTInductor package ----------------------------------------------------
+
+    def _load_model(self, num_runners: int) -> Any:
+        return _load_runner(self.path / MODEL_FILE, num_runners)
+
+    def _check_parity(self) -> float:
+        return check_parity(self.runner, self.path / PARITY_FILE)
+
+    def _forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return _run(self.runner, inputs)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -299,7 +314,7 @@ class ServingBundle:
         """
         inputs, missing = self.inputs(user_id, candidates, context, history, history_ts, request_ts, knowledge)
         with torch.inference_mode():
-            out = _run(self.runner, inputs)
+            out = self._forward(inputs)
         return ScoreResult(out.reshape(-1).tolist(), bool(missing))
 
 
@@ -371,7 +386,7 @@ def check_parity(runner: Any, path: Path, tolerance: float = PARITY_TOLERANCE) -
 
 
 def load_bundle(path: str | os.PathLike, check: bool = True, **options: Any) -> ServingBundle | TwoTowerBundle:
-    """The bundle in folder `path` (a ranker's ``ServingBundle``, a two-tower run's ``TwoTowerBundle``).
+    """The bundle in folder `path` (a ranker's ``ServingBundle``, an HSTU run's ``MFalconBundle``, a two-tower run's ``TwoTowerBundle``).
 
     `check`: run parity.pt through the loaded package and raise ``BundleError`` if it differs
     from the eager outputs by more than 1e-5. `options`: ``ServingBundle``'s `max_candidates`, `num_runners`.
@@ -379,6 +394,10 @@ def load_bundle(path: str | os.PathLike, check: bool = True, **options: Any) -> 
     kind = read_manifest(path).get("kind")
     if kind == "ranker":
         return ServingBundle(path, check=check, **options)
+    if kind == "hstu_m_falcon":
+        from lumrec.modules.serving.m_falcon_bundle import MFalconBundle  # imports the HSTU ranker only when served
+
+        return MFalconBundle(path, check=check, **options)
     if kind == "two_tower":
         options.pop("max_candidates", None)
         return TwoTowerBundle(path, check=check, **options)

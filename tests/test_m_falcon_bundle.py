@@ -1,0 +1,88 @@
+"""HSTU served end to end: `lumrec export` of an HSTU rank run writes an M-FALCON bundle whose scores equal one
+pass per candidate of the trained model (1e-5), loaded through load_bundle and checked on its parity example."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_rank_pipeline import lum_config, make_data, rank_config, write_store, DAYS  # noqa: E402 - shared tiny data
+
+from lumrec.checkpoint import CheckpointManager, load_verified_weights
+from lumrec.modules.serving.bundle import BundleError, RequestError, load_bundle
+from lumrec.modules.serving.export import RankerServing
+from lumrec.modules.serving.m_falcon_bundle import MFalconBundle
+from lumrec.pipelines import export as export_job
+from lumrec.pipelines.rank import Ranker
+
+CONTEXT, CANDIDATES, HISTORY = ["user_id", "scenario", "query_id"], ["item_id", "category_id"], ["hist_item_id", "hist_category_id"]
+
+
+@pytest.fixture(scope="module")
+def hstu_bundle(tmp_path_factory):
+    """A tiny HSTU rank run with LUM features and item statistics, exported; the trained eager model beside it."""
+    root = tmp_path_factory.mktemp("mfalcon")
+    data = make_data(root)
+    store = root / "store"
+    for i, day in enumerate(DAYS[:-1]):
+        write_store(store, day, seed=i)
+    cfg = rank_config(data, root / "run", "hstu", lum_config(str(store)), epochs=1)
+    ranker = Ranker(cfg)
+    ranker.run()
+    summary = export_job.export_run(root / "run", root / "bundle")
+    best = CheckpointManager(root / "run" / "best")
+    load_verified_weights(best.step_dir(best.newest_valid()[0]), ranker.model)
+    ranker.model.eval()
+    return root / "bundle", ranker, summary
+
+
+def test_an_hstu_run_exports_to_an_m_falcon_bundle_that_checks_itself(hstu_bundle):
+    out, ranker, summary = hstu_bundle
+    manifest = json.loads((out / "serving.json").read_text())
+    assert manifest["kind"] == "hstu_m_falcon" and manifest["model"] == "hstu" and manifest["timestamps"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["items.npz", "model.pt", "parity.pt", "serving.json"]
+    assert summary["parity_max_error"] <= 1e-5 and manifest["parity_max_error"] <= 1e-5
+    bundle = load_bundle(out)
+    assert isinstance(bundle, MFalconBundle) and bundle.uses_lum and bundle.parity_error <= 1e-5
+
+
+@pytest.mark.parametrize("seed, batch, history", [(0, 1, 0), (1, 5, 1), (2, 13, 9), (3, 40, 30)])
+def test_scores_equal_one_pass_per_candidate_of_the_trained_model(hstu_bundle, seed, batch, history):
+    """The bundle's M-FALCON path against the eager model on the per-candidate batch RankerServing builds."""
+    out, ranker, _ = hstu_bundle
+    bundle = load_bundle(out, check=False)
+    wrapper = RankerServing(ranker.model, CONTEXT, CANDIDATES, HISTORY, dense_dim=1, lum_dim=ranker.lum.output_dim,
+                            timestamps=True).eval()
+    inputs = wrapper.example(batch=batch, history=history, seed=seed, vocab=ranker.vocab)
+    with torch.no_grad():
+        expected = wrapper(*inputs)
+    assert float((bundle._forward(inputs) - expected).abs().max()) <= 1e-5
+
+
+def test_requests_are_read_as_a_ranker_bundle_reads_them(hstu_bundle):
+    out, _, _ = hstu_bundle
+    bundle = load_bundle(out, check=False, max_candidates=4)
+    result = bundle.score(3, [1, 2, 5], context={"scenario": 1}, history=[4, 7], history_ts=[100, 200], request_ts=300)
+    assert len(result.scores) == 3 and all(0.0 < p < 1.0 for p in result.scores) and result.knowledge_missing
+    same = bundle.score(3, [5, 2, 1], context={"scenario": 1}, history=[4, 7], history_ts=[100, 200], request_ts=300)
+    assert np.allclose(same.scores[::-1], result.scores, atol=1e-6)  # a candidate's score does not depend on the others
+    with pytest.raises(RequestError, match="candidates: 5 candidates; at most 4"):
+        bundle.score(3, [1, 2, 3, 4, 5])
+
+
+def test_damaged_weights_or_parity_are_refused_naming_the_file(hstu_bundle, tmp_path):
+    out, _, _ = hstu_bundle
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in out.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    saved = torch.load(copy / "parity.pt", weights_only=True)
+    saved["outputs"] = saved["outputs"] + 0.01
+    torch.save(saved, copy / "parity.pt")
+    with pytest.raises(BundleError, match="parity.pt: M-FALCON differs"):
+        load_bundle(copy)
+    (copy / "model.pt").write_bytes(b"not a state dict")
+    with pytest.raises(BundleError, match="model.pt: cannot load"):
+        load_bundle(copy, check=False)
