@@ -9,11 +9,16 @@ advanced exactly as the CPU build advances it (the draws are made in chunks and 
 every other parameter of the model gets the same values as in one process. `InitTape.rows(r0,
 r1)` then replays the ops on rows r0..r1 only: a random op restarts from its recorded state and
 skips the r0 * dim draws before the range. This works because CPU `uniform_` draws one number
-per element in order (so a row range is a slice of one stream); random ops without that property
-(`normal_`, whose CPU kernel transforms blocks of 16) are refused with a ValueError naming the
-op. torchrec's default table init (uniform) and truncated-normal inits (uniform, then
-element-wise ops) qualify. Cost: memory is one shard plus a chunk; time is O(table) per table on
-every rank (the draws before a rank's rows are generated and dropped).
+per element in order (a row range is a slice of one stream). `normal_` (CPU: Box-Muller on blocks
+of 16 uniforms, 16 more for a partial last block) only advances the generator when a later op
+overwrites it, as torchrec's uniform init overwrites nn.EmbeddingBag's normal init. torch 2.13's
+`nn.init.trunc_normal_` (normal_, then whole-table redraws while any element is out of range;
+it returns early on meta tensors, so it is intercepted) is replayed round by round: a 16-aligned
+slice of a `normal_` call is reproduced from the call's generator state. Other inits that cannot
+be replayed per row range raise `MetaInitError` naming them. Cost: memory is one shard plus a
+chunk (plus the still-rejected offsets of a truncated normal, ~5% of its elements as int32, while
+it is built); time is O(table) per table and draw round on every rank (the draws before a rank's
+rows are generated and dropped).
 
     >>> import torch
     >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -55,9 +61,9 @@ _TAPE_ATTR = "_lumrec_init_tape"
 _STREAMING_RANDOM = {"uniform_"}
 _OTHER_RANDOM = {"normal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_"}
 # nn.init functions that return early for meta tensors (torch 2.13), so no dispatch sees them.
-_META_SKIPPING_INITS = ("_no_grad_trunc_normal_", "orthogonal_", "sparse_", "dirac_")
+_META_SKIPPING_INITS = ("orthogonal_", "sparse_", "dirac_")
 # Ops that set every element without reading the old values: the ops before them do not matter.
-_OVERWRITES = {"uniform_", "normal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_", "fill_", "zero_", "copy_"}
+_OVERWRITES = {"uniform_", "normal_", "trunc_normal_", "bernoulli_", "exponential_", "random_", "cauchy_", "log_normal_", "geometric_", "fill_", "zero_", "copy_"}
 # Element-wise in-place ops: a row range of their result depends on that row range only.
 _ELEMENTWISE = {
     "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_", "clamp_max_", "erfinv_", "fill_", "zero_",
@@ -73,6 +79,7 @@ class _Op:
     kwargs: dict[str, Any]
     generator_state: Optional[torch.Tensor] = None  # random ops: where their stream starts
     replayable: bool = True  # False: a random op whose row ranges are no slices of one stream (normal_)
+    elements: Optional[Callable[[int, int], torch.Tensor]] = None  # sets elements [a, b) to these values (flat)
 
 
 @dataclass
@@ -101,15 +108,12 @@ class InitTape:
             out = torch.empty(shape, dtype=self.dtype)
         elif tuple(out.shape) != shape or not out.is_contiguous():
             raise ValueError(f"InitTape {self.name}: out must be a contiguous {shape} tensor, got {tuple(out.shape)}")
-        live = self.ops[self._last_overwrite() :]
-        dead_end = [op.name for op in live if not op.replayable]
-        if dead_end:
-            raise MetaInitError(f"InitTape {self.name}: {dead_end[0]} cannot be replayed row range by row range (its CPU "
-                             "kernel does not draw one number per element in order); initialise tables with "
-                             "uniform_-based inits (torchrec's default, nn.init.uniform_, nn.init.trunc_normal_)")
+        live = self.check()
         with torch.no_grad():
             for op in live:
-                if op.generator_state is not None:
+                if op.elements is not None:
+                    out.view(-1).copy_(op.elements(start * self.row_numel, stop * self.row_numel))
+                elif op.generator_state is not None:
                     gen = torch.Generator()
                     gen.set_state(op.generator_state)
                     _discard(gen, start * self.row_numel, self.dtype, op)
@@ -118,6 +122,19 @@ class InitTape:
                     op.func(out, *op.args, **op.kwargs)
         return out
 
+
+    def check(self) -> list[_Op]:
+        """The ops that decide the values (from the last overwriting one); MetaInitError if one cannot be replayed."""
+        live = self.ops[self._last_overwrite() :]
+        dead_end = [op.name for op in live if not op.replayable]
+        if dead_end:
+            raise MetaInitError(
+                f"InitTape {self.name}: the values come from {dead_end[0]}, which cannot be replayed row range by row "
+                "range (its CPU kernel does not draw one number per element in order); if the table has an init_fn, "
+                "it did nothing on meta (e.g. nn.init.orthogonal_ returns early for meta tensors). Initialise tables "
+                "with uniform_-based inits (torchrec's default, nn.init.uniform_) or nn.init.trunc_normal_"
+            )
+        return live
 
     def _last_overwrite(self) -> int:
         """Index of the last op that sets every element regardless of the old values (earlier ones are dead)."""
@@ -220,6 +237,96 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _normal_chunks(gen: torch.Generator, numel: int, chunk: int, mean: float, std: float) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, values) over elements 0..numel of one CPU `normal_(mean, std)` call on `numel` float32s, drawn from `gen` in chunks.
+
+    CPU normal_ on >= 16 contiguous floats fills one uniform per element, turns each block of 16
+    into normals (Box-Muller), and, when numel % 16 != 0, draws 16 more uniforms for the last 16
+    elements. A chunk starting at a multiple of 16 therefore reproduces its blocks.
+    """
+    full = numel // 16 * 16
+    body_end = numel - 16 if numel % 16 else numel  # elements the tail does not overwrite
+    chunk = max(16, chunk // 16 * 16)
+    for c0 in range(0, full, chunk):
+        values = torch.empty(min(chunk, full - c0)).normal_(mean, std, generator=gen)
+        if c0 < body_end:
+            yield c0, values[: body_end - c0]
+    if numel % 16:
+        torch.empty(numel - full).uniform_(generator=gen)  # the leftover elements' uniforms, unused
+        yield numel - 16, torch.empty(16).normal_(mean, std, generator=gen)
+
+
+def _normal_range(state: torch.Tensor, numel: int, start: int, stop: int, mean: float, std: float) -> torch.Tensor:
+    """Elements start..stop of the `normal_` call of `_normal_chunks` from generator state `state` (skips the draws before)."""
+    out = torch.empty(stop - start)
+    full, body_end = numel // 16 * 16, (numel - 16 if numel % 16 else numel)
+    a16 = start // 16 * 16
+    if a16 < body_end:
+        gen = torch.Generator()
+        gen.set_state(state)
+        _discard(gen, a16, torch.float32, _Op("uniform_", torch.ops.aten.uniform_.default, (0.0, 1.0), {}))
+        end = min(-(-stop // 16) * 16, full)
+        values = torch.empty(end - a16).normal_(mean, std, generator=gen)
+        upto = min(stop, body_end)
+        out[: upto - start] = values[start - a16 : upto - a16]
+    if numel % 16 and stop > body_end:
+        gen = torch.Generator()
+        gen.set_state(state)
+        _discard(gen, numel, torch.float32, _Op("uniform_", torch.ops.aten.uniform_.default, (0.0, 1.0), {}))
+        tail = torch.empty(16).normal_(mean, std, generator=gen)
+        lo = max(start, body_end)
+        out[lo - start :] = tail[lo - body_end : stop - body_end]
+    return out
+
+
+def _trunc_normal_op(tape: InitTape, numel: int, mean: float, std: float, a: float, b: float, gen: torch.Generator) -> _Op:
+    """torch 2.13's `nn.init.trunc_normal_` (normal_, then whole-table redraws of every element outside [a, b]) as a replayable op.
+
+    Advances `gen` as that function does: the number of redraw rounds R is found by streaming the
+    rounds and keeping only the still-rejected offsets (~5% of the elements after the first round
+    for +-2 std). The generator state of each round is recorded; rows r0..r1 replay rounds 0..R
+    over their own elements only.
+    """
+    p = (1.0 + math.erf((b - mean) / std / math.sqrt(2.0))) / 2.0 - (1.0 + math.erf((a - mean) / std / math.sqrt(2.0))) / 2.0
+    if p <= 0.3 or tape.dtype != torch.float32:
+        raise MetaInitError(f"tables_on_meta: table {tape.name}: trunc_normal_ with this range (p={p:.3f}) or dtype "
+                            f"{tape.dtype} is not replayed per row range; build this model's tables on CPU")
+    lo = torch.tensor(a, dtype=tape.dtype).item()
+    hi = torch.tensor(b, dtype=tape.dtype).item()
+    if numel <= _CHUNK:  # small: run it and keep the values
+        values = torch.empty(numel)
+        nn.init.trunc_normal_(values, mean, std, a, b, generator=gen)
+        return _Op("trunc_normal_", torch.ops.aten.copy_.default, (), {}, elements=lambda s, e: values[s:e])
+    states = [gen.get_state()]
+    pending: dict[int, torch.Tensor] = {}  # chunk start -> offsets (in the chunk) still out of range
+    for start, values in _normal_chunks(gen, numel, _CHUNK, mean, std):
+        bad = ((values < lo) | (values > hi)).nonzero().flatten().to(torch.int32)
+        if bad.numel():
+            pending[start] = bad
+    while pending:
+        states.append(gen.get_state())
+        for start, values in _normal_chunks(gen, numel, _CHUNK, mean, std):
+            if start in pending:
+                offsets = pending[start]
+                drawn = values[offsets.long()]
+                still = offsets[(drawn < lo) | (drawn > hi)]
+                if still.numel():
+                    pending[start] = still
+                else:
+                    del pending[start]
+
+    def elements(first: int, stop: int) -> torch.Tensor:
+        result = _normal_range(states[0], numel, first, stop, mean, std)
+        for state in states[1:]:
+            mask = (result < lo) | (result > hi)
+            if not mask.any():
+                break
+            result = torch.where(mask, _normal_range(state, numel, first, stop, mean, std), result)
+        return result
+
+    return _Op("trunc_normal_", torch.ops.aten.copy_.default, (), {}, elements=elements)
+
+
 def _storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -265,13 +372,13 @@ def tables_on_meta(enabled: bool = True) -> Iterator[None]:
                     # apply it here, recorded, as the CPU build does. An EC applied it in its loop.
                     if isinstance(self, EmbeddingBagCollection) and init_fn is not None:
                         init_fn(weight)
+                    init_tape(weight).check()  # an init_fn that skipped meta leaves the constructor's normal_
 
         return __init__
 
     def refuse_on_tables(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         # These nn.init functions return early on meta tensors, below any dispatch: the table
-        # would keep no init and the generator would not advance. trunc_normal_ also rejects and
-        # redraws over the whole table, so no row range can be replayed alone.
+        # would keep no init and the generator would not advance.
         def guarded(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if tensor.is_meta and (recorder.building or _storage_id(tensor) in recorder.tapes):
                 raise MetaInitError(f"tables_on_meta: nn.init.{name} on an embedding table cannot be built on meta "
@@ -281,12 +388,29 @@ def tables_on_meta(enabled: bool = True) -> Iterator[None]:
 
         return guarded
 
+    original_trunc_normal = nn.init._no_grad_trunc_normal_
+
+    def trunc_normal(tensor: torch.Tensor, mean: float, std: float, a: float, b: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # torch's returns early on meta (no draws); a table gets a replayable record instead.
+        if not (tensor.is_meta and (recorder.building or _storage_id(tensor) in recorder.tapes)):
+            return original_trunc_normal(tensor, mean, std, a, b, generator=generator)
+        known = recorder.tapes.get(_storage_id(tensor))
+        tape = known[0] if known is not None else recorder.register(tensor, "(building)")
+        if known is not None and (tensor.numel() != known[1] or tensor.storage_offset() != 0 or not tensor.is_contiguous()):
+            raise MetaInitError(f"tables_on_meta: table {tape.name}: trunc_normal_ on part of the table cannot be replayed per row range")
+        gen = generator if generator is not None else torch.default_generator
+        if gen.device.type != "cpu":
+            raise MetaInitError(f"tables_on_meta: table {tape.name}: trunc_normal_ draws from a {gen.device} generator")
+        tape.ops.append(_trunc_normal_op(tape, tensor.numel(), float(mean), float(std), float(a), float(b), gen))
+        return tensor
+
     guarded_inits = {n: getattr(nn.init, n) for n in _META_SKIPPING_INITS if hasattr(nn.init, n)}
     try:
         for cls in originals:
             cls.__init__ = patched(cls)  # type: ignore[method-assign]
         for n, f in guarded_inits.items():
-            setattr(nn.init, n, refuse_on_tables(n.replace("_no_grad_", ""), f))
+            setattr(nn.init, n, refuse_on_tables(n, f))
+        nn.init._no_grad_trunc_normal_ = trunc_normal
         with recorder:
             yield
     finally:
@@ -294,6 +418,7 @@ def tables_on_meta(enabled: bool = True) -> Iterator[None]:
             cls.__init__ = init  # type: ignore[method-assign]
         for n, f in guarded_inits.items():
             setattr(nn.init, n, f)
+        nn.init._no_grad_trunc_normal_ = original_trunc_normal
 
 
 def table_init_tapes(collections: Mapping[str, nn.Module]) -> dict[str, InitTape]:

@@ -126,7 +126,7 @@ def _build_model(cfg: PretrainConfig, meta: Any, data: Dataset, token_config: To
     Sharding fills each rank's shards with the rows the CPU build holds (`lumrec.meta_tables`), so
     N ranks start from the 1-process weights. `train.table_init` copies into whole tables before
     sharding, so it keeps the CPU build, as does a model whose table init cannot be replayed per
-    row range (SASRec/HSTU item tables: truncated normal; logged).
+    row range (`MetaInitError`, logged).
     """
     def build() -> SequentialRecommender:
         return build_model(cfg.model, cfg.model_config, meta, data, token_config, cfg.data.max_len)

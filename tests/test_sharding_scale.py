@@ -106,12 +106,40 @@ def test_normal_draw_count_matches_cpu_for_large_tables(monkeypatch):
         assert torch.equal(after_meta, build()), rows
 
 
-def test_meta_tables_refuse_inits_they_cannot_replay():
+@pytest.mark.parametrize("rows", [9, 2003])  # 2003 x 4: above the patched chunk, numel % 16 != 0
+def test_truncated_normal_tables_replay_per_row_range(monkeypatch, rows):
     from lumrec.modules.retrieval.sasrec import ItemInputArch
 
-    with pytest.raises(MetaInitError, match="trunc_normal_"), tables_on_meta():
-        ItemInputArch(11, 4, 5, 0.0)  # its item table: truncated normal, redrawn over the whole table
+    monkeypatch.setattr(meta_tables, "_CHUNK", 1000)
+    # Bounds at +-1 std: many elements are redrawn, over several rounds.
+    monkeypatch.setattr("lumrec.modules.retrieval.sasrec.init_item_table",
+                        lambda w: nn.init.trunc_normal_(w, mean=0.0, std=0.02, a=-0.02, b=0.02))
+
+    def build() -> tuple[ItemInputArch, torch.Tensor]:
+        torch.manual_seed(3)
+        arch = ItemInputArch(rows, 4, 5, 0.0)  # its item table: torchrec's uniform init, then truncated normal
+        return arch, torch.rand(3)
+
+    cpu, after_cpu = build()
+    with tables_on_meta():
+        meta, after_meta = build()
+    assert torch.equal(after_meta, after_cpu), "the generator did not advance as on CPU"
+    weight = cpu.item_table.embedding_bags["item_id"].weight
+    tape = init_tape(meta.item_table.embedding_bags["item_id"].weight)
+    for r0, r1 in [(0, rows), (1, rows // 2), (rows // 2, rows), (rows - 3, rows), (rows - 5, rows - 4)]:
+        assert torch.equal(tape.rows(r0, r1), weight[r0:r1]), (r0, r1)
+
+
+def test_meta_tables_refuse_inits_they_cannot_replay():
+    cfg = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["t"],
+                              init_fn=nn.init.orthogonal_)]
+    with pytest.raises(MetaInitError, match="did nothing on meta"), tables_on_meta():
+        EmbeddingBagCollection(tables=cfg)  # the init_fn is torch's own orthogonal_, which returns early on meta
+    with pytest.raises(MetaInitError, match="orthogonal_"), tables_on_meta():
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["t"])])
+        nn.init.orthogonal_(ebc.embedding_bags["t"].weight)  # a later init through nn.init: refused by name
     assert EmbeddingBagCollection.__init__.__module__.startswith("torchrec")  # patches undone
+    assert nn.init._no_grad_trunc_normal_.__module__ == "torch.nn.init"
 
 
 # ------------------------------------------------------------------- sharded sequence tables
