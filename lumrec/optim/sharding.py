@@ -47,6 +47,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from lumrec.optim.dense_lookup import use_torch_lookup_where_needed
 from lumrec.optim.rowwise_adamw import RowwiseAdamW, Segment
+from lumrec.optim.sparse_kernel_grads import sparse_dense_kernel_gradients
 
 _IN_BACKWARD_ATTRS = ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs")
 SUPPORTED_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value)
@@ -102,6 +103,8 @@ def attach_rowwise_adamw_to_dense_kernels(
         weight = kernel.emb_module.weights
         kwargs = dict(next(iter(found.values())), segments=dense_kernel_segments(kernel))
         _apply_optimizer_in_backward(RowwiseAdamW, [weight], kwargs)
+        # Row-sparse weight gradients: the step costs O(rows looked up), with the dense kernel's bits.
+        sparse_dense_kernel_gradients(kernel.emb_module)
         attached.append(weight._in_backward_optimizers[-1])
     return attached
 
