@@ -1,7 +1,7 @@
 """Benchmark: one RowwiseAdamW training step of an embedding table, dense vs row-sparse gradients, by table size.
 
-For each table size (`--rows`, default 1e4 1e5 1e6 1e7 rows of `--dim` 64 float32) one torchrec
-EmbeddingBagCollection table (sum pooling) with RowwiseAdamW is stepped on the same batch of ids
+For each table size (`--rows`, default 1e4 1e5 1e6 1e7 rows of `--dim` 64 float32) one table
+(sum pooling) with RowwiseAdamW is stepped on the same batch of ids
 (`--bags` bags of `--ids-per-bag` ids drawn once from 10,000 slots spread over the table, so every
 size touches the same number of rows). A step is the lookup's forward, backward and the optimizer
 step (and zero_grad). Two paths, measured side by side on the same table (alternating, one run):
@@ -11,6 +11,11 @@ step (and zero_grad). Two paths, measured side by side on the same table (altern
 - sparse: `lumrec.optim.sparse_table_gradients` (row-sparse COO gradient, duplicates summed in
   backward): O(rows touched) per step.
 
+`--kernel ebc` (default): a torchrec EmbeddingBagCollection table, as one-process jobs train it.
+`--kernel dense_kernel`: the table in fbgemm's DENSE kernel (`DenseTableBatchedEmbeddingBagsCodegen`,
+one flat weight), as a rank trains its shard under DistributedModelParallel; sparse is
+`lumrec.optim.sparse_kernel_grads.sparse_dense_kernel_gradients`.
+
 Prints a table of medians over `--steps` steps per path (after `--warmup` steps) with the ratio,
 then one JSON line of the figures (also saved under ``--out``,
 ``benchmarks/results/rowwise_adamw.json`` by default). Memory: the dense path at R rows holds
@@ -18,6 +23,7 @@ weight, first moment and gradient, 3 x R x dim x 4 bytes (7.7 GB at 1e7 rows x 6
 
     .venv/bin/python benchmarks/rowwise_adamw.py                         # 1e4 .. 1e7 rows
     .venv/bin/python benchmarks/rowwise_adamw.py --rows 10000 1000000 --steps 10
+    .venv/bin/python benchmarks/rowwise_adamw.py --kernel dense_kernel
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +49,7 @@ from results_file import merge_row  # noqa: E402
 
 from lumrec.optim import RowwiseAdamW  # noqa: E402
 from lumrec.optim.sparse_grads import sparse_table_gradients  # noqa: E402
+from lumrec.optim.sparse_kernel_grads import sparse_dense_kernel_gradients  # noqa: E402
 
 SLOTS = 10_000  # the batch's ids are drawn from this many rows, spread evenly over every table size
 
@@ -60,6 +69,31 @@ def build(rows: int, dim: int) -> tuple[EmbeddingBagCollection, torch.nn.Embeddi
     return ebc, bag, opt
 
 
+class DenseKernelTable(torch.nn.Module):
+    """One table in fbgemm's DENSE kernel, called with a KJT like the EBC; `sparse` switches its gradient."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.tbe = DenseTableBatchedEmbeddingBagsCodegen([(rows, dim)], pooling_mode=PoolingMode.SUM, use_cpu=True)
+        with torch.no_grad():
+            self.tbe.weights.normal_(0, 0.01)
+        self.dense_forward = self.tbe.forward
+        sparse_dense_kernel_gradients(self.tbe)
+        self.sparse_forward = self.tbe.forward
+        self.sparse = True
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        lookup = self.sparse_forward if self.sparse else self.dense_forward
+        return lookup(kjt.values(), kjt.offsets())
+
+
+def build_dense_kernel(rows: int, dim: int) -> tuple[DenseKernelTable, DenseKernelTable, RowwiseAdamW]:
+    table = DenseKernelTable(rows, dim)
+    opt = RowwiseAdamW([table.tbe.weights], lr=1e-3, weight_decay=0.01, segments=[(0, rows, dim)])
+    opt.init_state()
+    return table, table, opt
+
+
 def batch(rows: int, bags: int, per_bag: int, seed: int) -> KeyedJaggedTensor:
     """The same ids (up to spreading) for every table size: `SLOTS` slots mapped to rows slot * rows // SLOTS."""
     g = torch.Generator().manual_seed(seed)
@@ -68,10 +102,12 @@ def batch(rows: int, bags: int, per_bag: int, seed: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=ids, lengths=torch.full((bags,), per_bag))
 
 
-def step(ebc: EmbeddingBagCollection, opt: RowwiseAdamW, kjt: KeyedJaggedTensor, coef: torch.Tensor) -> float:
+def step(table: torch.nn.Module, opt: RowwiseAdamW, kjt: KeyedJaggedTensor, coef: torch.Tensor) -> float:
     """Seconds for forward + backward + optimizer step + zero_grad."""
     t0 = time.perf_counter()
-    (ebc(kjt).values() * coef).sum().backward()
+    out = table(kjt)
+    pooled = out if isinstance(out, torch.Tensor) else out.values()  # the EBC returns a KeyedTensor
+    (pooled * coef).sum().backward()
     opt.step()
     opt.zero_grad()
     return time.perf_counter() - t0
@@ -79,7 +115,7 @@ def step(ebc: EmbeddingBagCollection, opt: RowwiseAdamW, kjt: KeyedJaggedTensor,
 
 def measure(rows: int, args: argparse.Namespace) -> dict:
     """Median step seconds of both paths on one table, alternating dense and sparse steps."""
-    ebc, bag, opt = build(rows, args.dim)
+    ebc, bag, opt = (build if args.kernel == "ebc" else build_dense_kernel)(rows, args.dim)
     kjt = batch(rows, args.bags, args.ids_per_bag, args.seed)
     coef = torch.randn(args.bags, args.dim, generator=torch.Generator().manual_seed(args.seed + 1))
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
@@ -107,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel", choices=["ebc", "dense_kernel"], default="ebc",
+                    help="the table as one-process jobs train it (ebc) or as a rank trains its shard (dense_kernel)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rowwise_adamw.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -116,12 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['rows']:>12,} {r['touched_rows']:>8} {r['dense_ms']:>10.3f} {r['sparse_ms']:>10.3f} {r['speedup']:>12.2f}x")
     flat = rows[-1]["sparse_ms"] / rows[0]["sparse_ms"]
     result = {
-        "benchmark": "rowwise_adamw", "dim": args.dim, "bags": args.bags, "ids_per_bag": args.ids_per_bag,
+        "benchmark": "rowwise_adamw", "kernel": args.kernel, "dim": args.dim, "bags": args.bags, "ids_per_bag": args.ids_per_bag,
         "steps": args.steps, "threads": args.threads, "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "rows": rows,
         "sparse_ms_largest_over_smallest": round(flat, 2),
     }
-    merge_row(args.out, f"rows {'_'.join(str(r) for r in args.rows)} dim {args.dim}", result)
+    merge_row(args.out, f"{args.kernel} rows {'_'.join(str(r) for r in args.rows)} dim {args.dim}", result)
     print(json.dumps(result))
     return result
 

@@ -51,6 +51,21 @@ def _state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def _coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """`grad.coalesce()`, without its sort when the ids are already strictly increasing.
+
+    Producers that sum duplicates in backward (`lumrec.optim.sparse_grads`, `sparse_kernel_grads`)
+    hand over sorted unique ids, but autograd drops the tensor's coalesced flag on the way to
+    `.grad`; checking the order is one pass, sorting again a sort of every element.
+    """
+    if grad.is_coalesced() or grad.sparse_dim() != 1:
+        return grad.coalesce()
+    ids = grad._indices()[0]
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
+    return grad.coalesce()
+
+
 class RowwiseAdamW(torch.optim.Optimizer):
     """AdamW for embedding tables with a row-wise second moment that updates only touched rows."""
 
@@ -161,7 +176,7 @@ class RowwiseAdamW(torch.optim.Optimizer):
     def _touched_rows(grad_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids, their gradient rows) for rows whose gradient has any nonzero element."""
         if grad_2d.is_sparse:
-            g = grad_2d.coalesce()  # sums duplicate ids, as the dense gradient would
+            g = _coalesced(grad_2d)  # sums duplicate ids, as the dense gradient would
             if g.sparse_dim() != 1:
                 return RowwiseAdamW._touched_rows(g.to_dense())
             ids, vals = g.indices()[0], g.values()
@@ -213,7 +228,7 @@ class RowwiseAdamW(torch.optim.Optimizer):
         state["step"] += 1
         flat_sparse = grad.is_sparse and group.get("segments") is not None
         if flat_sparse:
-            grad = grad.coalesce()  # sorted element ids, duplicates summed
+            grad = _coalesced(grad)  # sorted element ids, duplicates summed
         row_base = 0
         for off, rows, dim in self._segments(group, p):
             if group.get("segments") is None:
