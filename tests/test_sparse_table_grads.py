@@ -157,3 +157,11 @@ def test_idempotent_and_eval_untouched():
     plain = _collection("ec")
     for key, jt in plain(kjt).items():
         assert torch.equal(out[key].values(), jt.values())
+
+
+def test_export_traces_a_switched_collection():
+    module = _collection("ebc")
+    sparse_table_gradients(module)
+    kjt = _batches(0, steps=1)[0]
+    exported = torch.export.export(module, (kjt,), strict=False)
+    assert torch.equal(exported.module()(kjt).values(), module(kjt).values())

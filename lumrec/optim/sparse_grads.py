@@ -73,6 +73,8 @@ def _coalescing_hook(coalesce: Callable[[torch.Tensor], torch.Tensor]) -> Callab
         return tuple(coalesce(g) if g is not None and g.is_sparse else g for g in grad_inputs)
 
     def forward_hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():  # torch.compile / torch.export trace the forward: no backward hooks there
+            return
         node = getattr(output, "grad_fn", None)
         # Only the lookup's own backward node: anything else (a cast added later) is left alone,
         # the optimizer then coalesces the gradient itself (same rows, rounding may differ).

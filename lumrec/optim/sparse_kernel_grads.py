@@ -120,7 +120,8 @@ def _sparse_forward(tbe: DenseTableBatchedEmbeddingBagsCodegen) -> Callable[...,
                        feature_requires_grad: Optional[torch.Tensor] = None,
                        batch_size_per_feature_per_rank: Optional[list[list[int]]] = None) -> torch.Tensor:
         dense = (per_sample_weights is not None or batch_size_per_feature_per_rank is not None
-                 or tbe.pooling_mode == PoolingMode.MEAN or not (torch.is_grad_enabled() and tbe.weights.requires_grad))
+                 or tbe.pooling_mode == PoolingMode.MEAN or not (torch.is_grad_enabled() and tbe.weights.requires_grad)
+                 or torch.compiler.is_compiling())
         if dense:
             return forward(indices, offsets, per_sample_weights, feature_requires_grad, batch_size_per_feature_per_rank)
         return _SparseGradLookup.apply(tbe.weights, indices, offsets.to(indices.dtype), tbe, forward)
