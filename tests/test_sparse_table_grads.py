@@ -62,15 +62,16 @@ def _loss(kind, module, kjt, seed):
     """A loss whose gradient differs per row; for EBCs a second lookup of t1 (candidate-style ids)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "ec":
-        return sum((jt.values().square() * torch.randn(jt.values().shape, generator=g)).sum() for jt in module(kjt).values())
+        return sum((jt.values().square() * torch.randn(jt.values().shape, generator=g).to(jt.values().device)).sum()
+                   for jt in module(kjt).values())
     pooled = module(kjt).values()
-    loss = (pooled * torch.randn(pooled.shape, generator=g)).sum()
+    loss = (pooled * torch.randn(pooled.shape, generator=g).to(pooled.device)).sum()
     f1 = kjt["f1"]
     second = KeyedJaggedTensor.from_lengths_sync(
         keys=FEATS, values=f1.values(), lengths=torch.cat([f1.lengths(), torch.zeros(2 * f1.lengths().numel(), dtype=f1.lengths().dtype)]),
         weights=f1.weights() if kjt.weights_or_none() is not None else None,
     )
-    return loss + (module(second).values() * torch.randn(pooled.shape, generator=g)).sum()
+    return loss + (module(second).values() * torch.randn(pooled.shape, generator=g).to(pooled.device)).sum()
 
 
 def _train(kind, sparse, in_backward, pooling=PoolingType.SUM, weighted=False, seed=0):
@@ -165,3 +166,22 @@ def test_export_traces_a_switched_collection():
     kjt = _batches(0, steps=1)[0]
     exported = torch.export.export(module, (kjt,), strict=False)
     assert torch.equal(exported.module()(kjt).values(), module(kjt).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["ebc", "ec"])
+def test_sparse_gradients_on_cuda_train_like_cpu(kind):
+    out = {}
+    for device in ("cpu", "cuda"):
+        module = _collection(kind).to(device)
+        sparse_table_gradients(module)
+        opt = RowwiseAdamW(module.parameters(), **KW)  # state in host memory, as on CPU
+        for i, kjt in enumerate(_batches(0)):
+            _loss(kind, module, kjt.to(torch.device(device)), i).backward()
+            assert all(p.grad.is_sparse for p in module.parameters())
+            opt.step()
+            opt.zero_grad()
+        out[device] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    for key, value in out["cpu"].items():
+        # CUDA sums a row's duplicates in another order: float32 rounding, nothing more.
+        torch.testing.assert_close(out["cuda"][key], value, rtol=1e-5, atol=1e-6)
