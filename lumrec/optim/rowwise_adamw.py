@@ -34,6 +34,15 @@ O(rows touched), whatever the table size.
 State (`exp_avg` like the weight, `exp_avg_sq_row` and `row_step` one entry per row, `step`)
 lives on `state_device` ("cpu" by default, so tables on an accelerator keep their optimizer
 state in host memory); it is float32, or float64 for a float64 weight.
+
+    >>> import torch
+    >>> table = torch.nn.Embedding(1000, 4, sparse=True)
+    >>> opt = RowwiseAdamW(table.parameters(), lr=0.1)
+    >>> before = table.weight.detach().clone()
+    >>> table(torch.tensor([3, 3, 7])).sum().backward()
+    >>> opt.step()
+    >>> (table.weight != before).any(1).nonzero().flatten().tolist()   # only the looked-up rows moved
+    [3, 7]
 """
 
 from __future__ import annotations
