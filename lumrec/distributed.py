@@ -393,9 +393,12 @@ def shard_model(
     them), so a model built and seeded alike on every rank, or warm-started, keeps its weights;
     tables built on meta inside `lumrec.meta_tables.tables_on_meta()` get, in each shard, the rows
     the CPU build would hold (no rank holds a whole table). `pooled_sharding_types` limits the
-    planner's choices for pooled (EmbeddingBagCollection) tables, e.g. `("table_wise",)` where
-    ranks' local batch sizes differ: torchrec's row-wise pooled output is a reduce-scatter over
-    equal local batches ("ProcessGroupGloo::allgather: invalid tensor size" in backward otherwise).
+    planner's choices for pooled (EmbeddingBagCollection) tables (None: any type the sharder
+    offers, less data-parallel and, for row-wise optimizers, column-wise). torchrec's row-wise
+    and table-row-wise pooled outputs are a reduce-scatter over equal local batches
+    ("ProcessGroupGloo::allgather: invalid tensor size" in backward otherwise): pad every rank's
+    batch to one size with samples kept out of the loss (`lumrec rank` does), or pass
+    `("table_wise",)` where local batch sizes differ.
     Returns the DistributedModelParallel; its dense part is wrapped in DDP by DMP.
     """
 

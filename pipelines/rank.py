@@ -32,7 +32,11 @@ and shards them (pooled and DIN/SIM/HSTU sequence tables, the planner's plan) ov
 TorchRec's DistributedModelParallel (``lumrec.distributed.shard_model``; each shard starts from the
 rows one process starts from; the dense part is replicated under DDP). ``train.batch_size``
 stays the global batch: each rank takes a contiguous slice of every batch, and the loss is
-rescaled (``global_mean_loss``) so that the gradients are those of the global batch. One
+rescaled (``global_mean_loss``) so that the gradients are those of the global batch. Every rank's
+batch has the same size (``equal_parts``: shorter slices end with copies of a sample of the global
+batch that weigh nothing in the loss, the gradients and the metrics), because torchrec's row-wise
+pooled tables exchange equal local batches; so the planner may place any pooled table row-wise
+(``Ranker.pooled_sharding_types``), and no rank need hold a whole one. One
 process or N ranks train with the same optimizers (RowwiseAdamW on every embedding table,
 Adam on the rest), so they reach the same losses, metrics and weights up to float rounding.
 Evaluation gathers every rank's predictions, so all ranks compute the same metrics; rank 0
@@ -112,6 +116,10 @@ class Ranker(EpochJob):
 
     job = "rank"
     metric = "auc"
+    # The planner's choices for pooled (EmbeddingBagCollection) tables on N ranks; None: its free
+    # choice among the table sharder's types (table_wise, row_wise for RowwiseAdamW). Batches are
+    # padded to equal local sizes, so a row-wise pooled table trains like one process.
+    pooled_sharding_types: tuple[str, ...] | None = None
 
     def __init__(self, cfg: RankConfig, samples: RankingSamples | None = None) -> None:
         self.cfg = cfg
@@ -148,7 +156,8 @@ class Ranker(EpochJob):
         self.part = None if self.ctx is None else (self.ctx.rank, self.ctx.world_size)
         self.history_keys, self.list_keys = tuple(cfg.sizes.history_keys), tuple(cfg.sizes.list_keys)
         self.loader = RankingBatchLoader(self.samples, "train", t.batch_size, t.max_history, shuffle_seed=t.seed,
-                                         history_keys=self.history_keys, part=self.part, list_keys=self.list_keys)
+                                         history_keys=self.history_keys, part=self.part, list_keys=self.list_keys,
+                                         equal_parts=self.part is not None)
         self._init_job()
 
     # -- optimizers and sharding ------------------------------------------------------------
@@ -179,10 +188,10 @@ class Ranker(EpochJob):
             raise ValueError(f"model {self.cfg.model}: no embedding table to shard over {self.ctx.world_size} ranks; "
                              "give it context tables (sizes.context_keys)")
         t = self.train
-        # Pooled tables table-wise: the ranks' slices of a batch may differ by one sample, which
-        # torchrec's row-wise pooled output cannot take (lumrec.distributed.shard_model).
+        # Any pooled sharding type: every rank's batch has one size (`equal_parts`), which
+        # torchrec's row-wise pooled output needs (lumrec.distributed.shard_model).
         dmp = shard_model(self.model, self.ctx, fused_params_for(self.ctx.device, lr=t.lr, weight_decay=t.weight_decay),
-                          pooled_sharding_types=("table_wise",))
+                          pooled_sharding_types=self.pooled_sharding_types)
         # Pooled and sequence tables (EmbeddingCollections of DIN/SIM/HSTU) are sharded, RowwiseAdamW
         # in their backward; any table left unsharded would get RowwiseAdamW here, after backward.
         tables = _table_parameters(dmp.module)
@@ -226,12 +235,18 @@ class Ranker(EpochJob):
 
     def step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
         """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
-        loss = self.trainer(self.ranking_batch(batch))[0]
-        if self.ctx is None:
-            return loss
+        if self.ctx is None or batch.pad == 0:
+            loss = self.trainer(self.ranking_batch(batch))[0]
+            return loss if self.ctx is None else global_mean_loss(loss, len(batch), self.ctx, batch.global_batch_size)
+        # Padding samples run through the model (every rank's collectives see one batch size) but
+        # stay out of the loss, so their gradient is exactly zero.
+        inputs = self.ranking_batch(batch)
+        logits = self.model(inputs.sparse_features, inputs.dense_features, inputs.lum_features)
         if batch.padding:  # a stand-in for an empty slice: it runs for the collectives and weighs nothing
-            return loss * 0.0
-        return global_mean_loss(loss, len(batch), self.ctx, batch.global_batch_size)
+            return logits.sum() * 0.0
+        labels = inputs.labels.reshape(-1).to(logits.dtype)
+        loss = self.trainer.loss_fn(logits[: batch.real], labels[: batch.real])
+        return global_mean_loss(loss, batch.real, self.ctx, batch.global_batch_size)
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
         """The global batch's mean loss (the mean over ranks of the scaled local losses)."""
@@ -253,13 +268,13 @@ class Ranker(EpochJob):
         with torch.no_grad():
             for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
                                                    history_keys=self.history_keys, part=self.part,
-                                                   list_keys=self.list_keys):
+                                                   list_keys=self.list_keys, equal_parts=self.part is not None):
                 _, logits = self.trainer(self.ranking_batch(batch))
                 probs = torch.sigmoid(logits).cpu()  # metrics (and the gathered pieces) on the CPU
                 if self.ctx is None:
                     metrics.update(probs, batch.labels)
                 else:
-                    pieces.append(None if batch.padding else (probs, batch.labels))
+                    pieces.append(None if batch.padding else (probs[: batch.real], batch.labels[: batch.real]))
         self.model.train()
         if self.ctx is not None:
             gathered: list[Any] = [None] * self.ctx.world_size

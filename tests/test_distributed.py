@@ -24,6 +24,7 @@ from lumrec.distributed import (
     global_mean_loss,
     init_distributed,
     load_unsharded_weights,
+    plan_summary,
     shard_model,
 )
 from lumrec.meta_tables import tables_on_meta
@@ -83,6 +84,53 @@ def _ranking_batches(rank: int, world: int) -> list[Any]:
         )
         out.append(RankingBatch(kjt, labels[lo:hi], dense[lo:hi]))
     return out
+
+
+# Global batch sizes of the padded scenario: 7 splits 3 / 4 (rank 0 padded with one sample), the
+# last batch of 1 leaves rank 0 only a stand-in.
+PADDED_SIZES = (7, 7, 7, 1)
+
+
+def _padded_ranking_batches(rank: int, world: int) -> list[tuple[Any, int, int]]:
+    """(batch, real samples, global batch size) per step: this rank's slice of each global batch,
+    followed by copies of the global batch's first sample up to ceil(B / world), the size every
+    rank's batch has (as `RankingSamples.iter_batches(equal_parts=True)` makes them)."""
+    from torchrec import KeyedJaggedTensor
+
+    from lumrec.data.ranking.samples import padded_part_size, rank_slice
+    from lumrec.modules.ranking.base import RankingBatch
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for b in PADDED_SIZES:
+        user, item = torch.randint(0, 10, (b,), generator=g), torch.randint(0, 20, (b,), generator=g)
+        cat_len = torch.randint(0, 4, (b,), generator=g)
+        cats = torch.randint(0, 6, (int(cat_len.sum()),), generator=g)
+        dense, labels = torch.randn(b, 3, generator=g), torch.randint(0, 2, (b,), generator=g).float()
+        lo, hi = rank_slice(b, rank, world)
+        rows = torch.cat([torch.arange(lo, hi), torch.zeros(padded_part_size(b, world) - (hi - lo), dtype=torch.long)])
+        cat_offsets = torch.cat([torch.zeros(1, dtype=torch.long), cat_len.cumsum(0)])
+        my_cats = torch.cat([cats[cat_offsets[r] : cat_offsets[r + 1]] for r in rows.tolist()])
+        one = torch.ones(len(rows), dtype=torch.int32)
+        kjt = KeyedJaggedTensor.from_lengths_sync(["user_id", "item_id", "category_ids"],
+                                                  torch.cat([user[rows], item[rows], my_cats]),
+                                                  torch.cat([one, one, cat_len[rows].int()]))
+        out.append((RankingBatch(kjt, labels[rows], dense[rows]), hi - lo, b))
+    return out
+
+
+class RealRowsRanker(nn.Module):
+    """`_ranking_model`'s BCE over a batch's first `real` samples: the rest pad it to the ranks' common size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ranking_model()
+
+    def forward(self, batch: Any, real: int) -> torch.Tensor:
+        logits = self.inner.model(batch.sparse_features, batch.dense_features, batch.lum_features)
+        if real == 0:  # only padding: it runs for the collectives and weighs nothing
+            return logits.sum() * 0.0
+        return nn.functional.binary_cross_entropy_with_logits(logits[:real], batch.labels[:real])
 
 
 class TokenRegressor(nn.Module):
@@ -197,6 +245,22 @@ def _train(dmp: nn.Module, opt: Any, batches: list[Any], ctx: DistContext, forwa
     return losses
 
 
+def _train_padded(dmp: nn.Module, opt: Any, batches: list[tuple[Any, int, int]], ctx: DistContext) -> list[float]:
+    """`_train` on padded batches: each rank's loss over its real samples, rescaled to the global batch."""
+    losses = []
+    for batch, real, global_b in batches:
+        loss = dmp(batch, real)
+        if real:
+            loss = global_mean_loss(loss, real, ctx, global_b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / ctx.world_size)
+    return losses
+
+
 def _local_size(batch: Any) -> int:
     return int(batch[2].numel()) if isinstance(batch, tuple) else int(batch.labels.numel())
 
@@ -275,6 +339,15 @@ def _run_scenarios(ctx: DistContext, out_dir: str) -> dict[str, Any]:
     results["seq_plan_source"] = dmp.lumrec_plan_source
     results["seq_plan_modules"] = sorted(dmp.plan.plan)
     torch.save(_local_shards(dmp), os.path.join(out_dir, f"seq_rank{rank}.pt"))
+
+    # 5. Pooled tables row-wise by the planner (forced through the constraints), local batches of
+    #    unequal slices padded to one size, the padding kept out of the loss; RowwiseAdamW.
+    dmp = shard_model(RealRowsRanker(), ctx, fused_params_for(ctx.device, lr=0.05), pooled_sharding_types=("row_wise",))
+    opt = dense_optimizer(dmp, lr=0.05)
+    results["padded"] = _train_padded(dmp, opt, _padded_ranking_batches(rank, world), ctx)
+    results["padded_plan_source"] = dmp.lumrec_plan_source
+    results["padded_plan"] = plan_summary(dmp.plan)
+    torch.save(_local_shards(dmp), os.path.join(out_dir, f"padded_rank{rank}.pt"))
     return results
 
 
@@ -452,7 +525,7 @@ def test_one_rank_sharded_matches_plain_pytorch(one_rank, scenario):
     torch.testing.assert_close(torch.tensor(res[scenario]), torch.tensor(_plain_reference(scenario)), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("scenario", ["sgd", "adamw", "token", "seq"])
+@pytest.mark.parametrize("scenario", ["sgd", "adamw", "token", "seq", "padded"])
 def test_two_ranks_match_one_rank_per_step_loss(two_ranks, one_rank, scenario):
     out2, _ = two_ranks
     _, res1 = one_rank
@@ -473,7 +546,7 @@ def test_two_ranks_match_one_rank_per_step_loss(two_ranks, one_rank, scenario):
     assert r0[f"{scenario}_plan_source"] == res1[f"{scenario}_plan_source"]
 
 
-@pytest.mark.parametrize("scenario", ["sgd", "token", "seq"])
+@pytest.mark.parametrize("scenario", ["sgd", "token", "seq", "padded"])
 def test_two_ranks_match_one_rank_final_weights(two_ranks, one_rank, scenario):
     out2, _ = two_ranks
     out1, _ = one_rank
@@ -482,6 +555,15 @@ def test_two_ranks_match_one_rank_final_weights(two_ranks, one_rank, scenario):
     full2 = _assemble([torch.load(os.path.join(out2, f"{scenario}_rank{r}.pt")) for r in range(2)], like)
     for key in full1:
         torch.testing.assert_close(full2[key], full1[key], rtol=0, atol=ATOL, msg=key)
+
+
+def test_padded_scenario_plans_every_pooled_table_row_wise(two_ranks, one_rank):
+    """The padded scenario is what it claims: every pooled table split over both ranks by the planner."""
+    out2, _ = two_ranks
+    lines = _results(out2, 0)["padded_plan"]
+    assert len(lines) == 3 and all(": row_wise kernel=dense ranks=[0, 1]" in line for line in lines), lines
+    assert _results(out2, 0)["padded_plan_source"] == one_rank[1]["padded_plan_source"] == "planner"
+    assert [len(_padded_ranking_batches(r, 2)[0][0].labels) for r in range(2)] == [4, 4]  # 3 real + 1 padding, 4 real
 
 
 def test_meta_built_tables_are_sharded_with_the_cpu_builds_rows(two_ranks):

@@ -4,7 +4,9 @@ One module-scoped fixture spawns the two ranks once (torch + torchrec imports co
 process) and runs every 2-rank job there; meanwhile the 1-process references run in this
 process, through the job's plain path (no WORLD_SIZE: no process group, no DMP). Scenarios:
 DIN without LUM features and SIM with a LUM knowledge store (both built with tables on meta, their
-pooled and sequence tables sharded by the planner's plan).
+pooled and sequence tables sharded by the planner's plan), and DIN with every pooled table row-wise
+(the planner's choice narrowed by `Ranker.pooled_sharding_types`), which needs every rank's batch
+padded to one size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lumrec.checkpoint import CheckpointManager, load_model_weights
+from lumrec.distributed import plan_summary
 from lumrec.knowledge import write_knowledge
 from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.synthetic import SynthConfig, generate
@@ -88,6 +91,11 @@ def _rank_main(rank: int, world: int, port: int, root: str, data: str, store: st
         killed = _config(data, store, out / f"{scenario}-2-resumed", scenario)
         returned[f"{scenario}-killed"] = run_rank(killed, max_steps=KILL_AT)
         returned[f"{scenario}-resumed"] = run_rank(killed)  # a new job: resumes from the step-KILL_AT checkpoint
+    Ranker.pooled_sharding_types = ("row_wise",)  # this process only: the planner may put pooled tables row-wise alone
+    ranker = Ranker(_config(data, store, out / "din-2-rowwise", "din"))
+    returned["din-rowwise"] = ranker.run()
+    returned["din-rowwise-plan"] = plan_summary(ranker.model.plan)
+    Ranker.pooled_sharding_types = None
     (out / f"returned-rank{rank}.json").write_text(json.dumps(returned))
     dist.destroy_process_group()
 
@@ -144,6 +152,22 @@ def test_batches_cover_the_slicing_cases(runs):
         next(ranker.samples.iter_batches("train", BATCH, part=(2, 2)))
 
 
+def test_equal_parts_pad_every_slice_to_one_size(runs):
+    """equal_parts: each rank's batch is its slice plus copies of the global batch's first sample, ceil(B / 2) in all."""
+    samples = _unsharded_model(runs, "din").samples
+    for split, size in (("train", BATCH), ("test", EVAL_BATCH)):
+        parts = [list(samples.iter_batches(split, size, 0, 20, part=(r, 2), equal_parts=True)) for r in range(2)]
+        for k, batch in enumerate(samples.iter_batches(split, size, 0, 20)):
+            mine = [p[k] for p in parts]
+            assert [len(b) for b in mine] == [-(-len(batch) // 2)] * 2
+            assert torch.equal(torch.cat([b.sample_index[: b.real] for b in mine]), batch.sample_index)
+            for b in mine:
+                assert bool((b.sample_index[b.real :] == batch.sample_index[0]).all()) and b.padding == (b.real == 0)
+                assert torch.equal(b.labels[b.real :], batch.labels[:1].expand(b.pad))
+        assert [(p[-1].real, p[-1].pad, p[-1].padding) for p in parts] == [(0, 1, True), (1, 0, False)]
+        assert [p[0].pad for p in parts] == [1, 0]  # 173 and 247 are odd: rank 0's slice is the shorter
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks_match_one_process(runs, scenario):
     one, two = runs["one"][scenario], runs["two"][0][scenario]
@@ -157,6 +181,26 @@ def test_two_ranks_match_one_process(runs, scenario):
             for key in ("auc", "ne", "log_loss"):
                 assert abs(h1[split][key] - h2[split][key]) <= ATOL, (split, key, h1[split][key], h2[split][key])
     assert abs(one["test"]["auc"] - two["test"]["auc"]) <= ATOL
+
+
+def test_row_wise_pooled_tables_train_like_one_process(runs):
+    """Pooled tables split row-wise over the ranks (padded local batches, the last of 1 sample too) train and evaluate as one process."""
+    pooled = [line for line in runs["two"][0]["din-rowwise-plan"] if ".embedding_bag_collection." in line]
+    assert pooled and all(": row_wise kernel=dense ranks=[0, 1]" in line for line in pooled), pooled
+    one, two = runs["one"]["din"], runs["two"][0]["din-rowwise"]
+    assert _strip(runs["two"][1]["din-rowwise"]) == _strip(two), "ranks disagree on the results"
+    assert (two["steps"], two["best_epoch"], two["samples"]) == (one["steps"], one["best_epoch"], one["samples"])
+    for h1, h2 in zip(one["history"], two["history"], strict=True):
+        assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL, (h1["train_loss"], h2["train_loss"])
+        for split in ("valid", "test"):
+            assert h1[split]["count"] == h2[split]["count"]
+            for key in ("auc", "ne", "log_loss"):
+                assert abs(h1[split][key] - h2[split][key]) <= ATOL, (split, key, h1[split][key], h2[split][key])
+    rowwise, single = _unsharded_model(runs, "din"), _unsharded_model(runs, "din")
+    load_model_weights(_latest(runs["root"] / "din-2-rowwise" / "checkpoints"), rowwise.model)
+    load_model_weights(_latest(runs["root"] / "din-1" / "checkpoints"), single.model)
+    for key, value in rowwise.model.state_dict().items():
+        torch.testing.assert_close(value, single.model.state_dict()[key], rtol=0, atol=ATOL, msg=key)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

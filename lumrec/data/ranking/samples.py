@@ -224,6 +224,7 @@ class RankingSamples:
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
         part: tuple[int, int] | None = None,
         list_keys: Sequence[str] = (),
+        equal_parts: bool = False,
     ) -> Iterator["RankingSampleBatch"]:
         """Batches of one epoch over `split`, deterministic per (shuffle_seed, epoch), from batch `start_batch` on.
 
@@ -232,7 +233,10 @@ class RankingSamples:
         order make up the global batch. Each batch records `global_batch_size`. A rank whose slice
         is empty (a last batch smaller than the world) gets the global batch's first sample with
         `padding=True`, so that it still joins the collectives of a sharded model; it must carry no
-        weight (no loss, no metric).
+        weight (no loss, no metric). `equal_parts`: every rank's batch has `padded_part_size(n,
+        world)` samples, its slice followed by `pad` copies of the global batch's first sample
+        (torchrec's row-wise pooled tables exchange equal local batches); the `pad` trailing
+        samples must carry no weight.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -248,15 +252,22 @@ class RankingSamples:
                 yield self.batch(rows, max_history, history_keys, candidate_keys, list_keys)
                 continue
             lo, hi = rank_slice(len(rows), *part)
-            padding = hi == lo
-            local = rows[:1] if padding else rows[lo:hi]
+            size = padded_part_size(len(rows), part[1]) if equal_parts else max(hi - lo, 1)
+            # Padding repeats a sample of this global batch: every model takes it (one candidate id
+            # per sample, as DIN/SIM check), and it looks up only rows the global batch looks up.
+            local = np.concatenate([rows[lo:hi], np.repeat(rows[:1], size - (hi - lo))])
             yield replace(self.batch(local, max_history, history_keys, candidate_keys, list_keys),
-                          global_batch_size=len(rows), padding=padding)
+                          global_batch_size=len(rows), pad=size - (hi - lo))
 
 
 def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     """[lo, hi) of the `rank`-th of `world` contiguous, near-equal slices of n items (sizes differ by at most 1)."""
     return rank * n // world, (rank + 1) * n // world
+
+
+def padded_part_size(n: int, world: int) -> int:
+    """Samples of every rank's batch when the `world` slices of n samples are padded to one size: ceil(n / world)."""
+    return -(-n // world)
 
 
 def _check_part(part: tuple[int, int]) -> None:
@@ -292,11 +303,21 @@ class RankingSampleBatch:
     dense_features: torch.Tensor | None = None  # filled by the caller (e.g. item statistics)
     lum_features: torch.Tensor | KeyedTensor | None = None  # filled by the caller (LUMFeatureModule output)
     global_batch_size: int | None = None  # samples of the global batch this is one rank's slice of (None: not sliced)
-    padding: bool = False  # a stand-in for an empty slice: one sample of the global batch that must carry no weight
+    pad: int = 0  # trailing samples that pad a rank's slice (copies of a sample of the global batch): no weight
 
     def __len__(self) -> int:
-        """B."""
+        """B (padding samples included)."""
         return int(self.user_id.numel())
+
+    @property
+    def real(self) -> int:
+        """Samples that carry weight: the first `len(self) - pad`."""
+        return len(self) - self.pad
+
+    @property
+    def padding(self) -> bool:
+        """True when every sample is padding: a stand-in for a rank's empty slice, run for the collectives only."""
+        return self.pad > 0 and self.pad == len(self)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -333,7 +354,8 @@ class RankingBatchLoader:
     """Iterates one split's batches epoch after epoch and remembers (epoch, next batch) for checkpoints.
 
     `batch_size` is the global batch size; with `part=(rank, world)` this rank gets its slice of
-    every batch (see `RankingSamples.iter_batches`), so every rank counts the same batches.
+    every batch (see `RankingSamples.iter_batches`, also for `equal_parts`), so every rank counts
+    the same batches.
     """
 
     def __init__(
@@ -348,6 +370,7 @@ class RankingBatchLoader:
         candidate_keys: Sequence[str] = CANDIDATE_KEYS,
         part: tuple[int, int] | None = None,
         list_keys: Sequence[str] = (),
+        equal_parts: bool = False,
     ):
         split_code(split)
         if part is not None:
@@ -356,6 +379,7 @@ class RankingBatchLoader:
         self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
         self.history_keys, self.candidate_keys, self.list_keys = tuple(history_keys), tuple(candidate_keys), tuple(list_keys)
         self.part = None if part is None else (int(part[0]), int(part[1]))  # (rank, world): this rank's slice of each batch
+        self.equal_parts = equal_parts  # every rank's batch padded to one size (see `RankingSamples.iter_batches`)
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -366,7 +390,7 @@ class RankingBatchLoader:
         """The rest of the current epoch; afterwards the loader points at the next epoch's first batch."""
         for batch in self.samples.iter_batches(
             self.split, self.batch_size, self.shuffle_seed, self.max_history, self.epoch, self.batch,
-            self.drop_last, self.history_keys, self.candidate_keys, self.part, self.list_keys,
+            self.drop_last, self.history_keys, self.candidate_keys, self.part, self.list_keys, self.equal_parts,
         ):
             self.batch += 1
             yield batch
