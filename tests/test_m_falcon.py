@@ -216,6 +216,9 @@ def test_bad_inputs_are_errors_naming_the_argument() -> None:
     other = MFalconScorer(HSTURanker(config(num_layers=3)).eval())
     with pytest.raises(ValueError, match="cache was encoded by a different model"):
         scorer.score_candidates(other.encode_history(hist, r["history_ts"]), cand, r["context"], r["sample_ts"], r["dense"], r["lum"])
+    model.stack.layers[1].dropout.train()
+    with pytest.raises(ValueError, match=r"stack.layers.1.dropout is in training mode; call model.eval\(\)"):
+        call()
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         call()

@@ -316,8 +316,12 @@ class MFalconScorer:
         return self.model.config
 
     def _check_eval(self) -> None:
-        if self.model.training:
-            raise ValueError(f"{OWNER}: the model is in training mode; call model.eval() first (M-FALCON scores with dropout off)")
+        # Any submodule counts: a dropout left in training mode would make the scores random.
+        training = [name or "the model" for name, m in self.model.named_modules() if m.training]
+        if training:
+            raise ValueError(
+                f"{OWNER}: {training[0]} is in training mode; call model.eval() first (M-FALCON scores with dropout off)"
+            )
 
     def _lookup(self, ids: Mapping[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
         """Concatenated per-id vectors `[n, item_dim]` of `keys`' ids (every other sequence key empty)."""
