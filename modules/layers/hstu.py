@@ -19,12 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from lumrec.modules.ops import (
     JaggedAttentionLayout,
+    Kernel,
     build_attention_layout,
+    current_kernel,
     jagged_causal_attention,
     lengths_to_offsets,
     offsets_to_ids,
     offsets_to_lengths,
 )
+from lumrec.modules.ops.triton.segments import TritonSegments, build_triton_segments
 from lumrec.modules.layers.relative_bias import RelativeAttentionBias
 
 __all__ = ["HSTUAttentionConfig", "HSTUConfig", "HSTULayer", "HSTUStack", "stochastic_length_subsample"]
@@ -118,6 +121,15 @@ class HSTUConfig(HSTUAttentionConfig):
         return self.normaliser if isinstance(self.normaliser, str) else float(self.normaliser)
 
 
+def _build_layout(
+    offsets: torch.Tensor, num_tokens: int, max_len: int, **tokens: torch.Tensor | None
+) -> JaggedAttentionLayout | TritonSegments:
+    """The attention layout of a batch: device-built segments under ``Kernel.TRITON``, length buckets otherwise."""
+    if current_kernel() is Kernel.TRITON:
+        return build_triton_segments(offsets, num_tokens=num_tokens, max_len=max_len, **tokens)
+    return build_attention_layout(offsets, **tokens)
+
+
 class HSTULayer(nn.Module):
     """One HSTU layer on jagged `x [T, d_model]`; returns `[T, d_model]` (residual included).
 
@@ -160,27 +172,34 @@ class HSTULayer(nn.Module):
         x: torch.Tensor,
         offsets: torch.Tensor | None = None,
         *,
-        layout: JaggedAttentionLayout | None = None,
+        layout: JaggedAttentionLayout | TritonSegments | None = None,
         segment_ids: torch.Tensor | None = None,
         timestamps: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         query_flags: torch.Tensor | None = None,
         query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Apply the layer; pass `layout` (from `build_attention_layout`) to skip rebuilding it."""
+        """Apply the layer; pass `layout` (from `build_attention_layout`) to skip rebuilding it.
+
+        Under ``Kernel.TRITON`` the layout built here is ``TritonSegments`` (on the device, nothing
+        read on the host: the layer compiles and exports), bounded by the config's max_len.
+        """
         cfg = self.config
         if x.dim() != 2 or x.shape[1] != cfg.d_model:
             raise ValueError(f"HSTULayer: x must be [T, {cfg.d_model}], got {tuple(x.shape)}")
         if layout is None:
             if offsets is None:
                 raise ValueError("HSTULayer: give offsets or a prebuilt layout")
-            layout = build_attention_layout(
-                offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps,
-                query_timestamps=query_timestamps,
+            layout = _build_layout(
+                offsets, x.shape[0], cfg.max_len, segment_ids=segment_ids, query_flags=query_flags,
+                positions=positions, timestamps=timestamps, query_timestamps=query_timestamps,
             )
         elif any(t is not None for t in (offsets, segment_ids, timestamps, positions, query_flags, query_timestamps)):
             raise ValueError("HSTULayer: with a prebuilt layout, give offsets/segments/timestamps to the layout only")
-        if cfg.use_time_bias and layout.num_tokens > 0 and layout.buckets[0].timestamps is None:
+        if isinstance(layout, TritonSegments):
+            if cfg.use_time_bias and layout.timestamps is None:
+                raise ValueError("HSTULayer: use_time_bias is on but no timestamps were given")
+        elif cfg.use_time_bias and layout.num_tokens > 0 and layout.buckets[0].timestamps is None:
             raise ValueError("HSTULayer: use_time_bias is on but no timestamps were given")
         num_tokens, heads = x.shape[0], cfg.num_heads
         with record_function("hstu/uvqk"):
@@ -239,10 +258,15 @@ class HSTUStack(nn.Module):
         query_flags: torch.Tensor | None = None,
         query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run all layers; the segment/bucket layout is built once for the whole stack."""
-        layout = build_attention_layout(
-            offsets, segment_ids=segment_ids, query_flags=query_flags, positions=positions, timestamps=timestamps,
-            query_timestamps=query_timestamps,
+        """Run all layers; the segment/bucket layout is built once for the whole stack.
+
+        Under ``Kernel.TRITON`` that layout is ``TritonSegments``, built on the device with the
+        config's max_len as the bound on segment lengths: no tensor value is read on the host, so
+        the stack compiles (torch.compile, fullgraph) and exports (torch.export, dynamic tokens).
+        """
+        layout = _build_layout(
+            offsets, x.shape[0], self.config.max_len, segment_ids=segment_ids, query_flags=query_flags,
+            positions=positions, timestamps=timestamps, query_timestamps=query_timestamps,
         )
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):

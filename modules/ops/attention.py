@@ -8,7 +8,8 @@ mask rules are in ``lumrec.modules.ops.layout``. Paths, chosen by ``lumrec.modul
 - ``REFERENCE``: ``jagged_causal_attention_reference`` (all rows padded to the longest, masks
   built by loops).
 - ``TRITON``: HSTU attention by the Triton kernels of ``lumrec.modules.ops.triton.hstu_attention``
-  (no padding, no `L x L` tensor); softmax attention by the PyTorch path.
+  (no padding, no `L x L` tensor); softmax attention by the PyTorch path. A `layout` of
+  ``TritonSegments`` (built on the device) goes to the kernels whatever the setting.
 
 Softmax attention in the PyTorch path runs PyTorch's fused ``scaled_dot_product_attention`` on
 each padded bucket off CPU, and the explicit softmax on CPU.
@@ -44,6 +45,7 @@ from lumrec.modules.ops.kernel import Kernel, current_kernel
 from lumrec.modules.ops.layout import AttentionBucket, JaggedAttentionLayout, build_attention_layout
 from lumrec.modules.ops.reference import jagged_causal_attention_reference
 from lumrec.modules.ops.triton.hstu_attention import triton_hstu_attention
+from lumrec.modules.ops.triton.segments import TritonSegments
 
 __all__ = ["jagged_causal_attention"]
 
@@ -164,6 +166,17 @@ def jagged_causal_attention(
     """
     check_qkv(q, k, v)
     check_kind(kind, normaliser)
+    if isinstance(layout, TritonSegments):  # built on the device for the Triton kernels: nothing read on the host
+        if kind != "hstu":
+            raise ValueError(
+                "jagged attention: TritonSegments serve HSTU attention (kind='hstu') only; "
+                "build a layout with build_attention_layout for softmax attention"
+            )
+        return triton_hstu_attention(
+            q, k, v, offsets, layout=layout, segment_ids=segment_ids, query_flags=query_flags, positions=positions,
+            timestamps=timestamps, query_timestamps=query_timestamps, relative_bias=relative_bias,
+            normaliser=normaliser, scale=scale,
+        )
     if layout is None:
         if offsets is None:
             raise ValueError("jagged attention: give offsets or a prebuilt layout")

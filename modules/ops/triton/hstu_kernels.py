@@ -1,11 +1,15 @@
 """Triton kernels of jagged causal HSTU (SiLU) attention: forward, and the backward as two kernels.
 
-Loaded by ``hstu_attention`` (which holds the autograd wrapper and the docs), once per mode:
-compiled for CUDA tensors, or run by Triton's interpreter on CPU; do not import this file directly.
+Loaded by ``hstu_op`` (the custom operators that launch them; ``hstu_attention`` holds the docs),
+once per mode: compiled for CUDA tensors, or run by Triton's interpreter on CPU; do not import this
+file directly.
 
 One program handles one block of rows (forward, dq) or of key columns (dk, dv, bias tables) of
-one (segment, head). Segments are the jagged batch cut at row starts and ``segment_ids`` changes,
-so attention never leaves a program's segment and the causal loop bounds follow from the block.
+one (segment, head), then every ``num_programs(1)``-th block after it: a grid sized from a bound
+on segment lengths (the model's max_len, read from its config rather than from the data, so that
+no host synchronisation is needed) still covers a longer segment. Segments are the jagged batch
+cut at row starts and ``segment_ids`` changes, so attention never leaves a program's segment and
+the causal loop bounds follow from the block.
 Per pair (i, j) of a segment with `i` the query row and `j` the key column:
 
     allowed(i, j) = j <= i and (not query_flag[j] or i == j)
@@ -169,8 +173,7 @@ def hstu_forward(
 ):
     """`out` rows [m0, m0 + BLOCK_M) of one (segment, head): keys up to the block's last row."""
     start, length, head = _segment(SegOffsets, num_heads)
-    m0 = tl.program_id(1) * BLOCK_M
-    if m0 < length:
+    for m0 in range(tl.program_id(1) * BLOCK_M, length, tl.num_programs(1) * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -220,8 +223,7 @@ def hstu_backward_dkdv(
     tile are summed before their atomic add.
     """
     start, length, head = _segment(SegOffsets, num_heads)
-    n0 = tl.program_id(1) * BLOCK_N
-    if n0 < length:
+    for n0 in range(tl.program_id(1) * BLOCK_N, length, tl.num_programs(1) * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -281,8 +283,7 @@ def hstu_backward_dq(
 ):
     """dq of rows [m0, m0 + BLOCK_M) of one (segment, head): the forward's loop again, no atomics."""
     start, length, head = _segment(SegOffsets, num_heads)
-    m0 = tl.program_id(1) * BLOCK_M
-    if m0 < length:
+    for m0 in range(tl.program_id(1) * BLOCK_M, length, tl.num_programs(1) * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
