@@ -246,7 +246,13 @@ def test_inductor_compiled_stack_on_cuda(dtype, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     stack = _stack(seed=5, device="cuda").to(dtype)
     compiled = torch.compile(stack, fullgraph=True, dynamic=True)
-    tol = TOL if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:
+        if dtype == torch.float32:  # the kernels are the same; inductor's fused norms and linears round differently
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:  # inductor fuses the bf16 layer norms and linears differently: bf16-sized, relative to the largest
+            assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
+
     for seed, rows in ((22, 16), (23, 40)):
         args, kwargs = _batch(seed, rows, device="cuda")
         x = args[0].to(dtype).requires_grad_()
@@ -256,9 +262,9 @@ def test_inductor_compiled_stack_on_cuda(dtype, monkeypatch):
             got_grads = torch.autograd.grad(got.float().square().sum(), params)
         want = _eager(stack, (x, args[1]), kwargs)
         want_grads = torch.autograd.grad(want.float().square().sum(), params)
-        torch.testing.assert_close(got, want, **tol)
+        close(got, want)
         for g, w in zip(got_grads, want_grads):
-            torch.testing.assert_close(g, w, **tol)
+            close(g, w)
 
 
 @gpu
