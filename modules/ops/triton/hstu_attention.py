@@ -94,7 +94,8 @@ def time_thresholds(relative_bias: RelativeBias, num_buckets: int) -> tuple[int,
     """
     key = (relative_bias.index_key(), num_buckets)
     if key not in _threshold_cache:
-        with _disable_current_modes(), torch.no_grad():
+        # (No torch.no_grad here: export would record the grad-mode switch as an empty region; nothing needs grad.)
+        with _disable_current_modes():
             wanted = torch.arange(num_buckets + 1)
             low = torch.zeros(num_buckets + 1, dtype=torch.int64)
             high = torch.full((num_buckets + 1,), _INT64_MAX, dtype=torch.int64)
