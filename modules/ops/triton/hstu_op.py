@@ -17,6 +17,15 @@ kernels in Triton's interpreter (CPU tensors) rather than compiled (CUDA tensors
 
 The implementations launch the kernels of ``hstu_kernels.py``, each mode loaded once as its own
 module (triton binds its standard library to the mode it is imported in).
+
+Example (CPU tensors, so the interpreter; no bias, normaliser 3)::
+
+    >>> import torch
+    >>> q = torch.ones(3, 1, 4)
+    >>> out = torch.ops.lumrec.hstu_attention(q, q, q, torch.tensor([0, 3]), None, None, None, None, None, None,
+    ...                                       [], 3, 1.0, 3.0, False, 1.0, True, True)
+    >>> out.shape, round(float(out[2, 0, 0]), 4)            # row 2 sees 3 keys: 3 * silu(4) / 3
+    (torch.Size([3, 1, 4]), 3.9281)
 """
 
 from __future__ import annotations
