@@ -11,8 +11,10 @@ saves only after an evaluation or at the end. `lumrec.pipelines.pretrain_config`
 
 N ranks (torchrun / torchx with WORLD_SIZE > 1; gloo on CPU, like the one-process path): the
 embedding tables are sharded with TorchRec's DistributedModelParallel (RowwiseAdamW fused into
-their backward), the dense rest is replicated under DDP with AdamW, and each rank trains on a
-contiguous slice of every global batch of `rows_per_batch` packed rows. The loss is rescaled so
+their backward; placed by the planner, row-wise included, since every table lookup is padded
+with empty bags to one size over the ranks), the dense rest is replicated under DDP with AdamW,
+and each rank trains on a contiguous slice of every global batch of `rows_per_batch` packed
+rows. The loss is rescaled so
 that the gradient is that of the mean over all ranks' queries; sampled negatives are the same on
 every rank and in-batch negatives are every rank's targets, so N ranks train like one process
 (tests/test_pretrain_distributed.py; equal up to float rounding with dropout and stochastic
@@ -51,6 +53,7 @@ from lumrec.data.tokens import TokenConfig, drop_condition_ids
 from lumrec.device import (activation_meter, autocast, format_bytes, move_to_device, resolve_device,
                            set_activation_checkpointing)
 from lumrec.distributed import DistContext, dense_optimizer, from_rank0, global_mean_loss, init_distributed, shard_model
+from lumrec.modules.layers.equal_lookups import set_lookup_group
 from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.retrieval.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.modules.warm_start import load_source_state, warm_start
@@ -150,7 +153,13 @@ class Pretrainer:
     N ranks: `dmp` is the DistributedModelParallel of `trainer`, `model` the model inside it (tables
     sharded), `optimizers` = [dense AdamW (torchrec CombinedOptimizer), RowwiseAdamW per DENSE kernel]
     (those step inside backward; they are listed for the lr schedule).
+
+    `pooled_sharding_types` (class attribute) narrows the planner's choice for the pooled tables on
+    N ranks (None: its free choice, row-wise included; every rank's lookups are padded to one
+    stride, `lumrec.modules.layers.equal_lookups`); tests set ("row_wise",).
     """
+
+    pooled_sharding_types: tuple[str, ...] | None = None
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -294,11 +303,12 @@ class Pretrainer:
         table_lr = t.embedding_lr or t.lr
         # fbgemm's fused PARTIAL_ROWWISE_ADAM on CUDA with its CUDA build, else RowwiseAdamW (any device).
         table_opt = fused_params_for(self.ctx.device, lr=table_lr, betas=t.betas, eps=t.eps, weight_decay=t.embedding_weight_decay)
-        # Pooled tables table-wise: ranks' slices hold different numbers of tokens (bags), which
-        # torchrec's row-wise pooled output cannot take (lumrec.distributed.shard_model).
-        self.dmp = shard_model(self.trainer, self.ctx, table_opt, pooled_sharding_types=("table_wise",))
+        self.dmp = shard_model(self.trainer, self.ctx, table_opt, pooled_sharding_types=self.pooled_sharding_types)
         self.trainer = self.dmp.module
         self.model = self.trainer.model
+        # Ranks' slices hold different numbers of tokens (bags) and of candidates (their own targets),
+        # which torchrec's row-wise pooled output cannot take: every lookup is padded to one stride.
+        set_lookup_group(self.model, self.ctx.process_group)
         self.dense_optimizer = dense_optimizer(self.dmp, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         # The checkpoint's table group has RowwiseAdamW's settings on any device (one process reads it).
         table_kwargs = rowwise_adamw_kwargs(table_lr, t.betas, t.eps, t.embedding_weight_decay)

@@ -40,6 +40,7 @@ from lumrec.data.tokens import (
 )
 from lumrec.data.schema import vocabulary_column
 from lumrec.data.validate import DataValidationError
+from lumrec.modules.layers.equal_lookups import equal_stride_lookup
 
 __all__ = [
     "FeatureTableConfig",
@@ -356,6 +357,9 @@ class ItemFeatureLookup(nn.Module):
 class TokenEncoder(nn.Module):
     """Sparse (+ dense) features of every token -> one `d_model` vector per token, one projection per token type.
 
+    `lookup_group`: None (one process) or the process group whose ranks pad every table lookup to
+    one stride (`lumrec.modules.layers.equal_lookups.set_lookup_group`, for row-wise sharded tables).
+
     Example::
 
         >>> cfg = TokenEncoderConfig(
@@ -368,6 +372,8 @@ class TokenEncoder(nn.Module):
         >>> enc(kjt, token_type=torch.tensor([0, 1])).shape       # tokens [c(cat 3), i(item 5, cat 3)]
         torch.Size([2, 8])
     """
+
+    lookup_group: Any = None
 
     def __init__(
         self,
@@ -446,6 +452,8 @@ class TokenEncoder(nn.Module):
         kjt = self._select_keys(kjt)
         if self.config.check_ids:
             self._check_ids(kjt)
+        if self.lookup_group is not None:  # N ranks: one stride everywhere (lumrec.modules.layers.equal_lookups)
+            return equal_stride_lookup(self.embedding_bag_collection, kjt, self.lookup_group)
         return self.embedding_bag_collection(kjt).to_dict()
 
     def _project(self, pooled: dict[str, torch.Tensor], rows: torch.Tensor | None, token_type: int, dense: torch.Tensor | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lumrec.data.batches import JaggedBatch
 from lumrec.data.tokens import ITEM
+from lumrec.modules.layers.equal_lookups import equal_stride_lookup
 from lumrec.modules.ops import JaggedAttentionLayout, build_attention_layout, jagged_causal_attention
 from lumrec.modules.retrieval.sequence_model import SequentialRecommender
 
@@ -105,6 +106,8 @@ class ItemInputArch(nn.Module):
 
     Input of token t: `dropout(scale * E[item_t] + P[position_t])`, `scale = sqrt(d)` by default
     (as in SASRec and its reproduction: the table is initialised small, std 0.02).
+    `lookup_group`: None (one process) or the process group whose ranks pad every table lookup to
+    one stride (`lumrec.modules.layers.equal_lookups.set_lookup_group`, for row-wise sharded tables).
 
     Example::
 
@@ -113,6 +116,8 @@ class ItemInputArch(nn.Module):
         >>> arch.item_embeddings(torch.tensor([3, 0, 3])).shape
         torch.Size([3, 8])
     """
+
+    lookup_group: Any = None
 
     def __init__(
         self,
@@ -168,7 +173,13 @@ class ItemInputArch(nn.Module):
             lengths=torch.ones(flat.numel(), dtype=torch.int32, device=flat.device),
             stride=flat.numel(),
         )
-        return self.item_table(kjt)[ITEM_FEATURE].reshape(*item_ids.shape, self.d_model)
+        return self._lookup(kjt).reshape(*item_ids.shape, self.d_model)
+
+    def _lookup(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled rows `[stride, d]` of the item table; on N ranks padded to one stride (`lookup_group`)."""
+        if self.lookup_group is not None:
+            return equal_stride_lookup(self.item_table, kjt, self.lookup_group)[ITEM_FEATURE]
+        return self.item_table(kjt)[ITEM_FEATURE]
 
     def token_embeddings(self, batch: JaggedBatch) -> torch.Tensor:
         """Item-table rows of the batch's tokens `[T, d]`, looked up through the batch's KJT (key `item_id`)."""
@@ -184,7 +195,7 @@ class ItemInputArch(nn.Module):
                 f"batch.kjt key {ITEM_FEATURE!r} must hold exactly one id per token "
                 f"({batch.num_tokens} tokens, lengths {lengths.unique().tolist()})"
             )
-        return self.item_table(kjt)[ITEM_FEATURE]
+        return self._lookup(kjt)
 
     def forward(self, batch: JaggedBatch) -> torch.Tensor:
         """Input vectors `[T, d]` of every token of a jagged batch."""
