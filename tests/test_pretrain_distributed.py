@@ -48,19 +48,21 @@ SCENARIOS: dict[str, tuple[str, dict, dict, dict, int | None]] = {
     # Sampled negatives only: one shared lookup of positives and negatives per rank. A time budget
     # with a time-based lr decay runs rank 0's clock broadcast (an hour: the lr factor stays 1).
     "lum_sampled": ("lum", _LUM_DATA, _LUM, dict(in_batch_negatives=False, max_minutes=60.0, lr_decay_fraction=0.5), 4),
-    # Full softmax; HSTU's one table sits on rank 0, so rank 1 holds no table at all.
+    # Full softmax; HSTU's one table sits on rank 0 (TABLE_WISE), so rank 1 holds no table at all.
     "hstu": ("hstu", {}, _HSTU, dict(num_negatives=-1), 4),
     # One packed row per global batch: rank 0's slice is always empty; it runs a one-token stand-in.
     "lum_empty_slice": ("lum", _LUM_DATA, _LUM, dict(rows_per_batch=1), 3),
-    # The scenarios above leave the pooled tables to the planner's free choice; these force them
-    # row-wise over both ranks (ROW_WISE), whose pooled output needs one lookup size on every rank:
-    # the ranks' token counts differ (3 rows: 1 and 2) and so do their candidates (own targets
-    # beside the shared sampled negatives), padded with empty bags (modules/layers/equal_lookups.py).
+    # The LUM scenarios above leave the pooled tables to the planner's free choice (row-wise here);
+    # these force them row-wise over both ranks (ROW_WISE), whose pooled output needs one lookup
+    # size on every rank: the ranks' token counts differ (3 rows: 1 and 2) and so do their
+    # candidates (own targets beside the shared sampled negatives), padded with empty bags
+    # (modules/layers/equal_lookups.py).
     "lum_row_wise": ("lum", _LUM_DATA, _LUM, dict(rows_per_batch=3), 4),
     "hstu_row_wise": ("hstu", {}, _HSTU, dict(rows_per_batch=3, in_batch_negatives=False), 4),
     "sasrec_row_wise": ("sasrec", {}, _SASREC, dict(rows_per_batch=3), 4),
 }
 ROW_WISE = {"lum_row_wise", "hstu_row_wise", "sasrec_row_wise"}
+TABLE_WISE = {"hstu"}
 RESUME_AT = 3  # the interrupted 2-rank "lum" run stops here, then resumes to the end of the epoch
 
 
@@ -129,7 +131,8 @@ def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_c
     results: dict[str, Any] = {}
     try:
         for i, (name, (*_, max_steps)) in enumerate(SCENARIOS.items()):
-            Pretrainer.pooled_sharding_types = ("row_wise",) if name in ROW_WISE else None  # this process only
+            # This process only; the planner's free choice (None) elsewhere.
+            Pretrainer.pooled_sharding_types = ("row_wise",) if name in ROW_WISE else ("table_wise",) if name in TABLE_WISE else None
             try:
                 trainer, results[name] = _train(data, Path(out) / name, name, max_steps)
             finally:
@@ -209,7 +212,7 @@ def test_two_ranks_match_one_rank_per_step_loss(two_ranks, one_rank, name):
 
 
 def test_pooled_tables_row_wise_where_forced_and_planned_freely_elsewhere(two_ranks):
-    """ROW_WISE scenarios split every pooled table over both ranks; the others take the planner's plan unnarrowed."""
+    """ROW_WISE scenarios split every pooled table over both ranks, TABLE_WISE ones keep each whole; the others take the planner's plan."""
     _, (r0, r1), _ = two_ranks
     for name in SCENARIOS:
         plan = r0[name]["plan"]
@@ -218,6 +221,8 @@ def test_pooled_tables_row_wise_where_forced_and_planned_freely_elsewhere(two_ra
         assert len(pooled) == len(plan), plan  # pre-training models hold pooled tables only
         if name in ROW_WISE:
             assert all(": row_wise " in line and line.endswith("ranks=[0, 1]") for line in pooled), plan
+        elif name in TABLE_WISE:
+            assert all(": table_wise " in line and line.endswith(("ranks=[0]", "ranks=[1]")) for line in pooled), plan
         else:
             assert all(": table_wise " in line or ": row_wise " in line for line in pooled), plan
 
