@@ -117,6 +117,34 @@ def test_round_trip_equals_knowledge_lookup(server, tmp_path, seed):
     assert (source.version, source.as_of_ds, source.model_version, source.dim) == (version, DAY, f"m{seed}", info["dim"])
     assert source.conditions == lookup.conditions and source.ping() and isinstance(source, KnowledgeSource)
     _assert_same(source, lookup, info, np.random.default_rng(100 + seed))
+    # Read again: the items now come from the reader's cache (unknown ones too), still bit-identical; and with
+    # the cache off, or a cache too small for a batch (read from Redis, not cached).
+    _assert_same(source, lookup, info, np.random.default_rng(200 + seed))
+    for limit in (0, 2):
+        small = RedisKnowledge(_config(server, prefix=cfg.prefix, item_cache_items=limit))
+        _assert_same(small, lookup, info, np.random.default_rng(300 + seed))
+        assert len(small._state.item_cache) <= limit  # never more than the limit
+
+
+def test_cached_items_are_served_without_redis_and_belong_to_their_version(server, tmp_path):
+    """A cached item vector is read once per version: a later publish's reader reads its own."""
+    info = _random_store(tmp_path, 5, users=4)
+    cfg = _config(server)
+    publish_partition(tmp_path, DAY, cfg)
+    source = RedisKnowledge(cfg)
+    items = torch.from_numpy(info["items"][:3].astype(np.int64))
+    first = source.item_vectors(items)
+    cached = dict(source._state.item_cache)
+    assert set(cached) == set(info["items"][:3].tolist())
+    again = source.item_vectors(items)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    other = tmp_path / "other"
+    info2 = _random_store(other, 6, day="2026-01-03", users=4)
+    publish_partition(other, "2026-01-03", cfg)
+    assert source.refresh() and source._state.item_cache == {}  # a new version starts with an empty cache
+    want = load_knowledge(other, "2026-01-03").item_vectors(torch.from_numpy(info2["items"][:3].astype(np.int64)))
+    got = source.item_vectors(torch.from_numpy(info2["items"][:3].astype(np.int64)))
+    assert got[0].numpy().tobytes() == want[0].numpy().tobytes()
 
 
 def test_versions_pointer_expiry_and_refresh(server, tmp_path):

@@ -57,7 +57,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
@@ -101,13 +101,16 @@ class RedisKnowledgeConfig:
     expire_after_s: int = 3600  # grace before an expired version's keys go (0: removed at once)
     lock_ttl_s: float = 30.0  # the publish lock outlives a killed publisher by at most this (renewed every batch)
     lock_wait_s: float = 120.0  # how long a publisher waits for another's lock
+    # Reading: items' vectors are the same for every request of a version, so a reader keeps up to this
+    # many of them in memory after the first read (0: none; memory: items x dim x 4 bytes).
+    item_cache_items: int = 100_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigValueError("url", f"must be redis://HOST:PORT/DB, rediss://... or unix://PATH, got {self.url!r}")
         if not self.prefix or any(ch.isspace() for ch in self.prefix):
             raise ConfigValueError("prefix", f"must be a non-empty key prefix without spaces, got {self.prefix!r}")
-        check_at_least(self, 0, "keep_days", "expire_after_s")
+        check_at_least(self, 0, "keep_days", "expire_after_s", "item_cache_items")
         check_at_least(self, 1, "batch_size")
         check_above(self, 0, "socket_timeout", "publish_timeout", "lock_ttl_s")
         check_at_least(self, 0, "lock_wait_s")
@@ -365,6 +368,8 @@ class _Version:
     conditions: list[str]
     features: dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (sorted values, their condition columns)
     meta: dict[str, Any]
+    # item id -> its stored vector bytes (None: not stored); a version never changes, so neither does an entry.
+    item_cache: dict[int, bytes | None] = field(default_factory=dict, compare=False)
 
 
 def _find(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -520,13 +525,30 @@ class RedisKnowledge:
         state = self._state
         device, shape = item_ids.device, tuple(item_ids.shape)
         uniq, inverse = np.unique(item_ids.to(torch.int64).cpu().numpy().reshape(-1), return_inverse=True)
-        found, blobs = self._fetch(state, self._keys.items(state.version), uniq)
+        found, blobs = self._items(state, uniq)
         out = np.zeros((inverse.size, state.dim), np.float32)
         hit = found[inverse]
         if blobs:
             vecs = np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), state.dim)
             out[hit] = vecs[(np.cumsum(found) - 1)[inverse][hit]]
         return torch.from_numpy(out.reshape(*shape, state.dim)).to(device), torch.from_numpy(~hit.reshape(shape)).to(device)
+
+    def _items(self, state: _Version, ids: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+        """(found, stored vectors in order) of `ids`: from the version's item cache, Redis for the rest (then cached)."""
+        cache, limit = state.item_cache, self.config.item_cache_items
+        if not limit:
+            return self._fetch(state, self._keys.items(state.version), ids)
+        wanted = [i for i in ids.tolist() if i not in cache]
+        if wanted:
+            found, blobs = self._fetch(state, self._keys.items(state.version), np.asarray(wanted, np.int64))
+            fetched = iter(blobs)
+            read = {i: (next(fetched) if hit else None) for i, hit in zip(wanted, found.tolist())}
+            if len(cache) + len(read) <= limit:
+                cache.update(read)  # one dict update: a concurrent reader sees an entry whole or not at all
+        else:
+            read = {}
+        values = [read[i] if i in read else cache[i] for i in ids.tolist()]
+        return np.fromiter((v is not None for v in values), bool, len(values)), [v for v in values if v is not None]
 
     def __repr__(self) -> str:
         s = self._state
