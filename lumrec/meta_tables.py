@@ -40,7 +40,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -49,7 +49,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InitTape", "MetaInitError", "init_tape", "materialise_shards", "table_init_tapes", "tables_on_meta"]
+__all__ = ["InitTape", "MetaInitError", "build_with_meta_tables", "init_tape", "materialise_shards", "table_init_tapes",
+           "tables_on_meta"]
 
 class MetaInitError(ValueError):
     """A table's initialisation cannot be built on meta and replayed per row range (the message says which op)."""
@@ -453,3 +454,19 @@ def materialise_shards(dmp: nn.Module, tapes: Mapping[str, InitTape]) -> list[st
                     shard.tensor.copy_(tape.rows(r0, r0 + nr)[:, c0 : c0 + nc])
         done.append(key)
     return done
+
+
+T = TypeVar("T")
+
+
+def build_with_meta_tables(build: Callable[[], T], what: str) -> T:
+    """`build()` with its tables on meta (`tables_on_meta`); where an init cannot be replayed per row range,
+    `build()` again with whole tables, from the same random state, so the other parameters are the same either way."""
+    state = torch.random.get_rng_state()
+    try:
+        with tables_on_meta():
+            return build()
+    except MetaInitError as err:
+        log.info("%s: embedding tables built whole on every rank, then sharded: %s", what, err)
+        torch.random.set_rng_state(state)
+        return build()

@@ -58,7 +58,7 @@ from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.modules.retrieval.sequence_model import RetrievalTrain, SequentialRecommender
 from lumrec.modules.warm_start import load_source_state, warm_start
 from lumrec.modules.warm_start_config import WarmStartConfig
-from lumrec.meta_tables import MetaInitError, tables_on_meta
+from lumrec.meta_tables import build_with_meta_tables
 from lumrec.optim import fused_params_for, rowwise_adamw_kwargs
 from lumrec.optim.sparse_grads import sparse_table_gradients
 from lumrec.modules.retrieval.registry import build_model
@@ -136,14 +136,7 @@ def _build_model(cfg: PretrainConfig, meta: Any, data: Dataset, token_config: To
 
     if cfg.train.table_init is not None or (os.environ.get("WORLD_SIZE") or "1").strip() in ("", "1"):
         return build()
-    rng = torch.random.get_rng_state()
-    try:
-        with tables_on_meta():
-            return build()
-    except MetaInitError as err:
-        log.info("model %s: embedding tables built whole on every rank, then sharded: %s", cfg.model, err)
-        torch.random.set_rng_state(rng)
-        return build()
+    return build_with_meta_tables(build, f"model {cfg.model}")
 
 
 class Pretrainer:

@@ -68,7 +68,7 @@ from lumrec.data.ranking.features import attach_item_lists, list_columns, list_v
 from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
 from lumrec.distributed import DistContext, dense_optimizer, global_mean_loss, init_distributed, shard_model
-from lumrec.meta_tables import MetaInitError, tables_on_meta
+from lumrec.meta_tables import build_with_meta_tables
 from lumrec.modules.lum_join import LUMJoin
 from lumrec.modules.ranking.builder import build_ranker
 from lumrec.modules.ranking.base import RankingBatch, RankingTrain, with_timestamps
@@ -333,14 +333,7 @@ def _build_ranker(cfg: RankConfig, vocab: dict[str, int], stats_width: int, lum_
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if cfg.warm_start is not None or not (grouped or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")):
         return build()
-    rng = torch.random.get_rng_state()
-    try:
-        with tables_on_meta():
-            return build()
-    except MetaInitError as err:
-        log.info("model %s: embedding tables built whole on every rank, then sharded: %s", cfg.model, err)
-        torch.random.set_rng_state(rng)
-        return build()
+    return build_with_meta_tables(build, f"model {cfg.model}")
 
 
 def _table_parameters(module: torch.nn.Module) -> list[str]:

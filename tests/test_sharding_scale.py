@@ -17,7 +17,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollec
 
 import lumrec.meta_tables as meta_tables
 from lumrec.distributed import init_distributed, shard_model
-from lumrec.meta_tables import MetaInitError, init_tape, tables_on_meta
+from lumrec.meta_tables import MetaInitError, build_with_meta_tables, init_tape, tables_on_meta
 from lumrec.optim import RowwiseAdamW, fused_params_for
 from lumrec.optim.dense_lookup import TorchDenseLookup
 from rank_spawn import without_rank_env
@@ -141,6 +141,24 @@ def test_meta_tables_refuse_inits_they_cannot_replay():
     assert EmbeddingBagCollection.__init__.__module__.startswith("torchrec")  # patches undone
     assert nn.init._no_grad_trunc_normal_.__module__ == "torch.nn.init"
 
+
+
+def test_a_build_that_cannot_use_meta_tables_is_built_whole_from_the_same_random_state(caplog):
+    """build_with_meta_tables: meta where it can; else the whole build again, its other parameters as on CPU."""
+    def build(init=None):
+        torch.manual_seed(3)
+        ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["t"],
+                                                                init_fn=init)])
+        return ebc, nn.Linear(3, 2)
+
+    on_meta, dense = build_with_meta_tables(build, "model ok")
+    assert on_meta.embedding_bags["t"].weight.is_meta and torch.equal(dense.weight, build()[1].weight)
+    with caplog.at_level("INFO", logger="lumrec.meta_tables"):
+        whole, dense = build_with_meta_tables(lambda: build(nn.init.orthogonal_), "model odd")
+    assert not whole.embedding_bags["t"].weight.is_meta and "model odd: embedding tables built whole" in caplog.text
+    cpu_ebc, cpu_dense = build(nn.init.orthogonal_)
+    assert torch.equal(whole.embedding_bags["t"].weight, cpu_ebc.embedding_bags["t"].weight)
+    assert torch.equal(dense.weight, cpu_dense.weight)
 
 # ------------------------------------------------------------------- sharded sequence tables
 
