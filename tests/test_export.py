@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_rank_pipeline import DAYS, lum_config, make_data, rank_config, write_store  # noqa: E402 - shared tiny data
+from test_rank_pipeline import lum_config, trained_lum_run  # noqa: E402 - shared tiny data
 
 from lumrec.checkpoint import CheckpointManager, load_verified_weights
 from lumrec.errors import CheckpointLoadError, UserError
@@ -70,13 +70,7 @@ def test_wrapper_builds_the_training_kjt():
 def rank_run(tmp_path_factory):
     """A trained tiny SIM run with LUM features and item statistics, exported through the CLI's main()."""
     root = tmp_path_factory.mktemp("export")
-    data = make_data(root)
-    store = root / "store"
-    for i, day in enumerate(DAYS[:-1]):
-        write_store(store, day, seed=i)
-    cfg = rank_config(data, root / "run", "sim", lum_config(str(store)), epochs=1)
-    ranker = Ranker(cfg)
-    ranker.run()
+    ranker = trained_lum_run(root, "sim")
     out = root / "bundle"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_rank_pipeline import lum_config, make_data, rank_config, write_store, DAYS  # noqa: E402 - shared tiny data
+from test_rank_pipeline import trained_lum_run  # noqa: E402 - shared tiny data
 
 from lumrec.checkpoint import CheckpointManager, load_verified_weights
 from lumrec.modules.serving.bundle import BundleError, RequestError, load_bundle
@@ -24,13 +24,7 @@ CONTEXT, CANDIDATES, HISTORY = ["user_id", "scenario", "query_id"], ["item_id", 
 def hstu_bundle(tmp_path_factory):
     """A tiny HSTU rank run with LUM features and item statistics, exported; the trained eager model beside it."""
     root = tmp_path_factory.mktemp("mfalcon")
-    data = make_data(root)
-    store = root / "store"
-    for i, day in enumerate(DAYS[:-1]):
-        write_store(store, day, seed=i)
-    cfg = rank_config(data, root / "run", "hstu", lum_config(str(store)), epochs=1)
-    ranker = Ranker(cfg)
-    ranker.run()
+    ranker = trained_lum_run(root, "hstu")
     summary = export_job.export_run(root / "run", root / "bundle")
     best = CheckpointManager(root / "run" / "best")
     load_verified_weights(best.step_dir(best.newest_valid()[0]), ranker.model)

@@ -21,7 +21,7 @@ from lumrec.data.ranking_samples import build_ranking_samples
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.lum_features import LUMFeatureModule, candidates_kjt
 from lumrec.modules.lum_join import LUMJoin, RankLUMConfig
-from lumrec.pipelines.rank import register_rank, run_rank
+from lumrec.pipelines.rank import Ranker, register_rank, run_rank
 from lumrec.pipelines.rank_config import RankConfig, RankModelConfig, RankTrainConfig
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
@@ -71,6 +71,17 @@ def rank_config(data: str, out, model: str = "sim", lum: RankLUMConfig | None = 
                               backbones={"sim": {"max_search_len": 8, "short_len": 4}}),
         lum=lum, train=RankTrainConfig(**t),
     )
+
+
+def trained_lum_run(root, model: str) -> Ranker:
+    """A tiny `model` run with LUM features (a store per day but the last) and item statistics, trained one epoch under root/run."""
+    data = make_data(root)
+    store = root / "store"
+    for i, day in enumerate(DAYS[:-1]):
+        write_store(store, day, seed=i)
+    ranker = Ranker(rank_config(data, root / "run", model, lum_config(str(store)), epochs=1))
+    ranker.run()
+    return ranker
 
 
 @pytest.mark.parametrize("model", ["mlp", "din", "sim"])
