@@ -80,3 +80,23 @@ def test_damaged_weights_or_parity_are_refused_naming_the_file(hstu_bundle, tmp_
     (copy / "model.pt").write_bytes(b"not a state dict")
     with pytest.raises(BundleError, match="model.pt: cannot load"):
         load_bundle(copy, check=False)
+
+
+def test_lumrec_serve_answers_with_the_m_falcon_bundle(hstu_bundle):
+    """The endpoint serves an HSTU bundle as any other: over HTTP, the scores of the bundle's own `score`."""
+    import httpx
+
+    from lumrec.pipelines.serve import running_server
+    from lumrec.pipelines.serving_app import ServeConfig, create_app
+
+    out, _, _ = hstu_bundle
+    body = {"user_id": 3, "candidates": [1, 2, 5], "context": {"scenario": 1}, "history": [4, 7], "history_ts": [100, 200],
+            "request_ts": 300}
+    expected = load_bundle(out, check=False).score(3, [1, 2, 5], context={"scenario": 1}, history=[4, 7], history_ts=[100, 200],
+                                                   request_ts=300)
+    with running_server(create_app(ServeConfig(bundle=str(out)))) as server:
+        answer = httpx.post(server.url + "/rank", json=body, timeout=30)
+        bad = httpx.post(server.url + "/rank", json={**body, "candidates": [10**6]}, timeout=30)
+    assert answer.status_code == 200 and np.allclose(answer.json()["scores"], expected.scores, atol=1e-6)
+    assert answer.json()["model_version"] == json.loads((out / "serving.json").read_text())["version"]
+    assert bad.status_code == 422 and bad.json()["field"] == "candidates[0]"
