@@ -34,7 +34,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
 from torch import nn
 
-__all__ = ["TorchDenseLookup", "fbgemm_serves", "use_torch_lookup_where_needed"]
+__all__ = ["TorchDenseLookup", "dense_tbes", "fbgemm_serves", "sharded_submodules", "use_torch_lookup_where_needed"]
 
 _FBGEMM_DENSE_OP = "fbgemm::dense_embedding_codegen_lookup_function"
 
@@ -109,27 +109,31 @@ class TorchDenseLookup(DenseTableBatchedEmbeddingBagsCodegen):
         return cached
 
 
-def _dense_tbes(module: nn.Module) -> Iterator[DenseTableBatchedEmbeddingBagsCodegen]:
+def sharded_submodules(module: nn.Module) -> Iterator[nn.Module]:
+    """Every module under `module`, also inside sharded modules' lookups (`_lookups`, a plain list) and
+    kernels' TBEs (`_emb_module`), which `nn.Module.modules()` does not visit; each once."""
     seen: set[int] = set()
     stack: list[nn.Module] = [module]
     while stack:
-        m = stack.pop()
-        for sub in m.modules():
+        for sub in stack.pop().modules():
             if id(sub) in seen:
                 continue
             seen.add(id(sub))
-            if isinstance(sub, DenseTableBatchedEmbeddingBagsCodegen):
-                yield sub
-            emb = getattr(sub, "_emb_module", None)
-            if isinstance(emb, nn.Module):
-                stack.append(emb)
-            stack.extend(lk for lk in getattr(sub, "_lookups", []) if isinstance(lk, nn.Module))
+            yield sub
+            for child in (getattr(sub, "_emb_module", None), *getattr(sub, "_lookups", [])):
+                if isinstance(child, nn.Module):
+                    stack.append(child)
+
+
+def dense_tbes(module: nn.Module) -> Iterator[DenseTableBatchedEmbeddingBagsCodegen]:
+    """Every DENSE-kernel TBE under `module`, sharded modules' lookups included."""
+    return (sub for sub in sharded_submodules(module) if isinstance(sub, DenseTableBatchedEmbeddingBagsCodegen))
 
 
 def use_torch_lookup_where_needed(module: nn.Module) -> int:
     """Give every DENSE kernel under `module` that fbgemm cannot serve the PyTorch forward; returns how many."""
     switched = 0
-    for tbe in _dense_tbes(module):
+    for tbe in dense_tbes(module):
         if type(tbe) is DenseTableBatchedEmbeddingBagsCodegen and not fbgemm_serves(tbe):
             tbe.__class__ = TorchDenseLookup
             switched += 1

@@ -45,7 +45,7 @@ from torchrec.distributed.sharding_plan import construct_module_sharding_plan, r
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from lumrec.optim.dense_lookup import use_torch_lookup_where_needed
+from lumrec.optim.dense_lookup import sharded_submodules, use_torch_lookup_where_needed
 from lumrec.optim.rowwise_adamw import RowwiseAdamW, Segment
 from lumrec.optim.sparse_kernel_grads import sparse_dense_kernel_gradients
 
@@ -61,22 +61,10 @@ def dense_kernel_segments(kernel: nn.Module) -> list[Segment]:
 
 
 def iter_dense_kernels(module: nn.Module) -> Iterator[nn.Module]:
-    """Every torchrec DENSE embedding kernel under `module`.
-
-    Sharded embedding modules keep their lookups in a plain list (`_lookups`), which
-    `nn.Module.modules()` does not visit, so the lookups are walked explicitly.
-    """
-    seen: set[int] = set()
-    stack: list[nn.Module] = [module]
-    while stack:
-        m = stack.pop()
-        for sub in m.modules():
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            if isinstance(sub, (BatchedDenseEmbeddingBag, BatchedDenseEmbedding)):
-                yield sub
-            stack.extend(lk for lk in getattr(sub, "_lookups", []) if isinstance(lk, nn.Module))
+    """Every torchrec DENSE embedding kernel under `module`, sharded modules' lookups included (`sharded_submodules`)."""
+    for sub in sharded_submodules(module):
+        if isinstance(sub, (BatchedDenseEmbeddingBag, BatchedDenseEmbedding)):
+            yield sub
 
 
 def attach_rowwise_adamw_to_dense_kernels(
@@ -120,6 +108,17 @@ class _RowwiseAdamWSharding:
     attached_optimizers: list[RowwiseAdamW]
     _optimizer_kwargs: Optional[dict[str, Any]]
     _offers_fused_to_planner = False
+
+    def __init__(
+        self,
+        optimizer_kwargs: Optional[dict[str, Any]] = None,
+        fused_params: Optional[dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
+    ) -> None:
+        # The torchrec sharder after this mixin in each subclass's MRO.
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)  # type: ignore[call-arg]
+        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
+        self.attached_optimizers = []
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         """Table-wise and row-wise: each rank then holds whole rows, so the row state stays exact."""
@@ -199,16 +198,6 @@ class _RowwiseAdamWSharding:
 class RowwiseAdamWEmbeddingBagCollectionSharder(_RowwiseAdamWSharding, EmbeddingBagCollectionSharder):
     """EBC sharder: DENSE kernel, table-/row-wise, RowwiseAdamW in backward on each kernel's weight."""
 
-    def __init__(
-        self,
-        optimizer_kwargs: Optional[dict[str, Any]] = None,
-        fused_params: Optional[dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
-        self.attached_optimizers = []
-
 
 class RowwiseAdamWEmbeddingCollectionSharder(_RowwiseAdamWSharding, EmbeddingCollectionSharder):
     """EmbeddingCollection (sequence tables, one vector per id) sharder: as the EBC one.
@@ -216,16 +205,6 @@ class RowwiseAdamWEmbeddingCollectionSharder(_RowwiseAdamWSharding, EmbeddingCol
     On CPU its DENSE kernels look rows up with `lumrec.optim.dense_lookup.TorchDenseLookup`:
     fbgemm-gpu-cpu's op would pool them.
     """
-
-    def __init__(
-        self,
-        optimizer_kwargs: Optional[dict[str, Any]] = None,
-        fused_params: Optional[dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[dict[str, Any]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-        self._optimizer_kwargs = None if optimizer_kwargs is None else dict(optimizer_kwargs)
-        self.attached_optimizers = []
 
 
 RowwiseAdamWSharder = Union[RowwiseAdamWEmbeddingBagCollectionSharder, RowwiseAdamWEmbeddingCollectionSharder]

@@ -28,12 +28,14 @@ gradient (fbgemm fuses the scale into its sum; those would agree up to rounding 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
 from torch import nn
+
+from lumrec.optim.dense_lookup import dense_tbes
 
 __all__ = ["flat_row_gradient", "sparse_dense_kernel_gradients"]
 
@@ -129,29 +131,13 @@ def _sparse_forward(tbe: DenseTableBatchedEmbeddingBagsCodegen) -> Callable[...,
     return sparse_forward
 
 
-def _dense_tbes(module: nn.Module) -> Iterator[DenseTableBatchedEmbeddingBagsCodegen]:
-    """Every DENSE-kernel TBE under `module`, also inside sharded modules' lookups (not nn.Module children)."""
-    seen: set[int] = set()
-    stack: list[nn.Module] = [module]
-    while stack:
-        for sub in stack.pop().modules():
-            if id(sub) in seen:
-                continue
-            seen.add(id(sub))
-            if isinstance(sub, DenseTableBatchedEmbeddingBagsCodegen):
-                yield sub
-            for child in (getattr(sub, "_emb_module", None), *getattr(sub, "_lookups", [])):
-                if isinstance(child, nn.Module):
-                    stack.append(child)
-
-
 def sparse_dense_kernel_gradients(module: nn.Module) -> int:
     """Give every DENSE-kernel TBE under `module` row-sparse weight gradients; returns how many. Idempotent.
 
     Call it after sharding (DistributedModelParallel builds the kernels), on CPU.
     """
     count = 0
-    for tbe in _dense_tbes(module):
+    for tbe in dense_tbes(module):
         if not getattr(tbe, _WRAPPED, False):
             tbe.forward = _sparse_forward(tbe)  # type: ignore[method-assign]
             setattr(tbe, _WRAPPED, True)
