@@ -28,10 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -111,11 +113,16 @@ def load_levels(server: ServeProcess, make_body: Requests, levels: list[int], re
                                     keep=("knowledge_missing",))
         stats = summarize(records, wall)
         stats["concurrency"] = concurrency
-        stats["knowledge_missing"] = sum(bool(r.body.get("knowledge_missing")) for r in records if r.status == 200)
+        stats["knowledge_missing"] = missing_knowledge(records)
         out.append(stats)
         log.info("  concurrency %2d: p50 %s ms, p99 %s ms, %.1f req/s, %d errors", concurrency, _ms(stats["p50_ms"]),
                  _ms(stats["p99_ms"]), stats["throughput_rps"] or 0, stats["errors"])
     return out
+
+
+def missing_knowledge(records: list[Record]) -> int:
+    """How many answered requests were scored without the user's knowledge."""
+    return sum(bool(r.body.get("knowledge_missing")) for r in records if r.status == 200)
 
 
 def _ms(value: float | None) -> str:
@@ -130,7 +137,7 @@ def phases(records: list[Record], cuts: list[float], names: list[str]) -> dict[s
         part = [r for r in records if lo <= r.start < hi]
         span = (min(hi, max((r.start + r.seconds for r in part), default=lo)) - lo) or 1.0
         stats = summarize(part, span)
-        stats["knowledge_missing"] = sum(bool(r.body.get("knowledge_missing")) for r in part if r.status == 200)
+        stats["knowledge_missing"] = missing_knowledge(part)
         stats["knowledge_versions"] = sorted({r.body.get("knowledge_version") for r in part if r.status == 200} - {None})
         stats["model_versions"] = sorted({r.body.get("model_version") for r in part if r.status == 200} - {None})
         out[name] = stats
@@ -139,8 +146,6 @@ def phases(records: list[Record], cuts: list[float], names: list[str]) -> dict[s
 
 def run_in_background(fn, delay: float):
     """Call `fn` after `delay` seconds in a thread; the thread (join it) and a box with fn's result."""
-    import threading
-
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -262,8 +267,6 @@ def run_faults(cfg: BenchConfig, work: Path, lum: dict[str, Any], dlrm: dict[str
                     readiness.append((time.perf_counter(), 0))
                 time.sleep(0.25)
 
-        import threading
-
         prober = threading.Thread(target=probe_ready, daemon=True)
         start = time.perf_counter()
         prober.start()
@@ -307,7 +310,7 @@ def run_faults(cfg: BenchConfig, work: Path, lum: dict[str, Any], dlrm: dict[str
             code = ("from lumrec.knowledge import RedisKnowledgeConfig, publish_partition; "
                     f"publish_partition({lum['store']!r}, {cfg.next_day!r}, RedisKnowledgeConfig(url={redis.url!r}, prefix={name!r}, "
                     "batch_size=20))")
-            env = {**__import__("os").environ, "LUMREC_FAILPOINTS": "redis.users_written@2"}
+            env = {**os.environ, "LUMREC_FAILPOINTS": "redis.users_written@2"}
             return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True).returncode
 
         publisher, published = run_in_background(killed_publish, third)

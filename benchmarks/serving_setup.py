@@ -134,6 +134,12 @@ def rank_keys(cfg: BenchConfig, data: Path, out: Path, seed: int = 0) -> dict[st
     }
 
 
+def lum_keys(store: str) -> dict[str, Any]:
+    """The DLRM's LUM features (RankLUMConfig keys): the demo's, interest matching under feed, search and the request's query."""
+    return {"store": store, "conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id",
+            "features": ["sim", "missing"]}
+
+
 def ensure_bundle(keys: dict[str, Any], bundle: Path, checkpoint: str = "best", max_steps: int | None = None) -> dict[str, Any]:
     """Train the rank run of `keys` (unless done) and export it to `bundle` (unless there); the bundle's manifest."""
     import json
@@ -157,14 +163,12 @@ def ensure_dlrm_bundles(cfg: BenchConfig, data: Path, lums: list[dict[str, Any]]
     bundles = {"dlrm": ensure_bundle(rank_keys(cfg, data, work / "rank" / "dlrm"), work / "bundles" / "dlrm")}
     for lum in lums:
         keys = rank_keys(cfg, data, work / "rank" / lum["name"])
-        keys["lum"] = {"store": lum["store"], "conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id",
-                       "features": ["sim", "missing"]}
+        keys["lum"] = lum_keys(lum["store"])
         bundles[lum["name"]] = ensure_bundle(keys, work / "bundles" / lum["name"])
     # A second DLRM of the smallest LUM (another seed): what a day's model swap brings in.
     first = lums[0]
     keys = rank_keys(cfg, data, work / "rank" / f"{first['name']}-next", seed=1)
-    keys["lum"] = {"store": first["store"], "conditions": ["scenario=1", "scenario=2"], "candidate_condition_feature": "query_id",
-                   "features": ["sim", "missing"]}
+    keys["lum"] = lum_keys(first["store"])
     bundles[f"{first['name']}-next"] = ensure_bundle(keys, work / "bundles" / f"{first['name']}-next")
     return bundles
 

@@ -66,6 +66,17 @@ def test_wrapper_builds_the_training_kjt():
 # -- lumrec export of a tiny SIM + LUM + item statistics run ---------------------------------------
 
 
+def copy_with_wrong_parity(bundle: Path, copy: Path) -> Path:
+    """A copy of `bundle` whose parity example expects other scores (0.01 off): what a load must refuse."""
+    copy.mkdir()
+    for p in bundle.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    saved = torch.load(copy / "parity.pt", weights_only=True)
+    saved["outputs"] = saved["outputs"] + 0.01
+    torch.save(saved, copy / "parity.pt")
+    return copy
+
+
 @pytest.fixture(scope="module")
 def rank_run(tmp_path_factory):
     """A trained tiny SIM run with LUM features and item statistics, exported through the CLI's main()."""
@@ -222,15 +233,8 @@ def test_export_errors_name_the_path_and_leave_nothing(rank_run, tmp_path):
         export_job.export_run(broken, tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     # A damaged parity example is caught when the bundle loads.
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in out.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
-    saved = torch.load(copy / "parity.pt", weights_only=True)
-    saved["outputs"] = saved["outputs"] + 0.01
-    torch.save(saved, copy / "parity.pt")
     with pytest.raises(BundleError, match="parity.pt: the package differs"):
-        load_bundle(copy)
+        load_bundle(copy_with_wrong_parity(out, tmp_path / "copy"))
 
 
 def test_checkpoint_choice_loads_best_or_latest_weights(rank_run):

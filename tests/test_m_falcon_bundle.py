@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_rank_pipeline import trained_lum_run  # noqa: E402 - shared tiny data
+from test_export import copy_with_wrong_parity  # noqa: E402 - shared test helpers
+from test_rank_pipeline import trained_lum_run  # noqa: E402
 
 from lumrec.checkpoint import CheckpointManager, load_verified_weights
 from lumrec.modules.serving.bundle import BundleError, RequestError, load_bundle
@@ -68,13 +69,7 @@ def test_requests_are_read_as_a_ranker_bundle_reads_them(hstu_bundle):
 
 def test_damaged_weights_or_parity_are_refused_naming_the_file(hstu_bundle, tmp_path):
     out, _, _ = hstu_bundle
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in out.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
-    saved = torch.load(copy / "parity.pt", weights_only=True)
-    saved["outputs"] = saved["outputs"] + 0.01
-    torch.save(saved, copy / "parity.pt")
+    copy = copy_with_wrong_parity(out, tmp_path / "copy")
     with pytest.raises(BundleError, match="parity.pt: M-FALCON differs"):
         load_bundle(copy)
     (copy / "model.pt").write_bytes(b"not a state dict")
