@@ -368,8 +368,10 @@ def _run(runner: Any, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def check_parity(runner: Any, path: Path, tolerance: float = PARITY_TOLERANCE) -> float:
-    """Run `path`'s example through `runner`; the largest difference from the eager outputs it holds (raises past `tolerance`)."""
+def check_parity(runner: Any, path: Path, tolerance: float = PARITY_TOLERANCE, what: str = "the package",
+                 why: str = "the package does not match this machine or the export is broken") -> float:
+    """Run `path`'s example through `runner` (called with its inputs); the largest difference from the eager outputs
+    it holds (raises past `tolerance`, naming `what` was checked and `why` it may differ)."""
     if not path.is_file():
         raise BundleError(f"{path}: the bundle's parity example is missing (export the run again)")
     saved = torch.load(path, weights_only=True)
@@ -377,11 +379,10 @@ def check_parity(runner: Any, path: Path, tolerance: float = PARITY_TOLERANCE) -
         out = _run(runner, saved["inputs"])
     expected = saved["outputs"]
     if tuple(out.shape) != tuple(expected.shape):
-        raise BundleError(f"{path}: the package returned shape {tuple(out.shape)}, the eager model {tuple(expected.shape)}")
+        raise BundleError(f"{path}: {what} returned shape {tuple(out.shape)}, the eager model {tuple(expected.shape)}")
     error = float((out.float() - expected.float()).abs().max()) if expected.numel() else 0.0
     if not error <= tolerance:
-        raise BundleError(f"{path}: the package differs from the eager model by {error:.3g} (> {tolerance:g}); "
-                          "the package does not match this machine or the export is broken: export the run again")
+        raise BundleError(f"{path}: {what} differs from the eager model by {error:.3g} (> {tolerance:g}); {why}: export the run again")
     return error
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from lumrec.modules.ranking.builder import RankModelConfig, build_ranker
 from lumrec.modules.ranking.m_falcon import MFalconScorer
-from lumrec.modules.serving.bundle import MANIFEST, PARITY_FILE, PARITY_TOLERANCE, BundleError, ServingBundle
+from lumrec.modules.serving.bundle import MANIFEST, PARITY_FILE, BundleError, ServingBundle, check_parity
 
 __all__ = ["M_FALCON_KIND", "M_FALCON_WEIGHTS", "MFalconBundle", "write_m_falcon_files"]
 
@@ -79,17 +79,8 @@ class MFalconBundle(ServingBundle):
         return self.scorer
 
     def _check_parity(self) -> float:
-        file = self.path / PARITY_FILE
-        if not file.is_file():
-            raise BundleError(f"{file}: the bundle's parity example is missing (export the run again)")
-        saved = torch.load(file, weights_only=True)
-        with torch.inference_mode():
-            out = self._forward(tuple(saved["inputs"]))
-        expected = saved["outputs"]
-        error = float((out - expected).abs().max()) if expected.numel() else 0.0
-        if not error <= PARITY_TOLERANCE:
-            raise BundleError(f"{file}: M-FALCON differs from one pass per candidate by {error:.3g} (> {PARITY_TOLERANCE:g})")
-        return error
+        return check_parity(lambda *inputs: self._forward(inputs), self.path / PARITY_FILE, what="M-FALCON",
+                            why="its scores are not those of one pass per candidate")
 
     def _forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Scores [B] = sigmoid(M-FALCON logits) of a request's ``RankerServing`` inputs."""
