@@ -18,7 +18,9 @@ finish. ``--port 0`` binds a free port; the start line names the address bound.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import signal
 import socket
 import threading
@@ -26,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import uvicorn
 from fastapi import FastAPI
@@ -36,7 +38,7 @@ from lumrec.knowledge.redis_store import RedisKnowledgeConfig
 from lumrec.modules.serving.bundle import BundleError
 from lumrec.pipelines.serving_app import ServeConfig, create_app
 
-__all__ = ["RunningServer", "bind", "main", "running_server", "uvicorn_server"]
+__all__ = ["ADMIN_TOKEN_ENV", "RunningServer", "admin_settings", "bind", "is_loopback", "main", "running_server", "uvicorn_server"]
 
 log = logging.getLogger("lumrec.serve")
 
@@ -115,12 +117,47 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", start_timeout_s: float
         sock.close()
 
 
+ADMIN_TOKEN_ENV = "LUMREC_ADMIN_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is only reachable from this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def admin_settings(host: str, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """ServeConfig's `admin` / `admin_token` for a server bound to `host`.
+
+    /admin/reload loads code from a path the caller names, so it is served only on a loopback address
+    or with a token (LUMREC_ADMIN_TOKEN, read from the environment: a flag would show in `ps`).
+
+    >>> admin_settings("127.0.0.1", {}), admin_settings("0.0.0.0", {})["admin"], admin_settings("0.0.0.0", {ADMIN_TOKEN_ENV: "t"})["admin"]
+    ({'admin': True, 'admin_token': None}, False, True)
+    """
+    token = environ.get(ADMIN_TOKEN_ENV) or None
+    if token is None and not is_loopback(host):
+        log.warning("serve: --host %s is not a loopback address and %s is not set: POST /admin/reload is not served "
+                    "(set %s to a secret, or swap bundles with --watch)", host, ADMIN_TOKEN_ENV, ADMIN_TOKEN_ENV)
+        return {"admin": False, "admin_token": None}
+    return {"admin": True, "admin_token": token}
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig of `lumrec serve`'s flags."""
     names = {"bundle": "bundle", "redis": "redis_url", "prefix": "redis_prefix", "on_redis_down": "on_redis_down",
              "max_candidates": "max_candidates", "refresh_seconds": "knowledge_refresh_s", "watch": "watch",
              "threads": "torch_threads", "workers": "worker_threads"}
     values = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
+    values.update(admin_settings(getattr(args, "host", "127.0.0.1")))
     try:
         config = ServeConfig(**values)
     except ValueError as err:

@@ -26,17 +26,18 @@ a background thread every ``knowledge_refresh_s`` seconds, which also notices Re
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Sequence
 
 import anyio.to_thread
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -70,7 +71,9 @@ class ServeConfig:
     comes from requests in parallel, not from one request's ops). `worker_threads`: the most
     requests handled at once; `num_runners`: model instances in the bundle's package (the most
     requests inside the model at once; the others wait for one). `check_bundle`: run the bundle's own check when loading it.
-    `admin`: serve POST /admin/reload (it loads code from a path: keep the port on loopback).
+    `admin`: serve POST /admin/reload (it loads code from a path). `admin_token`: where set, a
+    reload must carry `Authorization: Bearer <token>` (401 without it); `lumrec serve` takes it from
+    the LUMREC_ADMIN_TOKEN environment variable and serves no /admin/reload off loopback without one.
     `max_body_bytes`: a request body declared larger is answered 413 before it is read.
     """
 
@@ -87,6 +90,7 @@ class ServeConfig:
     num_runners: int = 2
     check_bundle: bool = True
     admin: bool = True
+    admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
@@ -124,6 +128,19 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     bundle: str = Field(min_length=1)
+
+
+def admin_allowed(token: str | None, authorization: str | None) -> bool:
+    """Whether a request with this Authorization header may use /admin/ (any request where no token is set).
+
+    >>> admin_allowed(None, None), admin_allowed("s3cret", "Bearer s3cret"), admin_allowed("s3cret", "Bearer guess")
+    (True, True, False)
+    """
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest: the time taken does not tell how much of a guess was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def field_name(loc: Sequence[Any]) -> str:
@@ -310,8 +327,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        field = field_name(first.get("loc", ("body",)))
-        return _error(422, field, f"{field}: {first.get('msg')}", detail=jsonable_encoder(errors))
+        name = field_name(first.get("loc", ("body",)))
+        return _error(422, name, f"{name}: {first.get('msg')}", detail=jsonable_encoder(errors))
 
     @app.post("/rank")
     def rank(body: RankRequest) -> JSONResponse:
@@ -332,7 +349,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         try:
             try:
-                result = score(source)
+                # A view for this request: its LUM lookups (one per condition feature) read the user's record once.
+                result = score(source.one_request() if source is not None else None)
             except link.unavailable_errors as err:  # Redis went away after this request took its version
                 link.mark_down(err)
                 problem = f"knowledge unreachable: {err}"
@@ -372,7 +390,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     if config.admin:
 
         @app.post("/admin/reload")
-        def reload(body: ReloadRequest) -> JSONResponse:
+        def reload(body: ReloadRequest, authorization: str | None = Header(default=None)) -> JSONResponse:
+            if not admin_allowed(config.admin_token, authorization):
+                log.warning("POST /admin/reload refused: no valid bearer token")
+                return _error(401, "authorization", "authorization: POST /admin/reload needs the header "
+                                                    "'Authorization: Bearer <token>' with the server's LUMREC_ADMIN_TOKEN")
             try:
                 old, new, seconds = state.reload(body.bundle)
             except Exception as err:  # noqa: BLE001 - any load failure: the old bundle keeps serving, the caller learns why

@@ -13,8 +13,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import redis
 import torch
 
+from benchmark_scripts import load_benchmark
 from lumrec.config import ConfigError, from_dict, load_config
 from lumrec.errors import describe
 from lumrec.faults import ENV
@@ -124,6 +126,57 @@ def test_round_trip_equals_knowledge_lookup(server, tmp_path, seed):
         small = RedisKnowledge(_config(server, prefix=cfg.prefix, item_cache_items=limit))
         _assert_same(small, lookup, info, np.random.default_rng(300 + seed))
         assert len(small._state.item_cache) <= limit  # never more than the limit
+
+
+def _hmget_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_one_request_view_reads_each_user_record_once(server, tmp_path, seed):
+    """RequestKnowledge equals the reader bit for bit, reads a user's record once for all features, and keeps its version."""
+    info = _random_store(tmp_path, 10 + seed, users=30)
+    cfg = _config(server)
+    publish_partition(tmp_path, DAY, cfg)
+    reader = RedisKnowledge(cfg)
+    lookup = load_knowledge(tmp_path, DAY)
+    _assert_same(reader.one_request(), lookup, info, np.random.default_rng(400 + seed))
+
+    client = redis.Redis.from_url(server.url)
+    users = torch.from_numpy(info["users"][:4].astype(np.int64))
+    values = torch.zeros(4, 2, dtype=torch.int64)
+    features = lookup.features
+    before = _hmget_calls(client)
+    for feature in features:
+        reader.user_vectors(users, feature, values)
+    assert _hmget_calls(client) - before == len(features)  # the reader: one read per lookup
+    view = reader.one_request()
+    before = _hmget_calls(client)
+    for feature in features * 2:
+        got = view.user_vectors(users, feature, values)
+        want = reader.user_vectors(users, feature, values)
+        assert got[0].numpy().tobytes() == want[0].numpy().tobytes() and torch.equal(got[1], want[1])
+    assert _hmget_calls(client) - before == 2 * len(features) + 1  # the reader's reads, and the view's one
+    view.user_vectors(torch.tensor([int(info["users"][5]), -7]), features[0], torch.zeros(2, 1, dtype=torch.int64))
+    assert _hmget_calls(client) - before == 2 * len(features) + 2  # a user it had not read (and an unknown one)
+
+    # A new day published and the reader refreshed: the view still answers from its version.
+    other = tmp_path / "other"
+    _random_store(other, 20 + seed, day="2026-01-03", users=30)
+    publish_partition(other, "2026-01-03", _config(server, prefix=cfg.prefix))
+    old_version = view.version
+    assert reader.refresh() and reader.version != old_version
+    again = view.user_vectors(users, features[0], values)
+    want = lookup.user_vectors(users, features[0], values)
+    assert view.version == old_version and again[0].numpy().tobytes() == want[0].numpy().tobytes()
+
+
+def test_request_view_benchmark_runs_and_saves_its_row(tmp_path):
+    out = tmp_path / "redis_knowledge.json"
+    result = load_benchmark("redis_knowledge").main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text())["tiny"] == result and result["benchmark"] == "redis_knowledge"
+    (row,) = result["rows"]
+    assert row["dim"] == 8 and row["max_abs_diff"] == 0.0 and row["per_lookup_ms"] > 0 and row["one_request_ms"] > 0
 
 
 def test_cached_items_are_served_without_redis_and_belong_to_their_version(server, tmp_path):

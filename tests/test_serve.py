@@ -13,6 +13,7 @@ one reference swapped) is the same as for a second compile, at no compile cost.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from lumrec.modules.serving.bundle import load_bundle
 from lumrec.pipelines.export import export_run
 from lumrec.pipelines.rank import run_rank
 from lumrec.pipelines.rank_config import RankConfig, RankModelConfig, RankTrainConfig
-from lumrec.pipelines.serve import running_server
+from lumrec.pipelines.serve import ADMIN_TOKEN_ENV, config_from_args, running_server
 from lumrec.pipelines.serving_app import ServeConfig, create_app
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
@@ -324,6 +325,40 @@ def test_model_swap_under_load_fails_no_request(served, world):
         assert metric(client, "lumrec_serve_model_swaps_total", result="failed") == 1
     finally:
         assert client.post("/admin/reload", json={"bundle": bundle_a}).status_code == 200
+
+
+def test_admin_reload_with_a_token_needs_the_bearer_header(world):
+    _, _, bundle_a, bundle_b = world
+    app = create_app(ServeConfig(bundle=bundle_a, admin_token="s3cret"))
+    assert "s3cret" not in repr(app.state.serving.config)  # never logged with the config
+    with running_server(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        version_a = client.post("/rank", json=REQUEST).json()["model_version"]
+        for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"}):
+            refused = client.post("/admin/reload", json={"bundle": bundle_b}, headers=headers)
+            assert refused.status_code == 401 and refused.json()["field"] == "authorization", (headers, refused.text)
+        assert client.post("/rank", json=REQUEST).json()["model_version"] == version_a  # nothing swapped
+        assert metric(client, "lumrec_serve_requests_total", path="/admin/reload", status="401") == 4
+        swapped = client.post("/admin/reload", json={"bundle": bundle_b}, headers={"Authorization": "Bearer s3cret"})
+        assert swapped.status_code == 200 and swapped.json()["model_version"] == version_a + "-b"
+
+
+def test_serve_off_loopback_serves_admin_only_with_a_token(world, monkeypatch, caplog):
+    _, _, bundle_a, _ = world
+    args = argparse.Namespace(bundle=bundle_a, host="0.0.0.0", port=0)
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    config = config_from_args(args)
+    assert not config.admin and config.admin_token is None
+    assert ADMIN_TOKEN_ENV in caplog.text and "/admin/reload is not served" in caplog.text
+    with running_server(create_app(config)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.post("/admin/reload", json={"bundle": bundle_a}).status_code == 404
+        assert client.post("/rank", json=REQUEST).status_code == 200
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "t0ken")
+    config = config_from_args(args)
+    assert config.admin and config.admin_token == "t0ken"
+    for host in ("127.0.0.1", "::1", "localhost"):
+        monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+        config = config_from_args(argparse.Namespace(bundle=bundle_a, host=host, port=0))
+        assert config.admin and config.admin_token is None  # loopback: as before, no token needed
 
 
 def test_pointer_file_swaps_the_bundle(world, tmp_path):

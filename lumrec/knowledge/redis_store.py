@@ -77,7 +77,7 @@ from lumrec.knowledge.reading import load_knowledge
 
 log = logging.getLogger("lumrec.knowledge")
 
-__all__ = ["KnowledgeUnavailable", "RedisKnowledge", "RedisKnowledgeConfig", "publish_partition", "published_versions", "version_id"]
+__all__ = ["KnowledgeUnavailable", "RedisKnowledge", "RedisKnowledgeConfig", "RequestKnowledge", "publish_partition", "published_versions", "version_id"]
 
 FORMAT = 1  # the meta's "format": the layout above
 
@@ -491,7 +491,15 @@ class RedisKnowledge:
 
     def user_vectors(self, user_ids: torch.Tensor, feature: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """user_ids [B] int64; values [B, N] int64 condition values of `feature` -> (vectors [B, N, dim] float32, missing [B, N] bool)."""
-        state = self._state
+        return self._user_vectors(self._state, user_ids, feature, values, records=None)
+
+    def one_request(self) -> "RequestKnowledge":
+        """This reader's version as one request sees it: each user's record read from Redis once (see `RequestKnowledge`)."""
+        return RequestKnowledge(self, self._state)
+
+    def _user_vectors(self, state: _Version, user_ids: torch.Tensor, feature: str, values: torch.Tensor,
+                      records: dict[int, bytes | None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """user_vectors on `state`; `records` (user id -> stored record): read through, None: always from Redis."""
         if feature not in state.features:
             raise KeyError(f"RedisKnowledge: condition feature {feature!r} is not in version {state.version} "
                            f"(as_of_ds={state.as_of_ds}); it has {list(state.features)}")
@@ -502,7 +510,8 @@ class RedisKnowledge:
         device = user_ids.device
         vals = values.to(torch.int64).cpu().numpy()
         uniq, inverse = np.unique(user_ids.to(torch.int64).cpu().numpy(), return_inverse=True)
-        found, blobs = self._fetch(state, self._keys.users(state.version), uniq)
+        key = self._keys.users(state.version)
+        found, blobs = self._fetch(state, key, uniq) if records is None else self._read_through(state, key, uniq, records)
         out = np.zeros((*vals.shape, state.dim), np.float32)
         missing = np.ones(vals.shape, bool)
         if blobs:
@@ -522,7 +531,9 @@ class RedisKnowledge:
 
     def item_vectors(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """item_ids [...] int64 -> (vectors [..., dim], missing [...] bool)."""
-        state = self._state
+        return self._item_vectors(self._state, item_ids)
+
+    def _item_vectors(self, state: _Version, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device, shape = item_ids.device, tuple(item_ids.shape)
         uniq, inverse = np.unique(item_ids.to(torch.int64).cpu().numpy().reshape(-1), return_inverse=True)
         found, blobs = self._items(state, uniq)
@@ -535,18 +546,25 @@ class RedisKnowledge:
 
     def _items(self, state: _Version, ids: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
         """(found, stored vectors in order) of `ids`: from the version's item cache, Redis for the rest (then cached)."""
-        cache, limit = state.item_cache, self.config.item_cache_items
+        key, limit = self._keys.items(state.version), self.config.item_cache_items
         if not limit:
-            return self._fetch(state, self._keys.items(state.version), ids)
+            return self._fetch(state, key, ids)
+        return self._read_through(state, key, ids, state.item_cache, limit)
+
+    def _read_through(self, state: _Version, key: str, ids: np.ndarray, cache: dict[int, bytes | None],
+                      limit: int | None = None) -> tuple[np.ndarray, list[bytes]]:
+        """(found, stored values in order) of `ids` in hash `key`: from `cache`, Redis for the rest.
+
+        What was read joins the cache unless that would take it past `limit` entries (None: no limit).
+        """
         wanted = [i for i in ids.tolist() if i not in cache]
+        read: dict[int, bytes | None] = {}
         if wanted:
-            found, blobs = self._fetch(state, self._keys.items(state.version), np.asarray(wanted, np.int64))
+            found, blobs = self._fetch(state, key, np.asarray(wanted, np.int64))
             fetched = iter(blobs)
             read = {i: (next(fetched) if hit else None) for i, hit in zip(wanted, found.tolist())}
-            if len(cache) + len(read) <= limit:
+            if limit is None or len(cache) + len(read) <= limit:
                 cache.update(read)  # one dict update: a concurrent reader sees an entry whole or not at all
-        else:
-            read = {}
         values = [read[i] if i in read else cache[i] for i in ids.tolist()]
         return np.fromiter((v is not None for v in values), bool, len(values)), [v for v in values if v is not None]
 
@@ -555,3 +573,42 @@ class RedisKnowledge:
         return (f"RedisKnowledge(url={_where(self.config.url)!r}, prefix={self.config.prefix!r}, version={s.version!r}, "
                 f"as_of_ds={s.as_of_ds!r}, dim={s.dim}, conditions={len(s.conditions)})")
 
+
+
+class RequestKnowledge:
+    """One request's view of a `RedisKnowledge` version: a `KnowledgeSource` whose user records are read once.
+
+    A DLRM's LUM features ask for a user's vectors once per condition feature (the fixed conditions
+    of each feature, the candidate's condition): on `RedisKnowledge` each call reads the user's whole
+    record (every condition's vector) from Redis again. This view keeps the records it has read, so
+    a request reads each user's record once, and it stays on the version it was made from even if
+    the reader refreshes meanwhile. Make one per request (`RedisKnowledge.one_request()`) and drop
+    it: it keeps every record it read.
+
+        knowledge = reader.one_request()
+        module = LUMFeatureModule(lum_config, knowledge)      # its user lookups share one read per user
+    """
+
+    def __init__(self, reader: RedisKnowledge, state: _Version) -> None:
+        self._reader, self._state = reader, state
+        self._records: dict[int, bytes | None] = {}
+
+    @property
+    def version(self) -> str:
+        return self._state.version
+
+    @property
+    def dim(self) -> int:
+        return self._state.dim
+
+    @property
+    def features(self) -> list[str]:
+        return list(self._state.features)
+
+    def user_vectors(self, user_ids: torch.Tensor, feature: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `RedisKnowledge.user_vectors`, each user's record read from Redis at most once per view."""
+        return self._reader._user_vectors(self._state, user_ids, feature, values, records=self._records)
+
+    def item_vectors(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `RedisKnowledge.item_vectors` (item vectors are cached per version by the reader already)."""
+        return self._reader._item_vectors(self._state, item_ids)
