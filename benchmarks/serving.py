@@ -19,7 +19,7 @@ and history length), saves ``benchmarks/results/serving.json`` and ends with one
 The models are built first under ``--out`` (``benchmarks/serving_setup.py``: logs, LUMs and their
 knowledge, rankers, bundles) and reused by later runs.
 
-    .venv/bin/python benchmarks/serving.py                    # about 30-40 minutes on 2 cores, most of it building
+    .venv/bin/python benchmarks/serving.py                    # 13 minutes on the recorded 2-core machine (4 building)
     .venv/bin/python benchmarks/serving.py --tiny             # every part at toy sizes, a few minutes
 """
 
