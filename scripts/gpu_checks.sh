@@ -7,6 +7,7 @@
 # Each step writes its own log under $OUT and a failing step does not stop the others; the summary at the
 # end lists each step's exit code. `quick` runs the tests and the shortest benchmark shapes only.
 # What it checks, and where the figures go once measured:
+#   the Triton kernels compiled for this GPU's architecture (shared memory per program)
 #   gpu-marked tests: device moves, jagged ops, Triton attention, compiled/exported stack, sharding, sparse grads
 #   benchmarks/hstu_attention.py -> docs/kernels.md (Triton vs PyTorch vs SDPA, forward + backward)
 #   a tiny pretrain on cuda, fp32 and bf16 + activation checkpointing -> docs/gpu.md (tokens/s, activation memory)
@@ -29,6 +30,8 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the exit c
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
+
+step compile_kernels $PY scripts/compile_triton_kernels.py --arch "$($PY -c 'import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)')"
 
 step tests_gpu $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_device.py tests/test_ops.py tests/test_triton_attention.py \
   tests/test_stack_export.py tests/test_sharding_scale.py tests/test_sparse_table_grads.py
