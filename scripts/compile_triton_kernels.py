@@ -24,14 +24,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the recording run is interpreted; set before triton is imported
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lumrec.modules.ops.triton import hstu_op  # noqa: E402
 
