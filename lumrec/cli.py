@@ -51,6 +51,9 @@ def setup_logging(verbose: bool = False) -> None:
         handler.addFilter(_DropLibraryChatter())
     # torchrec's import trips a torch.fx deprecation notice that says nothing about lumrec.
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # torchrec logs its sharding internals at INFO (lookup groups, feature validation, the planner's
+    # search) on every rank for every sharded model; lumrec logs the plan itself. `lumrec -v` shows them.
+    logging.getLogger("torchrec").setLevel(logging.DEBUG if verbose else logging.WARNING)
     silence_known_library_noise()
 
 

@@ -69,6 +69,13 @@ KNOWN_LIBRARY_WARNINGS: tuple[KnownWarning, ...] = (
     ),
     KnownWarning(
         "torch",
+        r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        "torchrec 1.8's row-wise sharded lookups exchange their rows with these collectives; the "
+        "pinned torchrec has no other path, and they work as documented.",
+        category=FutureWarning,
+    ),
+    KnownWarning(
+        "torch",
         r"torch.distributed is disabled, unavailable or uninitialized",
         "DCP assumes one process when no process group exists: that is the intent of a one-process run.",
         category=UserWarning,
