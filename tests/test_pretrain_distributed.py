@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from lumrec.checkpoint import CheckpointManager, load_model_weights
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.distributed import plan_summary
 from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
+from lumrec.pipelines import pretrain as pretrain_module
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
 from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
@@ -124,6 +126,22 @@ def _train(data: str, out: str | Path, name: str, max_steps: int | None = None, 
 # ------------------------------------------------------------------------------- the ranks
 
 
+@contextmanager
+def _fused_tables() -> Iterator[None]:
+    """Pretrainer's tables on fbgemm's fused CPU kernel (EXACT_ROWWISE_ADAGRAD) for the block."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    def fused(device, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        return {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": float(lr), "eps": float(eps)}
+
+    saved = pretrain_module.fused_params_for
+    pretrain_module.fused_params_for = fused
+    try:
+        yield
+    finally:
+        pretrain_module.fused_params_for = saved
+
+
 def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_checkpoint: str) -> None:
     """One spawned rank: torchrun's env vars, then every scenario, the interrupted + resumed run, and a
     start from a 1-process checkpoint saved straight back (step 0)."""
@@ -145,6 +163,14 @@ def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_c
                 results[f"loss/{case}/{cut}"] = _loss_on(config, slice(0, cut) if rank == 0 else slice(cut, 6), dist.group.WORLD)
         _, results["lum_first"] = _train(data, Path(out) / "lum_resumed", "lum", RESUME_AT)
         _, results["lum_resumed"] = _train(data, Path(out) / "lum_resumed", "lum")
+        # Tables on fbgemm's fused kernels (as on CUDA with its CUDA build): checkpoints hold the fused
+        # optimizer's state, so an interrupted run resumes exactly. The CPU fused kernel has no Adam:
+        # EXACT_ROWWISE_ADAGRAD stands in for PARTIAL_ROWWISE_ADAM.
+        with _fused_tables():
+            trainer, results["lum_fused"] = _train(data, Path(out) / "lum_fused", "lum")
+            results["lum_fused"]["plan"] = plan_summary(trainer.dmp.plan)
+            _, results["lum_fused_first"] = _train(data, Path(out) / "lum_fused_resumed", "lum", RESUME_AT)
+            _, results["lum_fused_resumed"] = _train(data, Path(out) / "lum_fused_resumed", "lum")
         started = Pretrainer(_config(data, Path(out) / "from_one", "lum", init_from=one_rank_checkpoint))
         started.maybe_resume()
         started.save()
@@ -348,6 +374,23 @@ def test_resumed_two_rank_run_equals_uninterrupted_one(two_ranks, one_rank):
         assert torch.equal(value, b[key]), key
     assert resumed["result"]["test"] == straight["result"]["test"]
     assert resumed["result"]["history"] == straight["result"]["history"]
+
+
+def test_fused_table_run_resumes_exactly(two_ranks, one_rank):
+    """Tables on a fused fbgemm kernel: the checkpoint holds the fused optimizer's state; a resumed run equals the straight one."""
+    out2, (r0, r1), _ = two_ranks
+    _, runs = one_rank
+    straight, first, resumed = r0["lum_fused"], r0["lum_fused_first"], r0["lum_fused_resumed"]
+    assert straight["plan"] and all("kernel=fused " in line for line in straight["plan"]), straight["plan"]
+    assert first["result"] == {"step": RESUME_AT, "stopped": "max_steps"} and resumed["step"] == straight["step"] > RESUME_AT
+    assert first["losses"] + resumed["losses"] == straight["losses"]
+    assert r1["lum_fused_resumed"]["losses"] == straight["losses"][RESUME_AT:]
+    trainer, _ = runs["lum"]
+    a = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum_fused"))
+    b = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum_fused_resumed"))
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    assert resumed["result"]["test"] == straight["result"]["test"]
 
 
 def test_rank0_writes_results_and_every_rank_agrees(two_ranks, one_rank):

@@ -6,6 +6,9 @@ So DCP moves such checkpoints between world sizes: N ranks write them, any numbe
 unsharded process) read them. Dense parameters and their AdamW state are replicated tensors (DCP
 writes them once); tables and their RowwiseAdamW moments (exp_avg [rows, dim], exp_avg_sq_row and
 row_step [rows]) are ShardedTensors over views of the live shards and state, so loading is in place.
+Tables on fbgemm's fused kernels (PARTIAL_ROWWISE_ADAM on CUDA) keep the fused optimizer's own state
+(ShardedTensors over fbgemm's buffers, loaded in place too): such a checkpoint resumes on fused
+kernels; one process reads its weights, not that state.
 
     state = ShardedCheckpointState(model, dense_optimizer, table_kwargs)   # after shard_model
     tensors = {"model": ..., "optim": ...} = state.state_dict(param_groups=True, table_lr=1e-3)
@@ -76,6 +79,11 @@ def _table_slots(model: torch.nn.Module) -> dict[str, _TableSlot]:
     return slots
 
 
+def _plain_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's settings that a checkpoint can hold as they are (numbers, strings, flags, tuples)."""
+    return {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple, list))}
+
+
 def _init_dense_state(dense: Any) -> None:
     """Create AdamW's lazy state (a step with zero gradients at lr 0, as torch's get_state_dict does) so DCP can load into it."""
     inner = dense._optimizer
@@ -104,6 +112,10 @@ class ShardedCheckpointState:
     def __init__(self, model: torch.nn.Module, dense_optimizer: Any, table_kwargs: dict[str, Any], dense_prefix: str = "model.") -> None:
         self.model, self.dense_optimizer, self.dense_prefix = model, dense_optimizer, dense_prefix
         self.slots = _table_slots(model)
+        # Tables on fbgemm's fused kernels (PARTIAL_ROWWISE_ADAM on CUDA) step inside fbgemm: their
+        # state is the fused optimizer's, by this rank's parameter names (state-dict key -> name).
+        self.fused = dict(getattr(dense_optimizer, "optimizers", [])).get("fused")
+        self.fused_names = {name.removeprefix(dense_prefix): name for name in getattr(self.fused, "params", {})}
         # A one-process RowwiseAdamW group's keys, for checkpoints that one process can read.
         probe = RowwiseAdamW([torch.zeros(1, 1, requires_grad=True)], **table_kwargs)
         self.table_group = {k: v for k, v in probe.param_groups[0].items() if k != "params"}
@@ -127,8 +139,9 @@ class ShardedCheckpointState:
                 dense_names.append(_unprefixed(name, self.dense_prefix))
                 state[dense_names[-1]] = dict(dense.state[param])
         table_names = sorted(k for k, v in model_sd.items() if isinstance(v, ShardedTensor))
+        fused_tables = [k for k in table_names if k in self.fused_names and k not in self.slots]
         for key in table_names:
-            table_state = self._table_state(key, model_sd[key])
+            table_state = self._fused_state(key) if key in fused_tables else self._table_state(key, model_sd[key])
             if table_state is not None:  # else another rank holds this table
                 state[key] = table_state
         optim: dict[str, Any] = {"state": state}
@@ -136,10 +149,19 @@ class ShardedCheckpointState:
             groups = []
             if dense is not None:
                 groups.append({**{k: v for k, v in dense.param_groups[0].items() if k != "params"}, "params": dense_names})
-            if table_names:
-                groups.append({**self.table_group, "lr": table_lr, "params": table_names})
+            rowwise = [k for k in table_names if k not in fused_tables]
+            if rowwise:
+                groups.append({**self.table_group, "lr": table_lr, "params": rowwise})
+            if fused_tables:  # fbgemm's settings, for a resume on fused kernels (one process cannot restore them)
+                groups.append({**_plain_settings(self.fused.param_groups[0]), "lr": table_lr, "params": fused_tables})
             optim["param_groups"] = groups
         return {"model": model_sd, "optim": optim}
+
+    def _fused_state(self, key: str) -> dict[str, Any] | None:
+        """The fused optimizer's state of table `key` (ShardedTensors over fbgemm's own state), as it keeps it."""
+        param = self.fused.params[self.fused_names[key]]
+        table_state = self.fused.state.get(param)
+        return dict(table_state) if table_state else None
 
     def _table_state(self, key: str, weight: ShardedTensor) -> dict[str, Any] | None:
         """RowwiseAdamW state of this rank's shard of table `key` as ShardedTensors; None when it holds none."""
