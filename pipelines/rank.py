@@ -291,8 +291,10 @@ class Ranker(EpochJob):
         The same names on one process and on N ranks: sharded tables' weights and row-wise state
         are ShardedTensors, which DCP reshards, so the checkpoint loads on any world size.
         """
-        if for_load and not self.optimizer.state:
-            self.optimizer.init_state()  # a zero-gradient step creates the state to load into (weights are loaded after)
+        if for_load and _lacks_state(self.optimizer):
+            # A zero-gradient step creates the state to load into (weights are loaded after). Asked of each
+            # optimizer: fbgemm's fused one has its state from the start, the dense Adam not before a step.
+            self.optimizer.init_state()
         optim = self.optimizer.state_dict()
         if self.ctx is not None:
             optim["state"].update({f"tables.{k}": v for k, v in rowwise_adamw_table_state(self.model).items()})
@@ -308,6 +310,14 @@ class Ranker(EpochJob):
     def result_extras(self) -> dict[str, Any]:
         return {"model": self.cfg.model, "lum": self.lum is not None, "input_width": self.input_width,
                 "lum_dim": self.lum.output_dim if self.lum else 0, "warm_start": self.warm_start_report}
+
+
+def _lacks_state(optimizer: Any) -> bool:
+    """Whether any optimizer inside `optimizer` (a torchrec CombinedOptimizer, nested or not) has trainable parameters but no state yet."""
+    parts = getattr(optimizer, "optimizers", None)
+    if parts is not None:
+        return any(_lacks_state(part) for _, part in parts)
+    return not optimizer.state and any(p.requires_grad for p in getattr(optimizer, "params", {}).values())
 
 
 def _rank_context(device: torch.device | None = None) -> DistContext | None:

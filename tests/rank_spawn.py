@@ -54,3 +54,24 @@ def without_rank_env() -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def fused_tables(module: Any) -> Iterator[None]:
+    """For the block, `module.fused_params_for` gives fbgemm's fused CPU kernel (EXACT_ROWWISE_ADAGRAD) to the
+    sharding call (a torch.device) and keeps RowwiseAdamW's settings where asked by name ("cpu"): tables on fused
+    kernels, as on CUDA with fbgemm's CUDA build, whose PARTIAL_ROWWISE_ADAM has no CPU kernel."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    original = module.fused_params_for
+
+    def fused(device: Any, lr: float, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(device, str):
+            return original(device, lr, **kwargs)
+        return {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": float(lr), "eps": float(kwargs.get("eps", 1e-8))}
+
+    module.fused_params_for = fused
+    try:
+        yield
+    finally:
+        module.fused_params_for = original

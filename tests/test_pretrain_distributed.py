@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from lumrec.distributed import plan_summary
 from lumrec.modules.layers.losses import InfoNCEConfig, InfoNCELoss
 from lumrec.pipelines import pretrain as pretrain_module
 from lumrec.pipelines.pretrain import DataConfig, PretrainConfig, Pretrainer, TrainConfig
-from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
+from rank_spawn import become_rank, free_port, fused_tables, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 # 1 and 2 ranks differ only in float32 summation order (pooling, gradient averaging, the loss
 # rescale). Measured here: per-step losses (~10) <= 2e-6 apart, weights <= 3e-8 (but see the key
@@ -126,22 +125,6 @@ def _train(data: str, out: str | Path, name: str, max_steps: int | None = None, 
 # ------------------------------------------------------------------------------- the ranks
 
 
-@contextmanager
-def _fused_tables() -> Iterator[None]:
-    """Pretrainer's tables on fbgemm's fused CPU kernel (EXACT_ROWWISE_ADAGRAD) for the block."""
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-
-    def fused(device, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        return {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": float(lr), "eps": float(eps)}
-
-    saved = pretrain_module.fused_params_for
-    pretrain_module.fused_params_for = fused
-    try:
-        yield
-    finally:
-        pretrain_module.fused_params_for = saved
-
-
 def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_checkpoint: str) -> None:
     """One spawned rank: torchrun's env vars, then every scenario, the interrupted + resumed run, and a
     start from a 1-process checkpoint saved straight back (step 0)."""
@@ -166,7 +149,7 @@ def _rank_main(rank: int, world: int, port: int, data: str, out: str, one_rank_c
         # Tables on fbgemm's fused kernels (as on CUDA with its CUDA build): checkpoints hold the fused
         # optimizer's state, so an interrupted run resumes exactly. The CPU fused kernel has no Adam:
         # EXACT_ROWWISE_ADAGRAD stands in for PARTIAL_ROWWISE_ADAM.
-        with _fused_tables():
+        with fused_tables(pretrain_module):
             trainer, results["lum_fused"] = _train(data, Path(out) / "lum_fused", "lum")
             results["lum_fused"]["plan"] = plan_summary(trainer.dmp.plan)
             _, results["lum_fused_first"] = _train(data, Path(out) / "lum_fused_resumed", "lum", RESUME_AT)

@@ -28,9 +28,10 @@ from lumrec.data.ranking.config import RankingSampleConfig
 from lumrec.data.synthetic import SynthConfig, generate
 from lumrec.modules.warm_start import load_source_state
 from lumrec.modules.lum_join import RankLUMConfig
+from lumrec.pipelines import rank as rank_module
 from lumrec.pipelines.rank import Ranker, run_rank
 from lumrec.pipelines.rank_config import RankConfig, RankModelConfig, RankTrainConfig
-from rank_spawn import become_rank, free_port, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
+from rank_spawn import become_rank, free_port, fused_tables, join_ranks, spawn_ranks, without_rank_env  # tests/rank_spawn.py, shared by the multi-rank tests
 
 DAYS = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
 CONDITIONS = ["scenario=1", "scenario=2"] + [f"category_id={c}" for c in range(1, 5)]
@@ -91,6 +92,14 @@ def _rank_main(rank: int, world: int, port: int, root: str, data: str, store: st
         killed = _config(data, store, out / f"{scenario}-2-resumed", scenario)
         returned[f"{scenario}-killed"] = run_rank(killed, max_steps=KILL_AT)
         returned[f"{scenario}-resumed"] = run_rank(killed)  # a new job: resumes from the step-KILL_AT checkpoint
+    # Tables on fbgemm's fused kernel (as on CUDA with its CUDA build): straight, and killed + resumed.
+    with fused_tables(rank_module):
+        ranker = Ranker(_config(data, store, out / "din-2-fused", "din"))
+        returned["din-fused"] = ranker.run()
+        returned["din-fused-plan"] = plan_summary(ranker.model.plan)
+        killed = _config(data, store, out / "din-2-fused-resumed", "din")
+        returned["din-fused-killed"] = run_rank(killed, max_steps=KILL_AT)
+        returned["din-fused-resumed"] = run_rank(killed)
     Ranker.pooled_sharding_types = ("row_wise",)  # this process only: the planner may put pooled tables row-wise alone
     ranker = Ranker(_config(data, store, out / "din-2-rowwise", "din"))
     returned["din-rowwise"] = ranker.run()
@@ -245,6 +254,20 @@ def test_killed_two_rank_run_resumes_exactly(runs, scenario):
               if "embedding_bags" in n and n.endswith("exp_avg_sq_row")]
     assert tables, "the sharded tables' RowwiseAdamW state is not in the checkpoint"
     print(f"2-rank jobs took {runs['seconds']:.1f} s")
+
+
+def test_fused_table_run_resumes_exactly(runs):
+    """Tables on a fused fbgemm kernel: the checkpoint carries the fused optimizer's state; a killed run resumes exactly."""
+    root, (r0, r1) = runs["root"], runs["two"]
+    assert r0["din-fused-plan"] and all("kernel=fused " in line for line in r0["din-fused-plan"]), r0["din-fused-plan"]
+    assert r0["din-fused-killed"] == {"stopped": "max_steps", "epoch": 1, "step": KILL_AT}
+    assert _strip(r0["din-fused-resumed"]) == _strip(r0["din-fused"]) == _strip(r1["din-fused-resumed"])
+    for key in ("model", "optim"):
+        left = load_source_state(_latest(root / "din-2-fused" / "checkpoints"), checkpoint_key=key)
+        right = load_source_state(_latest(root / "din-2-fused-resumed" / "checkpoints"), checkpoint_key=key)
+        assert sorted(left) == sorted(right)
+        for name in left:
+            assert torch.equal(left[name], right[name]), f"{key}: {name}"
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
