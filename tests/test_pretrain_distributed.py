@@ -343,37 +343,26 @@ def test_collective_infonce_on_two_ranks_equals_one_process(two_ranks, case, cut
     torch.testing.assert_close(torch.cat([q0 * w0, q1 * w1]), queries, rtol=0, atol=1e-6)
 
 
-def test_resumed_two_rank_run_equals_uninterrupted_one(two_ranks, one_rank):
-    out2, (r0, _), _ = two_ranks
+@pytest.mark.parametrize("kernel", ["dense", "fused"])
+def test_resumed_two_rank_run_equals_uninterrupted_one(two_ranks, one_rank, kernel):
+    """Interrupted at RESUME_AT and resumed: the same losses, weights, history and test as the straight run, with the
+    tables on RowwiseAdamW's DENSE kernels, or on a fused fbgemm kernel (the checkpoint holds the fused optimizer's state)."""
+    out2, (r0, r1), _ = two_ranks
     _, runs = one_rank
-    first, resumed, straight = r0["lum_first"], r0["lum_resumed"], r0["lum"]
+    name = "lum" if kernel == "dense" else "lum_fused"
+    first, resumed, straight = r0[f"{name}_first"], r0[f"{name}_resumed"], r0[name]
+    assert straight["plan"] and all(f"kernel={kernel} " in line for line in straight["plan"]), straight["plan"]
     assert first["result"] == {"step": RESUME_AT, "stopped": "max_steps"}
     assert resumed["step"] == straight["step"] > RESUME_AT
     assert first["losses"] + resumed["losses"] == straight["losses"]
+    assert r1[f"{name}_resumed"]["losses"] == straight["losses"][RESUME_AT:]
     trainer, _ = runs["lum"]
-    a = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum"))
-    b = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum_resumed"))
+    a = _unsharded_weights(trainer, _final_checkpoint(out2 / name))
+    b = _unsharded_weights(trainer, _final_checkpoint(out2 / f"{name}_resumed"))
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
     assert resumed["result"]["test"] == straight["result"]["test"]
     assert resumed["result"]["history"] == straight["result"]["history"]
-
-
-def test_fused_table_run_resumes_exactly(two_ranks, one_rank):
-    """Tables on a fused fbgemm kernel: the checkpoint holds the fused optimizer's state; a resumed run equals the straight one."""
-    out2, (r0, r1), _ = two_ranks
-    _, runs = one_rank
-    straight, first, resumed = r0["lum_fused"], r0["lum_fused_first"], r0["lum_fused_resumed"]
-    assert straight["plan"] and all("kernel=fused " in line for line in straight["plan"]), straight["plan"]
-    assert first["result"] == {"step": RESUME_AT, "stopped": "max_steps"} and resumed["step"] == straight["step"] > RESUME_AT
-    assert first["losses"] + resumed["losses"] == straight["losses"]
-    assert r1["lum_fused_resumed"]["losses"] == straight["losses"][RESUME_AT:]
-    trainer, _ = runs["lum"]
-    a = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum_fused"))
-    b = _unsharded_weights(trainer, _final_checkpoint(out2 / "lum_fused_resumed"))
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
-    assert resumed["result"]["test"] == straight["result"]["test"]
 
 
 def test_rank0_writes_results_and_every_rank_agrees(two_ranks, one_rank):
