@@ -118,12 +118,14 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def stage_drift(ds: str, stage: str, saved: Mapping[str, Any] | None, saved_digest: str, current: Mapping[str, Any]) -> StageDrift | None:
+def stage_drift(ds: str, stage: str, saved: Mapping[str, Any] | None, saved_digest: str, current: Mapping[str, Any],
+                defaults: Mapping[str, Any] | None = None) -> StageDrift | None:
     """The drift of one finished stage, or None when it ran with `current` as it is.
 
     `saved`: the recorded config (None: its file is missing); `saved_digest`: the manifest's digest.
     A recorded config whose digest is not the manifest's is not the one the stage ran with: the
-    difference is unknown and counts as a change.
+    difference is unknown and counts as a change. `defaults`: the config's default values, for keys
+    the recorded config lacks (written before they existed): at their default they are no change.
     """
     current = json.loads(json.dumps(current))  # tuples as lists, as the recorded JSON holds them
     if config_digest(current) == saved_digest:
@@ -132,8 +134,10 @@ def stage_drift(ds: str, stage: str, saved: Mapping[str, Any] | None, saved_dige
         why = "its recorded config is missing" if saved is None else "its recorded config does not match the manifest's digest"
         return StageDrift(ds, stage, {f"(config digest {saved_digest[:12]} in the manifest; {why})": (None, None)})
     allowed = NEUTRAL_CHANGES.get(stage, ())
-    changes = config_changes(saved, current, allowed)
-    every = config_changes(saved, current)
+    changes = config_changes(saved, current, allowed, defaults)
+    every = config_changes(saved, current, defaults=defaults)
+    if not every:
+        return None  # only keys added since, at their defaults
     return StageDrift(ds, stage, changes, {k: v for k, v in every.items() if k not in changes})
 
 
@@ -290,6 +294,14 @@ class DriftChecks:
         config = stage.config(self, ds) if stage.config is not None else None
         return self.recorded_form(config) if config is not None else None
 
+    def stage_defaults(self, stage: Any, ds: str) -> dict[str, Any] | None:
+        """The default values of `stage`'s config class as recorded (None: none, or it needs arguments)."""
+        config = stage.config(self, ds) if stage.config is not None else None
+        try:
+            return self.recorded_form(type(config)()) if config is not None else None
+        except TypeError:
+            return None
+
     def recorded_form(self, config: Any) -> dict[str, Any]:
         """A job's dataclass config as a stage records it: plain JSON data, paths in the daily folder as $OUT/..."""
         return json.loads(json.dumps(portable(to_dict(config), self.out)))
@@ -306,7 +318,8 @@ class DriftChecks:
                     saved = json.loads(self.config_file(ds, stage.name).read_text())
                 except (FileNotFoundError, json.JSONDecodeError):
                     saved = None
-                drift = stage_drift(ds, stage.name, saved, done["config_digest"], self.stage_config(stage, ds) or {})
+                drift = stage_drift(ds, stage.name, saved, done["config_digest"], self.stage_config(stage, ds) or {},
+                                    self.stage_defaults(stage, ds))
                 if drift is not None:
                     found.append(drift)
                     if drift.changes:

@@ -61,9 +61,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from lumrec.checkpoint import CheckpointManager
-from lumrec.config import load_config, to_dict
+from lumrec.config import ConfigValueError, load_config, to_dict
 from lumrec.data.dataset import Dataset, write_text_atomic
-from lumrec.device import move_to_device, resolve_device
+from lumrec.device import autocast, move_to_device, resolve_device, set_activation_checkpointing
 from lumrec.data.ranking.features import attach_item_lists, list_columns, list_vocab, vocab_size
 from lumrec.data.ranking.item_stats import ItemStatsJoin
 from lumrec.data.ranking_samples import RankingBatchLoader, RankingSampleBatch, RankingSamples, build_ranking_samples
@@ -145,6 +145,9 @@ class Ranker(EpochJob):
         self.model, self.trainer = _build_ranker(cfg, self.vocab, self.stats.width if self.stats else 0,
                                                  self.lum.output_dim if self.lum else 0)
         self._input_width = int(self.model.in_features)
+        if t.activation_checkpointing and not set_activation_checkpointing(self.model, True):
+            raise ConfigValueError("train.activation_checkpointing", f"is on but model {cfg.model!r} has no HSTU or "
+                                   "transformer stack to checkpoint (the hstu ranker has one); turn it off")
         self.num_parameters = count_parameters(self.model)  # before sharding: the whole model's size
         self.ctx = _rank_context(self.device)
         self.warm_start_report = self._warm_start(cfg)  # into the unsharded model: sharding copies the weights
@@ -234,7 +237,12 @@ class Ranker(EpochJob):
         return move_to_device(RankingBatch(sparse, batch.labels, dense, lum), self.device)
 
     def step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
-        """The batch's mean BCE; on N ranks scaled so that the ranks' gradients average to the global batch's."""
+        """The batch's mean BCE (the forward in `train.precision`); on N ranks scaled so that the ranks' gradients
+        average to the global batch's."""
+        with autocast(self.device, self.train.precision):
+            return self._step_loss(batch)
+
+    def _step_loss(self, batch: RankingSampleBatch) -> torch.Tensor:
         if self.ctx is None or batch.pad == 0:
             loss = self.trainer(self.ranking_batch(batch))[0]
             return loss if self.ctx is None else global_mean_loss(loss, len(batch), self.ctx, batch.global_batch_size)
@@ -269,8 +277,9 @@ class Ranker(EpochJob):
             for batch in self.samples.iter_batches(split, self.train.eval_batch_size, None, self.train.max_history,
                                                    history_keys=self.history_keys, part=self.part,
                                                    list_keys=self.list_keys, equal_parts=self.part is not None):
-                _, logits = self.trainer(self.ranking_batch(batch))
-                probs = torch.sigmoid(logits).cpu()  # metrics (and the gathered pieces) on the CPU
+                with autocast(self.device, self.train.precision):
+                    _, logits = self.trainer(self.ranking_batch(batch))
+                probs = torch.sigmoid(logits.float()).cpu()  # metrics (and the gathered pieces) on the CPU, in float32
                 if self.ctx is None:
                     metrics.update(probs, batch.labels)
                 else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lumrec.config import check_above, check_at_least
 from lumrec.data.ranking.config import RankingSampleConfig
-from lumrec.device import check_device_setting
+from lumrec.device import check_device_setting, check_precision
 from lumrec.modules.lum_join import RankLUMConfig
 from lumrec.modules.ranking.builder import RankModelConfig
 from lumrec.modules.warm_start_config import WarmStartConfig
@@ -53,6 +53,10 @@ class RankTrainConfig:
     # Where the model runs (lumrec.device): "cpu", "cuda" (this rank's GPU: cuda:LOCAL_RANK) or "auto" (cuda when
     # this torch sees a GPU, else cpu). Samples, knowledge and statistics joins stay on the CPU; each batch is copied.
     device: str = "cpu"
+    # The forward's precision: "fp32", or "bf16" (bfloat16 autocast; weights and optimizer state stay float32).
+    precision: str = "fp32"
+    # Recompute each HSTU layer's activations in the backward instead of keeping them (the hstu ranker).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_train_config(self)
@@ -65,6 +69,7 @@ def check_train_config(t: RankTrainConfig) -> None:
                    "log_every_steps", "weight_decay", section="train")
     check_above(t, 0, "lr", section="train")
     check_device_setting(t.device, "train.device")
+    check_precision(t.precision, "train.precision")
 
 
 @dataclass

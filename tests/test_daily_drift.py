@@ -208,6 +208,12 @@ def test_stage_drift_and_redo_targets():
     assert list(missing.changes)[0].startswith("(config digest") and "recorded config is missing" in missing.describe()
     tampered = stage_drift("d", "query", {"threads": 3}, config_digest(saved), {"threads": 2})
     assert "does not match the manifest's digest" in tampered.describe()
+    # A key added since the stage ran: no drift at its default, a change away from it.
+    grown, defaults = {**saved, "train": {**saved["train"], "precision": "fp32"}}, {"train": {"lr": 0.001, "threads": 0, "precision": "fp32"}}
+    assert stage_drift("d", "rank", saved, config_digest(saved), grown, defaults) is None
+    assert stage_drift("d", "rank", saved, config_digest(saved), grown)  # without defaults: absent -> fp32 counts
+    moved = stage_drift("d", "rank", saved, config_digest(saved), {**saved, "train": {**saved["train"], "precision": "bf16"}}, defaults)
+    assert moved.changes == {"train.precision": ("fp32", "bf16")}
     assert redo_targets([("d2", "eval"), ("d3", "pretrain")], ["d1", "d2", "d3"], list(STAGES)) == [
         ("d2", "eval"), ("d3", "pretrain"), ("d3", "query"), ("d3", "rank"), ("d3", "eval")]
 

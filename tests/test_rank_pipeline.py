@@ -151,6 +151,14 @@ def test_resumed_run_gives_the_same_final_metrics(world, tmp_path):
     # Resuming checkpoints of another experiment is refused, naming what differs.
     with pytest.raises(ValueError, match=r"holds checkpoints of a run with another config \(lum\.features: \[.*\] -> \['sim'\]\)"):
         run_rank(rank_config(data, tmp_path / "c", "sim", lum_config(store, features=["sim"]), epochs=3, checkpoint_every_steps=4))
+    # A run folder written before keys existed (its config.json lacks them) resumes with them at their defaults.
+    old = run_rank(rank_config(data, tmp_path / "d", "sim", lum_config(store), epochs=3, checkpoint_every_steps=4), max_steps=6)
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    for key in ("device", "precision", "activation_checkpointing"):
+        del saved["train"][key]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(saved))
+    assert old["step"] == 6 and _strip(run_rank(rank_config(data, tmp_path / "d", "sim", lum_config(store), epochs=3,
+                                                            checkpoint_every_steps=4))) == _strip(straight)
 
 
 def test_knowledge_of_the_sample_day_is_never_used(world, tmp_path):
@@ -304,3 +312,20 @@ def test_cli_and_comparison_table(world, tmp_path):
 @pytest.mark.parametrize("module", ["lumrec.comparison", "lumrec.data.ranking.features", "lumrec.pipelines.rank_config"])
 def test_doctests(module):
     assert doctest.testmod(importlib.import_module(module)).failed == 0
+
+
+def test_hstu_ranker_precision_and_activation_checkpointing(world, tmp_path):
+    """train.activation_checkpointing recomputes the HSTU layers in backward: the same run bit for bit; train.precision=bf16
+    runs the forward in bfloat16 autocast: a different, finite run close to fp32's; a model without a stack is refused."""
+    _, data, _ = world
+    plain = run_rank(rank_config(data, tmp_path / "plain", "hstu", epochs=1))
+    checkpointed = run_rank(rank_config(data, tmp_path / "ckpt", "hstu", epochs=1, activation_checkpointing=True))
+    assert checkpointed["history"] == plain["history"] and checkpointed["test"] == plain["test"]
+    bf16 = run_rank(rank_config(data, tmp_path / "bf16", "hstu", epochs=1, precision="bf16"))
+    assert bf16["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    assert bf16["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], abs=0.02)
+    assert np.isfinite(bf16["test"]["auc"]) and abs(bf16["test"]["auc"] - plain["test"]["auc"]) < 0.05
+    with pytest.raises(ValueError, match=r"train.activation_checkpointing is on but model 'din' has no HSTU or transformer stack"):
+        run_rank(rank_config(data, tmp_path / "din", "din", epochs=1, activation_checkpointing=True))
+    with pytest.raises(ValueError, match=r"train.precision"):
+        rank_config(data, tmp_path / "x", "hstu", precision="fp8")

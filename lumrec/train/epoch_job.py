@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from lumrec.config import to_dict
+
 from lumrec.distributed import is_main
 from lumrec.tracking import count_parameters, log_job_start
 from lumrec.train.checkpoints import RunCheckpoints, RunConfig
@@ -77,7 +79,7 @@ class EpochJob:
             # Every epoch is evaluated; without a validation split the last one is reported (the test set never picks a model).
             Evaluation(self.metric, self._evaluate_epoch),
             RunCheckpoints(self.out, t.keep_checkpoints, self._tensors, self._load_tensors, lambda: {"model": self.model_state()}),
-            RunConfig(self.config_dict(), self.RESUMABLE_CHANGES),
+            RunConfig(self.config_dict(), self.RESUMABLE_CHANGES, self.config_defaults()),
             Budget(t.epochs, max_minutes=t.max_minutes, patience=t.patience, checkpoint_every_steps=t.checkpoint_every_steps,
                    log_every_steps=t.log_every_steps),
             self._results, clock=AnyRankClock(self.ctx), ctx=self.ctx, progress=t.progress, train_mode=lambda: self.model.train(),
@@ -95,6 +97,15 @@ class EpochJob:
 
     def config_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def config_defaults(self) -> dict[str, Any] | None:
+        """The config's default values, so that a run folder written before a key existed resumes with it at its
+        default (None: the config class cannot be built without arguments, and every key must match)."""
+        config = getattr(self, "cfg", None)
+        try:
+            return to_dict(type(config)()) if config is not None else None
+        except TypeError:
+            return None
 
     def _dense_parameters(self) -> list[torch.Tensor]:
         """The parameters whose gradient norm is logged: the keyed optimizer's dense part (tables excluded)."""
