@@ -41,7 +41,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 # fbgemm's fused CPU kernel implements only these (fbgemm-gpu-cpu 1.8); anything else fails late.
-# Share of each rank's memory the planner keeps for the dense model and activations (torchrec's default share).
+# Share of each rank's memory the planner keeps as a margin beyond the dense part and the input batches (torchrec's default).
 PLANNER_RESERVED_FRACTION = 0.15
 _CPU_FUSED_OPTIMIZERS = ("EXACT_SGD", "EXACT_ADAGRAD", "EXACT_ROWWISE_ADAGRAD", "EMAINPLACE_ROWWISE_ADAGRAD")
 
@@ -465,11 +465,11 @@ def _auto_plan(
         kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
     constraints = _constraints(kind, table_optimizer, sharders, collections, ctx.device.type, pooled_sharding_types)
-    # A fixed reservation, not torchrec's default heuristic: the jobs build tables on meta, where the
-    # heuristic's dense-size estimate is wrong (torchrec warns so, and deprecates it). No stats table:
+    # torchrec's own reservation (a share of memory, the dense part's parameters and optimizer state,
+    # the input batches: what a GPU rank needs beside its tables), made explicit; no stats table:
     # shard_model logs the plan itself, one line per table.
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
-                                       storage_reservation=FixedPercentageStorageReservation(PLANNER_RESERVED_FRACTION),
+                                       storage_reservation=HeuristicalStorageReservation(PLANNER_RESERVED_FRACTION),
                                        stats=[NoopEmbeddingStats()])
     planned = [s.planner_view() for s in sharders] if kind == "rowwise_adamw" else sharders
     plan, error = _plan_on_rank0(planner, model, planned, ctx)

@@ -75,6 +75,21 @@ KNOWN_LIBRARY_WARNINGS: tuple[KnownWarning, ...] = (
         category=FutureWarning,
     ),
     KnownWarning(
+        "torchrec",
+        r"HeuristicalStorageReservation is known to cause issues",
+        "torchrec 1.8's default planner reservation, which lumrec's jobs keep: it reserves memory for "
+        "the dense part and the input batches (what a GPU rank needs beside its tables). The issue it "
+        "warns of is a dense size taken from unmaterialised tensors; lumrec builds only the tables on "
+        "meta, which the estimate leaves out, and the dense part whole.",
+        category=FutureWarning,
+    ),
+    KnownWarning(
+        "torchrec",
+        r"There is a known issue with TorchRec's dense tensor size calculation in dry run",
+        "The same estimate, logged at every plan; see the HeuristicalStorageReservation entry.",
+        logger="torchrec.distributed.planner.storage_reservations",
+    ),
+    KnownWarning(
         "torch",
         r"torch.distributed is disabled, unavailable or uninitialized",
         "DCP assumes one process when no process group exists: that is the intent of a one-process run.",
