@@ -34,7 +34,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
 from torch import nn
 
-__all__ = ["TorchDenseLookup", "dense_tbes", "fbgemm_serves", "sharded_submodules", "use_torch_lookup_where_needed"]
+__all__ = ["BagLayout", "TorchDenseLookup", "dense_tbes", "fbgemm_serves", "feature_tables", "sharded_submodules",
+           "use_torch_lookup_where_needed"]
 
 _FBGEMM_DENSE_OP = "fbgemm::dense_embedding_codegen_lookup_function"
 
@@ -46,6 +47,36 @@ def fbgemm_serves(emb_module: DenseTableBatchedEmbeddingBagsCodegen) -> bool:
         return False  # the CPU kernel pools anyway (module docstring)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_FBGEMM_DENSE_OP, key)
+
+
+def feature_tables(tbe: DenseTableBatchedEmbeddingBagsCodegen) -> list[int]:
+    """The table of every feature of a DENSE kernel (fbgemm keeps no list of it), read once and kept on the kernel.
+
+    A feature's table is the one whose weights start at the feature's weight offset; an empty table
+    shares its start with the next one, so the last non-empty table with that start.
+    """
+    cached = getattr(tbe, "_lumrec_feature_tables", None)
+    if cached is None:
+        by_start: dict[int, int] = {}
+        for t, start in enumerate(tbe.weights_physical_offsets[: len(tbe.embedding_specs)]):
+            if tbe.embedding_specs[t][0] > 0 or int(start) not in by_start:
+                by_start[int(start)] = t
+        cached = [by_start[int(s)] for s in tbe.weights_offsets.tolist()]
+        tbe._lumrec_feature_tables = cached
+    return cached
+
+
+class BagLayout:
+    """Where every id of a DENSE kernel's lookup belongs: `indices`/`offsets` hold feature-major bags
+    (feature 0's `batch` bags, then feature 1's, ...); from their shapes only, no host read."""
+
+    def __init__(self, num_features: int, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        self.batch = (offsets.numel() - 1) // num_features
+        self.lengths = (offsets[1:] - offsets[:-1]).long()  # ids per bag
+        # The bag of every id, and the feature of that bag.
+        self.bag = torch.repeat_interleave(torch.arange(num_features * self.batch, device=indices.device), self.lengths,
+                                           output_size=indices.numel())
+        self.feature = self.bag // self.batch
 
 
 class TorchDenseLookup(DenseTableBatchedEmbeddingBagsCodegen):
@@ -66,18 +97,15 @@ class TorchDenseLookup(DenseTableBatchedEmbeddingBagsCodegen):
     ) -> torch.Tensor:
         if batch_size_per_feature_per_rank is not None:
             raise NotImplementedError("TorchDenseLookup: variable batch sizes per feature (VBE) are not supported")
-        num_features = self.D_offsets.numel() - 1
-        batch = (offsets.numel() - 1) // num_features
-        lengths = (offsets[1:] - offsets[:-1]).long()
-        bag = torch.repeat_interleave(torch.arange(num_features * batch, device=indices.device), lengths, output_size=indices.numel())
-        feature = bag // batch
+        layout = BagLayout(self.D_offsets.numel() - 1, indices, offsets)
+        batch, lengths, bag, feature = layout.batch, layout.lengths, layout.bag, layout.feature
         indices = indices.long()
         if self.pooling_mode == PoolingMode.NONE:
             # One width for every table (torchrec's EmbeddingCollection requires it).
             dim = self.max_D
             return self.weights.view(-1, dim)[self.weights_offsets[feature] // dim + indices]
         outs = []
-        for f, t in enumerate(self.feature_table_map_list()):
+        for f, t in enumerate(feature_tables(self)):
             rows, dim = self.embedding_specs[t]
             start = self.weights_physical_offsets[t]
             table = self.weights[start : start + rows * dim].view(rows, dim)
@@ -91,22 +119,6 @@ class TorchDenseLookup(DenseTableBatchedEmbeddingBagsCodegen):
                 pooled = pooled / lengths[f * batch : (f + 1) * batch].clamp(min=1).unsqueeze(1).to(pooled.dtype)
             outs.append(pooled)
         return torch.cat(outs, 1)
-
-    def feature_table_map_list(self) -> list[int]:
-        """The table of every feature, from the per-feature weight offsets (fbgemm keeps no list of it)."""
-        starts = self.weights_physical_offsets
-        cached = getattr(self, "_lumrec_feature_tables", None)
-        if cached is None:
-            by_start: dict[int, int] = {}
-            for t, s in enumerate(starts[:-1]):
-                by_start.setdefault(s, t)
-            # Empty tables share a start with the next one; the feature's table is the last with that start.
-            for t, s in enumerate(starts[:-1]):
-                if self.embedding_specs[t][0] > 0:
-                    by_start[s] = t
-            cached = [by_start[int(s)] for s in self.weights_offsets.tolist()]
-            self._lumrec_feature_tables = cached
-        return cached
 
 
 def sharded_submodules(module: nn.Module) -> Iterator[nn.Module]:

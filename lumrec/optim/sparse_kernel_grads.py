@@ -35,20 +35,11 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
 from torch import nn
 
-from lumrec.optim.dense_lookup import dense_tbes
+from lumrec.optim.dense_lookup import BagLayout, dense_tbes, feature_tables
 
 __all__ = ["flat_row_gradient", "sparse_dense_kernel_gradients"]
 
 _WRAPPED = "_lumrec_sparse_grad_forward"
-
-
-def _feature_tables(tbe: DenseTableBatchedEmbeddingBagsCodegen) -> list[int]:
-    """The table of every feature: the table whose physical offset is the feature's weight offset."""
-    by_start: dict[int, int] = {}
-    for t, start in enumerate(tbe.weights_physical_offsets[: len(tbe.embedding_specs)]):
-        if tbe.embedding_specs[t][0] > 0 or int(start) not in by_start:  # empty tables share the next one's start
-            by_start[int(start)] = t
-    return [by_start[int(s)] for s in tbe.weights_offsets.tolist()]
 
 
 def flat_row_gradient(
@@ -59,13 +50,10 @@ def flat_row_gradient(
     `indices`/`offsets` as the kernel takes them (feature-major bags); `grad_out` the gradient of
     its output ([B, total_D] pooled by sum, [num_ids, D] unpooled).
     """
-    num_features = tbe.D_offsets.numel() - 1
-    batch = (offsets.numel() - 1) // num_features
-    lengths = (offsets[1:] - offsets[:-1]).long()
-    bag = torch.repeat_interleave(torch.arange(num_features * batch, device=indices.device), lengths, output_size=indices.numel())
-    feature = bag // batch
+    layout = BagLayout(tbe.D_offsets.numel() - 1, indices, offsets)
+    batch, bag, feature = layout.batch, layout.bag, layout.feature
     indices = indices.long()
-    tables = _feature_tables(tbe)
+    tables = feature_tables(tbe)
     d_offsets = tbe.D_offsets.tolist()
     rows_by_table: dict[int, list[torch.Tensor]] = {}
     grads_by_table: dict[int, list[torch.Tensor]] = {}
