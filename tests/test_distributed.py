@@ -233,16 +233,7 @@ def _pipeline_batches(rank: int, world: int) -> list[Any]:
 
 def _train(dmp: nn.Module, opt: Any, batches: list[Any], ctx: DistContext, forward: Callable) -> list[float]:
     """STEPS steps; returns the global mean loss of each step (before its update)."""
-    losses = []
-    for batch in batches:
-        loss = global_mean_loss(forward(dmp, batch), _local_size(batch), ctx, GLOBAL_B)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / ctx.world_size)
-    return losses
+    return [_step(global_mean_loss(forward(dmp, batch), _local_size(batch), ctx, GLOBAL_B), opt, ctx) for batch in batches]
 
 
 def _train_padded(dmp: nn.Module, opt: Any, batches: list[tuple[Any, int, int]], ctx: DistContext) -> list[float]:
@@ -250,15 +241,18 @@ def _train_padded(dmp: nn.Module, opt: Any, batches: list[tuple[Any, int, int]],
     losses = []
     for batch, real, global_b in batches:
         loss = dmp(batch, real)
-        if real:
-            loss = global_mean_loss(loss, real, ctx, global_b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / ctx.world_size)
+        losses.append(_step(global_mean_loss(loss, real, ctx, global_b) if real else loss, opt, ctx))
     return losses
+
+
+def _step(loss: torch.Tensor, opt: Any, ctx: DistContext) -> float:
+    """Backward, step and zero the gradients; returns the global mean of the ranks' `loss`."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / ctx.world_size
 
 
 def _local_size(batch: Any) -> int:

@@ -177,18 +177,23 @@ def test_equal_parts_pad_every_slice_to_one_size(runs):
         assert [p[0].pad for p in parts] == [1, 0]  # 173 and 247 are odd: rank 0's slice is the shorter
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_two_ranks_match_one_process(runs, scenario):
-    one, two = runs["one"][scenario], runs["two"][0][scenario]
-    assert _strip(runs["two"][1][scenario]) == _strip(two), "ranks disagree on the results"
-    assert json.loads((runs["root"] / f"{scenario}-2" / "results.json").read_text())["test"] == two["test"]
-    assert (two["steps"], two["best_epoch"], two["epochs_run"], two["samples"]) == (one["steps"], one["best_epoch"], one["epochs_run"], one["samples"])
+def _assert_histories_close(one: dict, two: dict) -> None:
+    """Every epoch's train loss and valid / test AUC, NE and log loss within ATOL; the same sample counts."""
     for h1, h2 in zip(one["history"], two["history"], strict=True):
         assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL, (h1["train_loss"], h2["train_loss"])
         for split in ("valid", "test"):
             assert h1[split]["count"] == h2[split]["count"]
             for key in ("auc", "ne", "log_loss"):
                 assert abs(h1[split][key] - h2[split][key]) <= ATOL, (split, key, h1[split][key], h2[split][key])
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_ranks_match_one_process(runs, scenario):
+    one, two = runs["one"][scenario], runs["two"][0][scenario]
+    assert _strip(runs["two"][1][scenario]) == _strip(two), "ranks disagree on the results"
+    assert json.loads((runs["root"] / f"{scenario}-2" / "results.json").read_text())["test"] == two["test"]
+    assert (two["steps"], two["best_epoch"], two["epochs_run"], two["samples"]) == (one["steps"], one["best_epoch"], one["epochs_run"], one["samples"])
+    _assert_histories_close(one, two)
     assert abs(one["test"]["auc"] - two["test"]["auc"]) <= ATOL
 
 
@@ -199,12 +204,7 @@ def test_row_wise_pooled_tables_train_like_one_process(runs):
     one, two = runs["one"]["din"], runs["two"][0]["din-rowwise"]
     assert _strip(runs["two"][1]["din-rowwise"]) == _strip(two), "ranks disagree on the results"
     assert (two["steps"], two["best_epoch"], two["samples"]) == (one["steps"], one["best_epoch"], one["samples"])
-    for h1, h2 in zip(one["history"], two["history"], strict=True):
-        assert abs(h1["train_loss"] - h2["train_loss"]) <= ATOL, (h1["train_loss"], h2["train_loss"])
-        for split in ("valid", "test"):
-            assert h1[split]["count"] == h2[split]["count"]
-            for key in ("auc", "ne", "log_loss"):
-                assert abs(h1[split][key] - h2[split][key]) <= ATOL, (split, key, h1[split][key], h2[split][key])
+    _assert_histories_close(one, two)
     rowwise, single = _unsharded_model(runs, "din"), _unsharded_model(runs, "din")
     load_model_weights(_latest(runs["root"] / "din-2-rowwise" / "checkpoints"), rowwise.model)
     load_model_weights(_latest(runs["root"] / "din-1" / "checkpoints"), single.model)

@@ -8,6 +8,8 @@ tests/test_distributed.py; here everything runs in one process (a 1-rank gloo gr
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -212,6 +214,11 @@ def _plain_losses() -> list[float]:
     tables = [p for n, p in model.named_parameters() if not n.startswith("head")]
     _apply_optimizer_in_backward(RowwiseAdamW, tables, kw)
     opt = torch.optim.AdamW(model.head.parameters(), lr=0.05, betas=kw["betas"], eps=kw["eps"], weight_decay=0.0)
+    return _train_losses(model, opt)
+
+
+def _train_losses(model: nn.Module, opt: Any) -> list[float]:
+    """The loss of each step over seq_batches(0, 1) (before its update)."""
     losses = []
     for batch in seq_batches(0, 1):
         loss = model(batch)[0]
@@ -244,14 +251,7 @@ def test_meta_built_sequence_tables_shard_with_the_planner_and_train_like_plain_
                 assert torch.equal(shard.tensor, full[r0 : r0 + nr]), key
             else:
                 assert torch.equal(got, full), key
-        opt = dense_optimizer(dmp, lr=0.05)
-        losses = []
-        for batch in seq_batches(0, 1):
-            loss = dmp(batch)[0]
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = _train_losses(dmp, dense_optimizer(dmp, lr=0.05))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(_plain_losses()), rtol=0, atol=1e-5)
 
 
