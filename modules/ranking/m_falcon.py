@@ -173,14 +173,7 @@ def _history(config: HSTURankerConfig, history: Mapping[str, torch.Tensor]) -> t
     missing = [k for k in keys if k not in history]
     if unknown or missing:
         raise ValueError(f"{OWNER}: history must have exactly the keys {keys}; missing {missing}, unknown {unknown}")
-    sizes = _table_sizes(config)
-    out = {k: _ids(history[k], f"history[{k!r}]") for k in keys}
-    length = out[keys[0]].numel()
-    for key, ids in out.items():
-        if ids.numel() != length:
-            raise ValueError(f"{OWNER}: history[{key!r}] has {ids.numel()} ids but history[{keys[0]!r}] has {length}")
-        _check_range(ids, sizes[key], f"history[{key!r}]")
-    return out, length
+    return _id_columns(config, history, keys, "history")
 
 
 def _candidates(config: HSTURankerConfig, candidates: Mapping[str, CandidateIds]) -> tuple[dict[str, torch.Tensor], int]:
@@ -195,13 +188,18 @@ def _candidates(config: HSTURankerConfig, candidates: Mapping[str, CandidateIds]
             f"{OWNER}: candidates must have the keys {keys} (and may have per-candidate context keys "
             f"{_context_keys(config)}); missing {missing}, unknown {unknown}"
         )
+    return _id_columns(config, candidates, keys, "candidates")
+
+
+def _id_columns(config: HSTURankerConfig, given: Mapping[str, object], keys: list[str], name: str) -> tuple[dict[str, torch.Tensor], int]:
+    """`given[k]` as ids for each of `keys`, all of one count and in their table's range; and that count."""
     sizes = _table_sizes(config)
-    out = {k: _ids(candidates[k], f"candidates[{k!r}]") for k in keys}
+    out = {k: _ids(given[k], f"{name}[{k!r}]") for k in keys}
     count = out[keys[0]].numel()
     for key, ids in out.items():
         if ids.numel() != count:
-            raise ValueError(f"{OWNER}: candidates[{key!r}] has {ids.numel()} ids but candidates[{keys[0]!r}] has {count}")
-        _check_range(ids, sizes[key], f"candidates[{key!r}]")
+            raise ValueError(f"{OWNER}: {name}[{key!r}] has {ids.numel()} ids but {name}[{keys[0]!r}] has {count}")
+        _check_range(ids, sizes[key], f"{name}[{key!r}]")
     return out, count
 
 
