@@ -260,6 +260,24 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+def default_values(config: Any) -> dict | None:
+    """The default values of `config`'s class as a plain dict (what a key a saved config lacks counts as);
+    None where the class cannot be built without arguments.
+
+        >>> @dataclasses.dataclass
+        ... class Train:
+        ...     lr: float = 0.1
+        >>> default_values(Train(lr=0.5)), default_values(None)
+        ({'lr': 0.1}, None)
+    """
+    if config is None:
+        return None
+    try:
+        return to_dict(type(config)())
+    except TypeError:
+        return None
+
+
 _ABSENT = "(absent)"  # a key one side does not have
 
 

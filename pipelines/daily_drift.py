@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lumrec.checkpoint import CheckpointManager, read_metadata
-from lumrec.config import config_changes, to_dict
+from lumrec.config import config_changes, default_values, to_dict
 from lumrec.data.dataset import write_text_atomic
 from lumrec.errors import CheckpointLoadError, UserError
 from lumrec.faults import failpoint
@@ -296,11 +296,8 @@ class DriftChecks:
 
     def stage_defaults(self, stage: Any, ds: str) -> dict[str, Any] | None:
         """The default values of `stage`'s config class as recorded (None: none, or it needs arguments)."""
-        config = stage.config(self, ds) if stage.config is not None else None
-        try:
-            return self.recorded_form(type(config)()) if config is not None else None
-        except TypeError:
-            return None
+        defaults = default_values(stage.config(self, ds) if stage.config is not None else None)
+        return json.loads(json.dumps(portable(defaults, self.out))) if defaults is not None else None
 
     def recorded_form(self, config: Any) -> dict[str, Any]:
         """A job's dataclass config as a stage records it: plain JSON data, paths in the daily folder as $OUT/..."""

@@ -44,7 +44,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from lumrec.allocator import keep_freed_host_memory
 from lumrec.checkpoint import CheckpointManager
-from lumrec.config import load_config, to_dict
+from lumrec.config import default_values, load_config, to_dict
 from lumrec.data.batches import JaggedBatch, PackedBatchLoader
 from lumrec.data.dataset import Dataset, day_bounds, write_text_atomic
 from lumrec.data.packing import history_windows
@@ -241,7 +241,7 @@ class Pretrainer:
         self.loop = TrainLoop(
             "pretrain", self.out, self.loader, self._loop_step,
             Evaluation("hr@10", self._validate, every_epochs=t.eval_every_epochs, enabled=self.validates),
-            self.checkpoints, RunConfig(to_dict(cfg), RESUMABLE_CHANGES, to_dict(PretrainConfig())),
+            self.checkpoints, RunConfig(to_dict(cfg), RESUMABLE_CHANGES, default_values(cfg)),
             # Patience 0 stops at the first evaluation without a better HR@10, as patience 1 does.
             Budget(t.epochs, max_minutes=t.max_minutes, max_steps=t.max_steps, patience=max(1, t.patience),
                    checkpoint_every_steps=t.checkpoint_every_steps,

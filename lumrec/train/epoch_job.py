@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lumrec.config import to_dict
+from lumrec.config import default_values
 
 from lumrec.distributed import is_main
 from lumrec.tracking import count_parameters, log_job_start
@@ -100,12 +100,8 @@ class EpochJob:
 
     def config_defaults(self) -> dict[str, Any] | None:
         """The config's default values, so that a run folder written before a key existed resumes with it at its
-        default (None: the config class cannot be built without arguments, and every key must match)."""
-        config = getattr(self, "cfg", None)
-        try:
-            return to_dict(type(config)()) if config is not None else None
-        except TypeError:
-            return None
+        default (None: every key must match)."""
+        return default_values(getattr(self, "cfg", None))
 
     def _dense_parameters(self) -> list[torch.Tensor]:
         """The parameters whose gradient norm is logged: the keyed optimizer's dense part (tables excluded)."""
