@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its own library binds to it
 
+from benchmark_scripts import load_script  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_triton_kernels.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("compile_triton_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def script():
-    return _script()
+    return load_script(SCRIPT)
 
 
 def test_launches_are_recorded_with_every_input(script):
